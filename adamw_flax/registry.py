@@ -1,0 +1,171 @@
+"""Name -> factory registries for optimizers, models and datasets.
+
+Configs name what they train (``config.optimizer.name = "adamw"``,
+``config.model.name = "examples.tiny_shakespeare:char_transformer"``); the
+registries turn those names into code, so new models, datasets and optimizers
+plug in without touching the trainer (the big_vision pattern).
+
+A name of the form ``"some.module:name"`` imports ``some.module`` first (whose
+import registers ``name``), so a config (or a saved ``config.json``) is enough
+to find the code of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+  """An unknown or duplicate name in a registry."""
+
+  def __str__(self) -> str:  # KeyError would quote the message.
+    return str(self.args[0])
+
+
+class Registry(Generic[T]):
+  """A name -> object map with helpful errors.
+
+  Args:
+    kind: what the registry holds ("optimizer", "model", ...), used in errors.
+  """
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._entries: dict[str, T] = {}
+
+  def register(self, name: str, obj: T) -> T:
+    if not isinstance(name, str) or not name or ":" in name:
+      raise ValueError(f"{self.kind} name must be a non-empty string without ':', got {name!r}")
+    if name in self._entries:
+      raise RegistryError(
+        f"{self.kind} {name!r} is already registered; pick another name or use "
+        f"`override_{self.kind}` in tests"
+      )
+    self._entries[name] = obj
+    return obj
+
+  def get(self, name: str) -> T:
+    """Returns the entry named ``name``, importing ``module:`` prefixes first."""
+    key = name
+    if ":" in name:
+      module, key = name.rsplit(":", 1)
+      try:
+        importlib.import_module(module)
+      except ImportError as e:
+        raise RegistryError(
+          f"{self.kind} {name!r}: cannot import module {module!r} ({e}); run from the "
+          "repository root or install the package that provides it"
+        ) from e
+    if key not in self._entries:
+      known = sorted(self._entries)
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise RegistryError(
+        f"unknown {self.kind} {name!r}.{hint} Registered {self.kind}s: "
+        f"{', '.join(known) or '(none)'}. A name 'module.path:{key}' imports the module "
+        "that registers it."
+      )
+    return self._entries[key]
+
+  def names(self) -> list[str]:
+    return sorted(self._entries)
+
+  @contextlib.contextmanager
+  def override(self, name: str, obj: T) -> Iterator[T]:
+    """Temporarily (re)binds ``name``; for tests."""
+    missing = object()
+    old = self._entries.get(name, missing)
+    self._entries[name] = obj
+    try:
+      yield obj
+    finally:
+      if old is missing:
+        del self._entries[name]
+      else:
+        self._entries[name] = old
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """A registered model: ``build(model_config, *, rngs, data_info) -> nnx.Module``
+  and ``loss(model, batch, *, train) -> (scalar loss, dict of scalar metrics)``."""
+
+  build: Callable[..., Any]
+  loss: Callable[..., Any]
+
+
+OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer")
+MODELS: Registry[ModelEntry] = Registry("model")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+
+
+def register_optimizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Registers ``factory(optimizer_config, learning_rate) -> GradientTransformation``.
+
+  The factory receives the validated ``config.optimizer`` section and the
+  learning rate already built from it (a float or an optax schedule); the
+  surrounding chain (clipping, masks, multipliers, accumulation, non-finite
+  skipping) is added by :func:`adamw_flax.optimizer_from_config`.
+
+  Example:
+    >>> import optax, adamw_flax
+    >>> @adamw_flax.register_optimizer("my_sgd_doc")
+    ... def my_sgd(cfg, learning_rate):
+    ...   return optax.sgd(learning_rate, momentum=cfg.b1)
+    >>> "my_sgd_doc" in adamw_flax.registry.OPTIMIZERS.names()
+    True
+  """
+
+  def deco(factory):
+    return OPTIMIZERS.register(name, factory)
+
+  return deco
+
+
+def register_model(
+  name: str, *, loss: Callable[..., Any]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Registers a model builder and its loss.
+
+  Args:
+    name: the name configs use in ``config.model.name``.
+    loss: ``loss(model, batch, *, train: bool) -> (loss, metrics)``, where
+      ``model`` is the NNX module, ``batch`` a dict of arrays, ``loss`` a float
+      scalar and ``metrics`` a dict of extra scalars (may be empty).
+
+  Returns:
+    A decorator for ``build(model_config, *, rngs, data_info) -> nnx.Module``.
+  """
+
+  def deco(build):
+    MODELS.register(name, ModelEntry(build=build, loss=loss))
+    return build
+
+  return deco
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Registers ``build(data_config, *, seed, process_index, process_count) -> dataset``.
+
+  The dataset object provides (see ``adamw_flax.trainer`` for how it is used):
+    * ``info``: dict passed to the model builder (e.g. ``vocab_size``);
+    * ``global_batch_size``: examples per step over all processes;
+    * ``tokens_per_example``: for throughput (1 for non-sequence data);
+    * ``train_batch(step) -> dict[str, np.ndarray]``: this process's slice of
+      global batch ``step``, a pure function of (seed, step) so that resuming
+      and changing the process count reproduce the same global batches;
+    * ``eval_batches(num) -> Iterable[dict]``: this process's slices of a
+      fixed set of ``num`` validation batches.
+  """
+
+  def deco(build):
+    return DATASETS.register(name, build)
+
+  return deco
