@@ -107,17 +107,18 @@ DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 
 
 def register_optimizer(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-  """Registers ``factory(optimizer_config, learning_rate) -> GradientTransformation``.
+  """Registers ``factory(cfg, *, learning_rate, weight_decay_mask) -> GradientTransformation``.
 
-  The factory receives the validated ``config.optimizer`` section and the
-  learning rate already built from it (a float or an optax schedule); the
+  The factory receives the validated ``config.optimizer`` section, the
+  learning rate already built from it (a float or an optax schedule) and the
+  weight-decay mask (a callable params -> bool tree, or None); the
   surrounding chain (clipping, masks, multipliers, accumulation, non-finite
   skipping) is added by :func:`adamw_flax.optimizer_from_config`.
 
   Example:
     >>> import optax, adamw_flax
     >>> @adamw_flax.register_optimizer("my_sgd_doc")
-    ... def my_sgd(cfg, learning_rate):
+    ... def my_sgd(cfg, *, learning_rate, weight_decay_mask):
     ...   return optax.sgd(learning_rate, momentum=cfg.b1)
     >>> "my_sgd_doc" in adamw_flax.registry.OPTIMIZERS.names()
     True
@@ -169,3 +170,53 @@ def register_dataset(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return DATASETS.register(name, build)
 
   return deco
+
+
+# ------------------------------------------------------------------ built-ins
+# The transform is imported when a built-in is built, not when registered, so
+# importing the registry stays cheap.
+
+
+def _dtype(name: str | None) -> Any:
+  import jax.numpy as jnp
+
+  return None if name is None else jnp.dtype(name)
+
+
+@register_optimizer("adamw")
+def _adamw(cfg, *, learning_rate, weight_decay_mask):
+  from adamw_flax import transform
+
+  return transform.adamw(
+    learning_rate,
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    eps_root=cfg.eps_root,
+    mu_dtype=_dtype(cfg.mu_dtype),
+    weight_decay=cfg.weight_decay,
+    mask=weight_decay_mask,
+    nesterov=cfg.nesterov,
+    nu_dtype=_dtype(cfg.nu_dtype),
+    weight_decay_mode=cfg.weight_decay_mode,
+    peak_learning_rate=cfg.learning_rate,
+  )
+
+
+@register_optimizer("nadamw")
+def _nadamw(cfg, *, learning_rate, weight_decay_mask):
+  from adamw_flax import transform
+
+  return transform.nadamw(
+    learning_rate,
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    eps_root=cfg.eps_root,
+    mu_dtype=_dtype(cfg.mu_dtype),
+    weight_decay=cfg.weight_decay,
+    mask=weight_decay_mask,
+    nu_dtype=_dtype(cfg.nu_dtype),
+    weight_decay_mode=cfg.weight_decay_mode,
+    peak_learning_rate=cfg.learning_rate,
+  )

@@ -1,0 +1,111 @@
+"""Learning-rate schedules from config, built with optax's schedules.
+
+``config.optimizer.schedule`` names the shape; ``learning_rate`` is always the
+peak value, so the paper weight-decay mode (decay scaled by lr(t) / peak) and
+the logs mean the same thing whatever the shape.
+
+============== =====================================================
+schedule        shape
+============== =====================================================
+constant        linear warmup from 0 (if ``warmup_steps``), then flat
+warmup_cosine   linear warmup, cosine decay to ``end_learning_rate``
+warmup_linear   linear warmup, linear decay to ``end_learning_rate``
+rsqrt           linear warmup, then ``peak * sqrt(warmup / step)``
+piecewise       ``peak`` scaled by ``piecewise_scales`` at
+                ``piecewise_boundaries`` (optax's piecewise constant)
+============== =====================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "piecewise")
+
+
+def decay_steps(cfg: Any, num_steps: int | None) -> int:
+  """Steps over which the schedule runs: ``cfg.decay_steps`` or, if 0, the run's length."""
+  steps = int(cfg.get("decay_steps", 0) or 0)
+  if steps:
+    return steps
+  if num_steps is None:
+    raise ValueError(
+      f"optimizer.schedule={cfg.schedule!r} needs a length: set optimizer.decay_steps or pass "
+      "num_steps (the trainer passes trainer.num_steps)"
+    )
+  return int(num_steps)
+
+
+def schedule_from_config(cfg: Any, num_steps: int | None = None) -> optax.Schedule:
+  """Builds the learning-rate schedule that ``cfg`` (``config.optimizer``) describes.
+
+  Args:
+    cfg: the optimizer section (fields ``learning_rate``, ``schedule``,
+      ``warmup_steps``, ``decay_steps``, ``end_learning_rate``,
+      ``piecewise_boundaries``, ``piecewise_scales``).
+    num_steps: the run's length, used when ``cfg.decay_steps`` is 0.
+
+  Returns:
+    A function step -> learning rate (always a callable, also for a constant
+    rate, so callers can log the rate at any step).
+
+  Examples:
+    >>> import ml_collections
+    >>> cfg = ml_collections.ConfigDict(dict(learning_rate=1e-3, schedule="warmup_cosine",
+    ...     warmup_steps=100, decay_steps=0, end_learning_rate=1e-4))
+    >>> lr = schedule_from_config(cfg, num_steps=2000)
+    >>> [round(float(lr(s)), 6) for s in (0, 50, 100, 2000)]
+    [0.0, 0.0005, 0.001, 0.0001]
+  """
+  peak = float(cfg.learning_rate)
+  name = cfg.get("schedule", "constant")
+  warmup = int(cfg.get("warmup_steps", 0) or 0)
+  end = float(cfg.get("end_learning_rate", 0.0) or 0.0)
+
+  if name == "constant":
+    if not warmup:
+      return optax.constant_schedule(peak)
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+    )
+  if name == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=warmup,
+      decay_steps=decay_steps(cfg, num_steps),
+      end_value=end,
+    )
+  if name == "warmup_linear":
+    total = decay_steps(cfg, num_steps)
+    return optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, peak, warmup),
+        optax.linear_schedule(peak, end, max(total - warmup, 1)),
+      ],
+      [warmup],
+    )
+  if name == "rsqrt":
+    # optax has no inverse-square-root decay; this is the T5/big_vision form,
+    # continuous with the warmup at step == warmup.
+    timescale = max(warmup, 1)
+
+    def rsqrt(step):
+      step = jnp.asarray(step, jnp.float32)
+      decay = peak * jnp.sqrt(timescale / jnp.maximum(step, timescale))
+      return jnp.where(step < warmup, peak * step / timescale, decay)
+
+    return rsqrt
+  if name == "piecewise":
+    bounds = tuple(int(b) for b in cfg.get("piecewise_boundaries", ()))
+    scales = tuple(float(s) for s in cfg.get("piecewise_scales", ()))
+    if len(bounds) != len(scales):
+      raise ValueError(
+        f"optimizer.piecewise_boundaries ({len(bounds)} values) and optimizer.piecewise_scales "
+        f"({len(scales)} values) must have the same length"
+      )
+    return optax.piecewise_constant_schedule(peak, dict(zip(bounds, scales, strict=True)))
+  raise ValueError(f"unknown optimizer.schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
