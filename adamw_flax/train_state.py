@@ -165,6 +165,7 @@ def create_train_state(
   example_inputs: tuple[Any, ...] | None = None,
   mesh: jax.sharding.Mesh | None = None,
   tx: optax.GradientTransformation | None = None,
+  abstract: bool = False,
 ) -> TrainState:
   """Builds the train state of a model from a config.
 
@@ -179,6 +180,8 @@ def create_train_state(
     mesh: place the state on this mesh with the shardings of
       :func:`adamw_flax.sharding.state_shardings`.
     tx: an optimizer to use instead of the one ``config.optimizer`` describes.
+    abstract: return the state's shapes, dtypes (and, with a mesh,
+      shardings) as ``jax.ShapeDtypeStruct`` leaves without allocating it.
 
   Returns:
     The :class:`TrainState` at step 0.
@@ -237,16 +240,58 @@ def create_train_state(
   else:
     init = lambda: build_from(model)
 
+  if abstract:
+    out = jax.eval_shape(init)
+    if mesh is not None:
+      from adamw_flax import sharding
+
+      shardings = sharding.state_shardings(out, mesh, config.mesh)
+      out = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), out, shardings
+      )
+    return out
   if mesh is None:
     return jax.jit(init)() if factory is not None else init()
 
   from adamw_flax import sharding
 
-  abstract_state = jax.eval_shape(init)
-  shardings = sharding.state_shardings(abstract_state, mesh, config.mesh)
+  shardings = sharding.state_shardings(jax.eval_shape(init), mesh, config.mesh)
   if factory is not None:
     return jax.jit(init, out_shardings=shardings)()
   return jax.device_put(init(), shardings)
+
+
+def model_factory(
+  config: ml_collections.ConfigDict, data_info: dict[str, Any]
+) -> Callable[[nnx.Rngs], nnx.Module]:
+  """Returns ``rngs -> module`` for the registered model that ``config.model.name`` names."""
+  from adamw_flax import registry
+
+  entry = registry.MODELS.get(config.model.name)
+  return lambda rngs: entry.build(config.model, rngs=rngs, data_info=dict(data_info))
+
+
+def state_from_config(
+  config: ml_collections.ConfigDict,
+  data_info: dict[str, Any],
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  abstract: bool = False,
+) -> TrainState:
+  """The train state of the registered model a config names (see :func:`create_train_state`).
+
+  Args:
+    config: a validated full config.
+    data_info: the dataset's ``info`` (e.g. ``vocab_size``), passed to the model builder.
+    mesh: place (or, abstract, annotate) the state on this mesh.
+    abstract: return ``jax.ShapeDtypeStruct`` leaves (with shardings when a
+      mesh is given) instead of arrays: a restore target built from the config
+      alone, without allocating the state.
+
+  Returns:
+    A :class:`TrainState` at step 0, or its abstract form.
+  """
+  return create_train_state(model_factory(config, data_info), config, mesh=mesh, abstract=abstract)
 
 
 def _is_linen(obj: Any) -> bool:
