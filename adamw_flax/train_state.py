@@ -195,25 +195,25 @@ def create_train_state(
 
   if callable(model) and not isinstance(model, nnx.Module) and not _is_linen(model):
     factory = model
-    abstract = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
+    abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
   else:
     factory = None
     model = _as_nnx(model, example_inputs, seed)
-    abstract = model
+    abstract_model = model
 
-  params_state = nnx.state(abstract, nnx.Param)
+  params_state = nnx.state(abstract_model, nnx.Param)
   frozen_paths: frozenset[str] = frozenset()
   if freeze_rules:
     from adamw_flax import masks
 
-    values = masks.path_values(abstract, freeze_rules, default=False, what="freeze")
+    values = masks.path_values(abstract_model, freeze_rules, default=False, what="freeze")
     frozen_paths = frozenset(p for p, v in values.items() if v)
     if len(frozen_paths) == len(values):
       raise ValueError("optimizer.freeze selects every parameter: nothing would be trained")
   del params_state
 
   if tx is None:
-    tx = optimizer_from_config(config.optimizer, num_steps=num_steps, target=abstract)
+    tx = optimizer_from_config(config.optimizer, num_steps=num_steps, target=abstract_model)
   lr_fn = schedules.schedule_from_config(config.optimizer, num_steps)
   accumulate = int(config.optimizer.get("accumulate_steps", 1))
   if accumulate > 1:
