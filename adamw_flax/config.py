@@ -468,7 +468,9 @@ def optimizer_from_config(
   if cfg.schedule == "constant" and not cfg.warmup_steps:
     lr = float(cfg.learning_rate)  # a scalar keeps the state tree of optax.adamw(lr)
   decay_rules = _parse_rules(cfg.weight_decay_mask, "weight_decay_mask")
-  mask = masks.weight_decay_mask(decay_rules, target) if decay_rules else None
+  mask = None
+  if decay_rules and cfg.weight_decay:  # no decay, no mask (and no model needed for its rules)
+    mask = masks.weight_decay_mask(decay_rules, target)
   factory = registry.OPTIMIZERS.get(cfg.name)
   tx = factory(cfg, learning_rate=lr, weight_decay_mask=mask)
 

@@ -183,6 +183,11 @@ def _dtype(name: str | None) -> Any:
   return None if name is None else jnp.dtype(name)
 
 
+def _peak(cfg) -> float | None:
+  # `learning_rate` is the schedule's peak; the transform takes it in "paper" mode only.
+  return cfg.learning_rate if cfg.weight_decay_mode == "paper" else None
+
+
 @register_optimizer("adamw")
 def _adamw(cfg, *, learning_rate, weight_decay_mask):
   from adamw_flax import transform
@@ -199,7 +204,7 @@ def _adamw(cfg, *, learning_rate, weight_decay_mask):
     nesterov=cfg.nesterov,
     nu_dtype=_dtype(cfg.nu_dtype),
     weight_decay_mode=cfg.weight_decay_mode,
-    peak_learning_rate=cfg.learning_rate,
+    peak_learning_rate=_peak(cfg),
   )
 
 
@@ -218,5 +223,5 @@ def _nadamw(cfg, *, learning_rate, weight_decay_mask):
     mask=weight_decay_mask,
     nu_dtype=_dtype(cfg.nu_dtype),
     weight_decay_mode=cfg.weight_decay_mode,
-    peak_learning_rate=cfg.learning_rate,
+    peak_learning_rate=_peak(cfg),
   )

@@ -1,0 +1,29 @@
+"""Shared test setup: the repository root on sys.path (configs/, examples/, train/)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture
+def repo_root() -> Path:
+  return ROOT
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """Environment for child Python processes: repo on PYTHONPATH, quiet TF/XLA logs."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env.update(extra)
+  return env
