@@ -201,7 +201,6 @@ def create_train_state(
     model = _as_nnx(model, example_inputs, seed)
     abstract_model = model
 
-  params_state = nnx.state(abstract_model, nnx.Param)
   frozen_paths: frozenset[str] = frozenset()
   if freeze_rules:
     from adamw_flax import masks
@@ -210,7 +209,6 @@ def create_train_state(
     frozen_paths = frozenset(p for p, v in values.items() if v)
     if len(frozen_paths) == len(values):
       raise ValueError("optimizer.freeze selects every parameter: nothing would be trained")
-  del params_state
 
   if tx is None:
     tx = optimizer_from_config(config.optimizer, num_steps=num_steps, target=abstract_model)
