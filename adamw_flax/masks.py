@@ -30,7 +30,8 @@ Selectors
     alternatives: ``"type:LayerNorm|RMSNorm|BatchNorm"``. The owner is the
     nearest enclosing module (``nnx.List``/``nnx.Dict`` containers are skipped).
     Type rules need the model: pass ``target=`` (an ``nnx.Module``, or
-    :func:`linen_target` for Linen).
+    :func:`linen_target` for Linen, also for a Linen module wrapped in
+    ``nnx.bridge.ToNNX``, whose inner classes NNX does not see).
   * ``"ndim>=2"`` (also ``>``, ``<``, ``<=``, ``==``, ``!=``): the number of
     dimensions of the parameter. Prefer paths and types: a stacked (scanned)
     layer adds a dimension, so its biases and norm scales have ``ndim == 2``.
@@ -42,8 +43,9 @@ Values
   frozen); a non-negative ``float`` for learning-rate multipliers.
 
 Writing rules (any of these forms; see :func:`parse_rules`)
-  * a preset (weight decay and frozen): ``"default"``, ``"all"``, ``"none"``;
-  * pairs: ``[("*/bias", False), ("type:Embed", False), ("*", True)]``;
+  * a preset: ``"default"``, ``"all"``, ``"none"`` (for frozen: ``"none"``);
+  * pairs: ``[("*/bias", False), ("type:Embed", False), ("*", True)]``, or a
+    dict in insertion order;
   * one string, handy on the command line:
     ``--config.optimizer.weight_decay_mask='bias=false, type:Embed=false, *=true'``.
 
@@ -51,8 +53,9 @@ The ``"default"`` weight-decay preset decays the ``kernel`` of linear-like
 layers (NNX ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``,
 ``ConvTranspose``; Linen ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``,
 ``ConvTranspose``) and nothing else: no biases, no norm scales, no embeddings,
-no custom ``nnx.Param`` outside those layers. ``"all"`` decays everything and
-``"none"`` nothing.
+no custom ``nnx.Param`` outside those layers (a model without any such kernel
+is an error: write rules for it). ``"all"`` decays everything and ``"none"``
+nothing.
 
 Mistakes are errors, raised when the rules are applied:
   * a rule that matches no parameter (a typo must not silently decay
@@ -549,6 +552,16 @@ def _as_params(target: Any) -> _Params:
     entries, _ = _flatten(nnx.state(target, nnx.Param))
     types = _nnx_module_types(target)
     owners = {path: _nearest_owner(path, types) for path, _ in entries}
+    if any(owner is not None and issubclass(owner, nnx.bridge.ToNNX) for owner in owners.values()):
+      # The Linen modules inside nnx.bridge.ToNNX are not NNX graph nodes: their
+      # classes are unknown here (linen_target records them).
+      return _Params(
+        entries,
+        None,
+        f"NNX model {type(target).__name__} wrapping Linen via "
+        "nnx.bridge.ToNNX, whose Linen module types NNX does not see; pass "
+        "linen_target(linen_module, *example_inputs) instead, its paths are the same",
+      )
     return _Params(entries, owners, f"NNX model {type(target).__name__}")
   if isinstance(target, LinenTarget):
     entries, _ = _flatten(target.params)

@@ -405,6 +405,24 @@ def test_linen_target_and_train_state_numerically():
       np.testing.assert_allclose(now, expected, rtol=1e-6, err_msg=path)
 
 
+def test_linen_through_nnx_bridge_uses_linen_target():
+  tokens = jnp.arange(6).reshape(1, 6)
+  wrapped = nnx.bridge.ToNNX(LinenNet(), rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(wrapped, tokens)
+  with pytest.raises(ValueError, match=r"nnx.bridge.ToNNX.*pass linen_target\(linen_module"):
+    masks.weight_decay_mask("default", target=wrapped)
+  target = masks.linen_target(LinenNet(), tokens)
+  assert masks.tree_paths(target) == masks.tree_paths(wrapped)
+  mask = masks.weight_decay_mask("default", target=target)
+  optimizer = nnx.Optimizer(wrapped, optax.adamw(0.1, weight_decay=0.5, mask=mask), wrt=nnx.Param)
+  before = {p: np.asarray(v) for p, v in _leaves_with_paths(nnx.state(wrapped, nnx.Param)).items()}
+  optimizer.update(wrapped, jax.tree.map(jnp.zeros_like, nnx.state(wrapped, nnx.Param)))
+  after = _leaves_with_paths(nnx.state(wrapped, nnx.Param))
+  for path, decay in masks.path_values(target, "default").items():
+    expected = before[path] * (1 - 0.1 * 0.5) if decay else before[path]
+    np.testing.assert_allclose(after[path], expected, rtol=1e-6, err_msg=path)
+
+
 def test_linen_scanned_layers_keep_their_types():
   class Layer(nn.Module):
     @nn.compact
