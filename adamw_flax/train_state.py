@@ -198,8 +198,15 @@ def create_train_state(
     abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
   else:
     factory = None
+    linen_module = model if _is_linen(model) else None
     model = _as_nnx(model, example_inputs, seed)
     abstract_model = model
+    if linen_module is not None:
+      from adamw_flax import masks
+
+      # Module-type rules need the Linen layer classes, which ToNNX hides;
+      # this target carries them, under the same paths as the wrapped state.
+      abstract_model = masks.linen_target(linen_module, *example_inputs)
 
   frozen_paths: frozenset[str] = frozenset()
   if freeze_rules:

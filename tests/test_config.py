@@ -102,7 +102,11 @@ def test_bad_mask_rule_is_reported():
 def test_overrides_and_load_config(tmp_path):
   cfg = C.load_config(
     ROOT / "configs" / "tiny_shakespeare.py",
-    ["optimizer.learning_rate=3e-4", "--config.optimizer.mu_dtype=bfloat16", "trainer.num_steps=700"],
+    [
+      "optimizer.learning_rate=3e-4",
+      "--config.optimizer.mu_dtype=bfloat16",
+      "trainer.num_steps=700",
+    ],
   )
   assert cfg.optimizer.learning_rate == 3e-4
   assert cfg.optimizer.mu_dtype == "bfloat16"

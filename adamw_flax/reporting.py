@@ -1,0 +1,166 @@
+"""Where training metrics go: JSON lines, TensorBoard, a loss plot, a progress line.
+
+Each writer is a small object the trainer calls on process 0; none of them
+touches JAX, so they cost nothing on the device path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _clean(value: Any) -> Any:
+  """JSON-safe Python scalars (NaN/inf become strings, as JSON has none)."""
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricsWriter:
+  """Appends one JSON object a line to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+  Args:
+    workdir: the run's directory; writes ``metrics.jsonl`` and ``tensorboard/``.
+    tensorboard: also write TensorBoard event files.
+  """
+
+  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=30)
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    """Writes ``{"step", "split", **metrics}`` as one line (and to TensorBoard)."""
+    row = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key not in ("step", "split") and isinstance(value, int | float):
+          self._tb.add_scalar(f"{split}/{key}", value, global_step=int(step))
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+  """Reads ``metrics.jsonl``; a partly written last line (a killed run) is skipped."""
+  rows = []
+  path = Path(path)
+  if not path.exists():
+    return rows
+  for line in path.read_text().splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
+def plot_losses(workdir: str | Path) -> Path:
+  """Draws ``loss.png``: train and eval loss vs step, learning rate on a second axis.
+
+  Reads ``metrics.jsonl``, so a resumed run's plot holds its whole history
+  (for a step logged twice, by a run and its resumption, the last row wins).
+
+  Returns:
+    The path of the written PNG.
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  workdir = Path(workdir)
+  rows = read_metrics(workdir / "metrics.jsonl")
+  series: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "eval": {}}
+  for row in rows:
+    if row.get("split") in series:
+      series[row["split"]][row["step"]] = row
+
+  def xy(split: str, key: str) -> tuple[list[int], list[float]]:
+    pts = sorted(
+      (s, r[key]) for s, r in series[split].items() if isinstance(r.get(key), int | float)
+    )
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  for split, style in (("train", "-"), ("eval", "o-")):
+    x, y = xy(split, "loss")
+    if x:
+      ax.plot(x, y, style, label=f"{split} loss", markersize=4)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.grid(alpha=0.3)
+  x, y = xy("train", "lr")
+  handles, labels = ax.get_legend_handles_labels()
+  if x:
+    ax2 = ax.twinx()
+    (line,) = ax2.plot(x, y, color="gray", alpha=0.6, linewidth=1, label="learning rate")
+    ax2.set_ylabel("learning rate")
+    handles.append(line)
+    labels.append("learning rate")
+  if handles:
+    ax.legend(handles, labels, loc="upper right")
+  ax.set_title(workdir.name)
+  fig.tight_layout()
+  out = workdir / "loss.png"
+  tmp = out.with_suffix(".tmp.png")
+  fig.savefig(tmp)
+  plt.close(fig)
+  tmp.replace(out)  # atomic: a reader never sees a half-written plot
+  return out
+
+
+class ProgressBar:
+  """A one-line progress display on a terminal, a plain line per update otherwise.
+
+  Written by hand: tqdm is not a dependency, and the trainer needs only
+  step / total, a few metrics and a rate.
+  """
+
+  def __init__(self, total: int, *, start: int = 0, stream: TextIO | None = None, enabled=True):
+    self.total = total
+    self.start = start
+    self.stream = stream or sys.stderr
+    self.enabled = enabled
+    self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self._t0 = time.perf_counter()
+
+  def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    frac = step / max(self.total, 1)
+    width = 24
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    parts = [f"{step:>{len(str(self.total))}}/{self.total} [{bar}]"]
+    for key, value in metrics.items():
+      if isinstance(value, float):
+        parts.append(f"{key} {value:.4g}")
+      else:
+        parts.append(f"{key} {value}")
+    line = "  ".join(parts)
+    if self._tty:
+      self.stream.write("\r" + line + "\x1b[K")
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.enabled and self._tty:
+      self.stream.write("\n")
+      self.stream.flush()

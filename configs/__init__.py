@@ -1,0 +1,1 @@
+"""Launch configs: one ``get_config()`` per file."""

@@ -1,0 +1,140 @@
+"""The trainer and the command line, end to end on small configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from adamw_flax import config as C
+from adamw_flax import reporting, trainer
+from tests.conftest import SHARED_TEXT, subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def regression_config(**trainer_kw) -> ml_collections.ConfigDict:
+  cfg = C.default_config()
+  cfg.model.name = "tests.trainer_models:regressor"
+  cfg.model.width = 16
+  cfg.data.name = "tests.trainer_models:regression"
+  cfg.data.batch_size = 16
+  cfg.data.features = 4
+  cfg.data.nan_from_step = -1
+  cfg.optimizer.learning_rate = 1e-2
+  cfg.optimizer.weight_decay = 0.01
+  cfg.trainer.num_steps = 30
+  cfg.trainer.log_every = 5
+  cfg.trainer.eval_every = 10
+  cfg.trainer.eval_batches = 2
+  cfg.trainer.progress = False
+  cfg.checkpoint.every_steps = 10
+  cfg.checkpoint.async_save = False
+  for k, v in trainer_kw.items():
+    cfg.trainer[k] = v
+  return cfg
+
+
+def test_train_and_evaluate_writes_workdir(tmp_path):
+  summary = trainer.train_and_evaluate(regression_config(), tmp_path)
+  assert summary["step"] == 30 and not summary["preempted"]
+  rows = reporting.read_metrics(tmp_path / "metrics.jsonl")
+  train = [r for r in rows if r["split"] == "train"]
+  evals = [r for r in rows if r["split"] == "eval"]
+  assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+  assert [r["step"] for r in evals] == [10, 20, 30]
+  for r in train:
+    assert {
+      "loss",
+      "lr",
+      "grad_norm",
+      "update_norm",
+      "skipped",
+      "examples_per_sec",
+      "wall_time",
+    } <= set(r)
+  assert train[-1]["loss"] < train[0]["loss"]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["optimizer"]["learning_rate"] == 1e-2
+  assert (tmp_path / "loss.png").stat().st_size > 5000
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_refuses_workdir_of_another_config(tmp_path):
+  cfg = regression_config(num_steps=10)
+  trainer.train_and_evaluate(cfg, tmp_path)
+  other = regression_config(num_steps=10)
+  other.optimizer.learning_rate = 5e-3
+  with pytest.raises(C.ConfigError, match=r"optimizer.learning_rate: 0.01 -> 0.005"):
+    trainer.train_and_evaluate(other, tmp_path)
+  other.trainer.allow_config_change = True
+  other.trainer.num_steps = 12
+  assert trainer.train_and_evaluate(other, tmp_path)["step"] == 12
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = regression_config(num_steps=40, max_nonfinite_steps=3)
+  cfg.data.nan_from_step = 15
+  with pytest.raises(trainer.TrainingDiverged, match=r"last good checkpoint \(step 10\)"):
+    trainer.train_and_evaluate(cfg, tmp_path)
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [10]
+
+
+def test_unknown_model_dataset_optimizer(tmp_path):
+  cfg = regression_config()
+  cfg.model.name = "tests.trainer_models:regresor"
+  with pytest.raises(KeyError, match="Did you mean 'regressor'"):
+    trainer.train_and_evaluate(cfg, tmp_path / "a")
+  cfg = regression_config()
+  cfg.data.name = "nope"
+  with pytest.raises(KeyError, match="unknown dataset 'nope'"):
+    trainer.train_and_evaluate(cfg, tmp_path / "b")
+  cfg = regression_config()
+  cfg.optimizer.name = "adamv"
+  with pytest.raises(C.ConfigError, match="did you mean 'adamw'"):
+    trainer.train_and_evaluate(cfg, tmp_path / "c")
+
+
+def _run_cli(*args, timeout=300):
+  return subprocess.run(
+    [sys.executable, "-m", "train", *args],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def test_cli_smoke_config_end_to_end(tmp_path):
+  """`python -m train` on the smoke config: files exist and hold sane values."""
+  args = [f"--config={ROOT / 'configs/smoke.py'}", f"--workdir={tmp_path}"]
+  if SHARED_TEXT.exists():
+    args.append(f"--config.data.path={SHARED_TEXT}")
+  proc = _run_cli(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = reporting.read_metrics(tmp_path / "metrics.jsonl")
+  train = [r for r in rows if r["split"] == "train"]
+  evals = [r for r in rows if r["split"] == "eval"]
+  assert train and evals
+  assert np.isfinite(train[-1]["loss"]) and train[-1]["loss"] < np.log(65)
+  assert train[-1]["tokens_per_sec"] > 0
+  assert (tmp_path / "loss.png").exists() and (tmp_path / "config.json").exists()
+  assert "trainable params" in proc.stdout
+
+
+def test_cli_reports_bad_override_cleanly(tmp_path):
+  proc = _run_cli(
+    f"--config={ROOT / 'configs/smoke.py'}",
+    f"--workdir={tmp_path}",
+    "--config.optimizer.b2=1.5",
+  )
+  assert proc.returncode == 2
+  assert "optimizer.b2: must be in [0, 1)" in proc.stderr

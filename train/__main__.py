@@ -1,0 +1,50 @@
+"""Trains the model a config names: ``python -m train --config=configs/X.py --workdir=DIR``.
+
+Overrides: ``--config.optimizer.learning_rate=3e-4`` (any config field).
+Multi-process jobs: JAX detects Cloud TPU, Slurm and Open MPI by itself;
+elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID). Rerunning the same command resumes the run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+  "initialization_timeout", 300, "Seconds to wait for all processes to join."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from adamw_flax import distributed, trainer
+  from adamw_flax.config import ConfigError
+  from adamw_flax.registry import RegistryError
+
+  distributed.initialize(
+    _COORDINATOR.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+    initialization_timeout=_INIT_TIMEOUT.value,
+  )
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, RegistryError, trainer.TrainingDiverged) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1 if isinstance(e, trainer.TrainingDiverged) else 2
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
