@@ -1,0 +1,506 @@
+r"""AdamW and NAdamW as optax transforms, with optax-identical state trees.
+
+``adamw`` is the chain optax builds (``scale_by_adam``, ``add_decayed_weights``,
+``scale_by_learning_rate``), so its state restores into ``optax.adamw`` and back.
+Only the Adam scaling is written here; it differs from optax's in three ways:
+
+* it computes in at least float32, whatever the parameters' dtype, and then
+  stores the moments in their own dtypes (optax computes bfloat16/float16
+  moments in that dtype, where ``b1=0.9`` becomes ``0.8984375`` and
+  ``b2=0.999`` becomes ``1.0``);
+* the second moment's dtype can be chosen (``nu_dtype``);
+* the moments keep their dtypes across steps (optax promotes them when
+  hyperparameters arrive as float32 arrays, e.g. under
+  ``optax.inject_hyperparams``, which then breaks ``optax.MultiSteps``).
+
+In the default float32 case every operation is optax's, in optax's order, so the
+results are bitwise identical.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["adamw", "nadamw", "scale_by_adam"]
+
+WeightDecayMode = Literal["lr", "paper"]
+_WEIGHT_DECAY_MODES = ("lr", "paper")
+
+
+def _canonical_dtype(dtype: Any, name: str) -> jnp.dtype | None:
+  """Canonicalizes an optional moment dtype; accepts dtypes and their names."""
+  if dtype is None:
+    return None
+  try:
+    canonical = jax.dtypes.canonicalize_dtype(dtype)
+  except TypeError as e:
+    raise ValueError(
+      f"{name}={dtype!r} is not a dtype; pass None (the params' dtype), a jnp dtype such as "
+      f"jnp.bfloat16, or its name such as 'bfloat16'."
+    ) from e
+  if not jnp.issubdtype(canonical, jnp.inexact):
+    raise ValueError(
+      f"{name}={dtype!r} is not a floating dtype; pass None (the params' dtype), 'float32', "
+      f"'bfloat16' or 'float16'."
+    )
+  return canonical
+
+
+def _check_hyperparameter(name: str, value: Any) -> None:
+  """Rejects Adam constants that arrive already rounded to a 16-bit float."""
+  dtype = getattr(value, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    return
+  if jnp.finfo(dtype).bits < 32:
+    # The rounding has happened before we see the value: bfloat16 turns
+    # b2=0.999 into 1.0 and float16 turns eps=1e-8 into 0, and both give NaN
+    # updates (optax#1414, optax#1754). Failing here names the cause.
+    raise ValueError(
+      f"scale_by_adam got {name} as a {jnp.dtype(dtype).name} array; in 16-bit floats "
+      f"b2=0.999 rounds to 1.0 and eps=1e-8 to 0, which makes the updates NaN. "
+      f"optax.inject_hyperparams casts hyperparameters to the params' dtype: pass "
+      f"hyperparam_dtype=jnp.float32 to optax.inject_hyperparams, or give {name} as a "
+      f"Python float or a float32 array."
+    )
+
+
+def _upcast(x: jax.Array) -> jax.Array:
+  """Returns ``x`` in at least float32 (16-bit floats are widened)."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+    return x.astype(jnp.float32)
+  return x
+
+
+def _wide_exponent(dtype: Any) -> bool:
+  """Whether ``dtype`` has at least float32's exponent range (bfloat16 does)."""
+  return jnp.finfo(dtype).maxexp >= jnp.finfo(jnp.float32).maxexp
+
+
+def scale_by_adam(
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  mu_dtype: Any | None = None,
+  *,
+  nesterov: bool = False,
+  nu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam's bias-corrected moments, computed in float32 or wider.
+
+  The drop-in counterpart of :func:`optax.scale_by_adam`: same arguments, same
+  state (:class:`optax.ScaleByAdamState`, same leaves and dtypes), same numbers
+  bitwise for float32 inputs. For each leaf, with :math:`t` the step count after
+  the increment,
+
+  .. math::
+
+    \begin{align*}
+      m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+      v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) |g_t|^2, \\
+      u_t &\leftarrow \frac{m_t / (1 - \beta_1^t)}
+        {\sqrt{v_t / (1 - \beta_2^t) + \bar\varepsilon} + \varepsilon},
+    \end{align*}
+
+  and with ``nesterov=True`` the numerator becomes
+  :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`.
+
+  Precision: 16-bit inputs and moments are widened to float32 for the
+  arithmetic, the moments are rounded to their storage dtypes, and the update
+  is returned in the gradients' dtype. With bfloat16 storage the update is
+  computed from the stored (rounded) moments, which is what lets XLA fuse it
+  into one pass (it then depends on the state alone); float16 storage would
+  flush small second moments to zero, so there the unrounded values are used.
+  With float32 everything nothing is widened or rounded and the result equals
+  optax's bitwise. With 16-bit moments the results differ from optax's, which
+  does the arithmetic in 16 bits with ``b1`` and ``b2`` rounded to them
+  (bfloat16: ``b1=0.9`` becomes 0.8984375, ``b2=0.999`` becomes 1.0, so the
+  second moment of bfloat16 params never decays; float16: ``eps=1e-8``
+  becomes 0, so a zero gradient gives NaN). A 16-bit second moment still
+  cannot follow ``b2=0.999``'s 0.1% steps (half a bfloat16 ulp is 0.2%): pass
+  ``nu_dtype=jnp.float32`` for that.
+
+  Args:
+    b1: Decay rate of the first moment (a Python float or float32 array).
+    b2: Decay rate of the second moment (a Python float or float32 array).
+    eps: Added to the denominator outside the square root.
+    eps_root: Added to the second moment inside the square root; needed to
+      differentiate through the update where gradients are zero.
+    mu_dtype: Storage dtype of the first moment; None means the params' dtype.
+    nesterov: Whether to use Nesterov momentum (Dozat 2016).
+    nu_dtype: Storage dtype of the second moment; None means the params' dtype
+      (optax's behaviour). Beyond optax: e.g. ``jnp.float32`` with bfloat16
+      params keeps the second moment from stalling at bfloat16 resolution.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is an
+    :class:`optax.ScaleByAdamState`.
+
+  Raises:
+    ValueError: If a dtype is not a floating dtype, or ``b1``, ``b2``, ``eps``
+      or ``eps_root`` is a 16-bit float array (already rounded).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import adamw_flax
+    >>> params = {"w": jnp.ones((2,), jnp.bfloat16)}
+    >>> tx = adamw_flax.scale_by_adam(nu_dtype=jnp.float32)
+    >>> state = tx.init(params)
+    >>> state.mu["w"].dtype, state.nu["w"].dtype
+    (dtype(bfloat16), dtype('float32'))
+    >>> updates, state = tx.update({"w": jnp.full((2,), 0.5, jnp.bfloat16)}, state)
+    >>> updates["w"]
+    Array([1, 1], dtype=bfloat16)
+  """
+  mu_dtype = _canonical_dtype(mu_dtype, "mu_dtype")
+  nu_dtype = _canonical_dtype(nu_dtype, "nu_dtype")
+  for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
+    _check_hyperparameter(name, value)
+
+  def init_fn(params: optax.Params) -> optax.ScaleByAdamState:
+    # optax.tree.zeros_like, as optax's init, so leaves and dtypes match.
+    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
+    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update_fn(
+    updates: optax.Updates, state: optax.ScaleByAdamState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.ScaleByAdamState]:
+    del params
+    count_inc = optax.safe_increment(state.count)
+    # Scalars as optax.tree.bias_correction computes them: 1 - decay**count.
+    bc1 = 1 - b1**count_inc
+    bc2 = 1 - b2**count_inc
+    bc1_next = 1 - b1 ** optax.safe_increment(count_inc) if nesterov else None
+
+    def leaf(g, mu, nu):
+      if g is None:
+        return None, mu, nu
+      g_c, mu_c, nu_c = _upcast(g), _upcast(mu), _upcast(nu)
+      # optax's expressions and operand order (tree.update_moment and
+      # tree.update_moment_per_elem_norm): bitwise equal for float32.
+      mu_new = (1 - b1) * g_c + b1 * mu_c
+      g_sq = g_c**2 if jnp.isrealobj(g_c) else (g_c.conj() * g_c).real
+      nu_new = (1 - b2) * g_sq + b2 * nu_c
+      mu_store = mu_new.astype(mu.dtype)
+      nu_store = nu_new.astype(nu.dtype)
+      # The update reads the stored moments where their dtype has float32's
+      # exponent range (bfloat16): XLA then fuses the update with the stores
+      # instead of recomputing the float32 moments from a copy of the old ones
+      # (see benchmarks/RESULTS.md). float16 would flush small second moments
+      # to zero and the update to inf, so there the unrounded values are used.
+      # For float32 storage the casts are no-ops.
+      mu_used = _upcast(mu_store) if _wide_exponent(mu.dtype) else mu_new
+      nu_used = _upcast(nu_store) if _wide_exponent(nu.dtype) else nu_new
+      if nesterov:
+        mu_hat = b1 * (mu_used / bc1_next.astype(mu_used.dtype)) + (1 - b1) * (
+          g_c / bc1.astype(g_c.dtype)
+        )
+      else:
+        mu_hat = mu_used / bc1.astype(mu_used.dtype)
+      nu_hat = nu_used / bc2.astype(nu_used.dtype)
+      u = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+      return u.astype(g.dtype), mu_store, nu_store
+
+    is_none = lambda x: x is None
+    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
+    mu_leaves = treedef.flatten_up_to(state.mu)
+    nu_leaves = treedef.flatten_up_to(state.nu)
+    out = [leaf(g, m, v) for g, m, v in zip(g_leaves, mu_leaves, nu_leaves, strict=True)]
+    new_updates = treedef.unflatten([o[0] for o in out])
+    mu = treedef.unflatten([o[1] for o in out])
+    nu = treedef.unflatten([o[2] for o in out])
+    return new_updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_zero_constant(weight_decay: Any) -> bool:
+  # Same test as optax.add_decayed_weights uses to skip the add.
+  return isinstance(weight_decay, (int, float)) and weight_decay == 0.0
+
+
+def _decoupled_weight_decay(
+  weight_decay: optax.ScalarOrSchedule,
+  learning_rate: optax.ScalarOrSchedule,
+  mode: str,
+  peak_learning_rate: jax.typing.ArrayLike | None,
+) -> optax.ScalarOrSchedule:
+  """Returns the strength to give add_decayed_weights (later scaled by lr(t))."""
+  if mode not in _WEIGHT_DECAY_MODES:
+    raise ValueError(
+      f"weight_decay_mode={mode!r} is not one of {_WEIGHT_DECAY_MODES}: 'lr' multiplies the "
+      f"decay by the learning rate (optax, PyTorch), 'paper' by lr(t)/peak_learning_rate "
+      f"(Loshchilov et al.)."
+    )
+  if mode == "lr":
+    if peak_learning_rate is not None:
+      raise ValueError(
+        f"peak_learning_rate={peak_learning_rate!r} is only used with "
+        f"weight_decay_mode='paper'; drop it or set weight_decay_mode='paper'."
+      )
+    return weight_decay
+  if peak_learning_rate is None:
+    if callable(learning_rate):
+      raise ValueError(
+        "weight_decay_mode='paper' with a learning-rate schedule needs peak_learning_rate "
+        "(the base lr the schedule's multiplier is relative to, usually its maximum): pass "
+        "e.g. peak_learning_rate=3e-4."
+      )
+    peak_learning_rate = learning_rate
+  if isinstance(peak_learning_rate, (int, float)) and peak_learning_rate <= 0:
+    raise ValueError(
+      f"weight_decay_mode='paper' divides by the peak learning rate, which must be > 0; "
+      f"got peak_learning_rate={peak_learning_rate!r}."
+    )
+  if _is_zero_constant(weight_decay):
+    return weight_decay
+  # -lr(t) * (u + (wd / peak) * p) == -lr(t) * u - (lr(t) / peak) * wd * p: the
+  # paper's decay is optax's chain with a rescaled strength, so the state tree
+  # (empty, or a counter for a schedule) stays optax's.
+  if callable(weight_decay):
+    return lambda count: weight_decay(count) / peak_learning_rate
+  return weight_decay / peak_learning_rate
+
+
+def _check_mask(mask: Any) -> None:
+  """Rejects a bare boolean mask, the silent result of an unstatic callable mask."""
+  if isinstance(mask, bool) or (
+    hasattr(mask, "dtype") and getattr(mask, "ndim", None) == 0 and mask.dtype == jnp.bool_
+  ):
+    # optax.inject_hyperparams calls a callable mask as a schedule unless it is
+    # in static_args; mask_fn(step) then gives a bare bool and weight decay is
+    # silently applied to all or none of the leaves.
+    raise ValueError(
+      f"mask={mask!r} is a single boolean, not a tree of booleans or a callable. Under "
+      f"optax.inject_hyperparams a callable mask must be named in static_args "
+      f"(static_args=('mask',)), else it is called with the step count. To decay every "
+      f"leaf pass mask=None; to decay none pass weight_decay=0.0."
+    )
+
+
+def _require_params(
+  inner: optax.GradientTransformationExtraArgs, weight_decay: Any
+) -> optax.GradientTransformationExtraArgs:
+  """Makes a missing ``params`` a clear error when weight decay needs them."""
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      if _is_zero_constant(weight_decay):
+        # optax.add_decayed_weights asks for params even when a constant 0
+        # skips the add, and nothing else in the chain reads them, so the
+        # updates (same tree) stand in for them.
+        return inner.update(updates, state, updates, **extra_args)
+      # optax's own message does not say what to pass, and under a mask it
+      # surfaces from inside optax.masked.
+      raise ValueError(
+        f"adamw applies weight decay (weight_decay={weight_decay!r}), which reads the current "
+        f"parameters, but update() got params=None. Call tx.update(grads, opt_state, params) "
+        f"(nnx.Optimizer.update and flax TrainState.apply_gradients pass them for you), or "
+        f"build the optimizer with weight_decay=0.0."
+      )
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  mu_dtype: Any | None = None,
+  weight_decay: optax.ScalarOrSchedule = 1e-4,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  *,
+  nesterov: bool = False,
+  nu_dtype: Any | None = None,
+  weight_decay_mode: WeightDecayMode = "lr",
+  peak_learning_rate: jax.typing.ArrayLike | None = None,
+  weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with decoupled weight decay; a drop-in for :func:`optax.adamw`.
+
+  Same arguments, defaults, state tree (leaves and dtypes) and, for float32,
+  bitwise the same updates as :func:`optax.adamw`, so a run can switch between
+  the two mid-training in either direction. It is
+  ``optax.chain(scale_by_adam, optax.add_decayed_weights, optax.scale_by_learning_rate)``
+  with this module's :func:`scale_by_adam`.
+
+  Let :math:`\alpha_t` be the learning rate (a constant or a schedule),
+  :math:`\beta_1, \beta_2, \varepsilon, \bar\varepsilon` the arguments ``b1``,
+  ``b2``, ``eps``, ``eps_root``, :math:`\lambda` the weight decay and
+  :math:`\theta_t` the parameters. From :math:`m_0 = v_0 = 0`, step
+  :math:`t \ge 1` with gradient :math:`g_t` computes
+
+  .. math::
+
+    \begin{align*}
+      m_t &\leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+      v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2, \\
+      \hat{m}_t &\leftarrow m_t / (1-\beta_1^t), \qquad
+      \hat{v}_t \leftarrow v_t / (1-\beta_2^t), \\
+      a_t &\leftarrow \hat{m}_t / \left(\sqrt{\hat{v}_t + \bar\varepsilon}
+        + \varepsilon\right),
+    \end{align*}
+
+  (with ``nesterov=True``,
+  :math:`\hat{m}_t \leftarrow \beta_1 m_t / (1-\beta_1^{t+1}) + (1-\beta_1) g_t / (1-\beta_1^t)`)
+  and then, depending on ``weight_decay_mode``:
+
+  .. math::
+
+    \begin{align*}
+      \text{"lr" (optax, PyTorch):} \quad
+        \theta_t &\leftarrow \theta_{t-1} - \alpha_t \left(a_t + \lambda \theta_{t-1}\right), \\
+      \text{"paper" (Loshchilov et al.):} \quad
+        \theta_t &\leftarrow \theta_{t-1} - \alpha_t a_t
+          - \eta_t \lambda \theta_{t-1}, \qquad
+        \eta_t = \alpha_t / \alpha_{\text{peak}}.
+    \end{align*}
+
+  In "paper" mode the decay follows the schedule multiplier :math:`\eta_t` but
+  not the base learning rate, so ``weight_decay`` is a per-step fraction
+  (e.g. 1e-4 shrinks weights by 0.01% a step at the peak); it is implemented as
+  the "lr" chain with strength :math:`\lambda / \alpha_{\text{peak}}`, so the
+  state tree is the same. :math:`\alpha_{\text{peak}}` is
+  ``peak_learning_rate``, or the learning rate itself when that is a constant.
+
+  Precision: Adam's moments are computed in float32 (or wider) whatever the
+  params' dtype and stored in ``mu_dtype``/``nu_dtype``; with float16 params a
+  zero gradient gives a zero update, where optax's float16 arithmetic turns
+  ``eps=1e-8`` into 0 and returns NaN (optax#1754). See :func:`scale_by_adam`.
+
+  With :func:`optax.inject_hyperparams`: name a callable mask in
+  ``static_args`` (``static_args=("mask",)``), or inject_hyperparams treats it as
+  a schedule; give ``mu_dtype``/``nu_dtype`` as strings (``"bfloat16"``) or in
+  ``static_args`` for the same reason; and with 16-bit params pass
+  ``hyperparam_dtype=jnp.float32``, since bfloat16 turns ``b2=0.999`` into 1.0
+  (optax#1414; this transform raises a ValueError rather than return NaN).
+
+  Args:
+    learning_rate: A constant or a schedule ``count -> lr``.
+    b1: Exponential decay rate of the first moment.
+    b2: Exponential decay rate of the second moment.
+    eps: Added to the denominator outside the square root.
+    eps_root: Added inside the square root; needed to differentiate through the
+      update (meta-gradients) where gradients can be zero.
+    mu_dtype: Storage dtype of the first moment (a dtype or its name); None
+      means the params' dtype.
+    weight_decay: Strength :math:`\lambda` of the decay, a constant or a
+      schedule. A constant 0 skips the decay (and the need for ``params``).
+    mask: Which leaves get weight decay: a tree of booleans with the params'
+      structure or a prefix of it, or a callable ``params -> such a tree``.
+      Adam's scaling applies to every leaf.
+    nesterov: Whether to use Nesterov momentum (NAdamW, Dozat 2016).
+    nu_dtype: Storage dtype of the second moment; None means the params' dtype
+      (optax's behaviour). Not in optax: e.g. ``"float32"`` with bfloat16
+      params keeps small gradients from vanishing in the second moment.
+    weight_decay_mode: ``"lr"`` (default, optax's and PyTorch's: decay scaled
+      by the learning rate) or ``"paper"`` (scaled by the schedule multiplier
+      only, as in Loshchilov et al.; see above).
+    peak_learning_rate: :math:`\alpha_{\text{peak}}` for ``"paper"`` mode;
+      required when ``learning_rate`` is a schedule, defaults to the constant
+      learning rate otherwise; an error in ``"lr"`` mode.
+    weight_decay_mask: Another name for ``mask`` (optax PR 1635); give one
+      of the two.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is optax's:
+    ``(ScaleByAdamState, EmptyState | WeightDecaySchedule | MaskedState,
+    EmptyState | ScaleByScheduleState)``.
+
+  Raises:
+    ValueError: On both ``mask`` and ``weight_decay_mask``, an unknown
+      ``weight_decay_mode``, a schedule in "paper" mode without
+      ``peak_learning_rate``, a bad dtype, 16-bit Adam constants, and, at
+      ``update``, ``params=None`` while weight decay is on.
+
+  Examples:
+    >>> import optax
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import adamw_flax
+    >>> def f(x): return jnp.sum(x ** 2)  # simple quadratic function
+    >>> solver = adamw_flax.adamw(learning_rate=0.003)
+    >>> params = jnp.array([1., 2., 3.])
+    >>> print('Objective function: ', f(params))
+    Objective function:  14.0
+    >>> opt_state = solver.init(params)
+    >>> for _ in range(5):
+    ...  grad = jax.grad(f)(params)
+    ...  updates, opt_state = solver.update(grad, opt_state, params)
+    ...  params = optax.apply_updates(params, updates)
+    ...  print('Objective function: {:.2E}'.format(f(params)))
+    Objective function: 1.40E+01
+    Objective function: 1.39E+01
+    Objective function: 1.39E+01
+    Objective function: 1.39E+01
+    Objective function: 1.38E+01
+
+    The paper's decay under a cosine schedule, without decay on biases:
+
+    >>> schedule = optax.cosine_decay_schedule(1e-3, decay_steps=1000)
+    >>> tx = adamw_flax.adamw(
+    ...     schedule, weight_decay=1e-4, weight_decay_mode="paper",
+    ...     peak_learning_rate=1e-3, mask=lambda p: {"b": False, "w": True})
+    >>> state = tx.init({"b": jnp.zeros(3), "w": jnp.ones((3, 3))})
+
+  References:
+    Loshchilov et al., `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+
+    Dozat, `Incorporating Nesterov Momentum into Adam
+    <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
+  """
+  if weight_decay_mask is not None:
+    if mask is not None:
+      raise ValueError(
+        "adamw got both mask and weight_decay_mask, which are two names for the same "
+        "argument; pass only one of them."
+      )
+    mask = weight_decay_mask
+  _check_mask(mask)
+  strength = _decoupled_weight_decay(
+    weight_decay, learning_rate, weight_decay_mode, peak_learning_rate
+  )
+  inner = optax.chain(
+    scale_by_adam(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nesterov=nesterov,
+      nu_dtype=nu_dtype,
+    ),
+    optax.add_decayed_weights(strength, mask),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+  return _require_params(inner, weight_decay)
+
+
+nadamw = functools.partial(adamw, nesterov=True)
+nadamw.__doc__ = r"""NAdamW: :func:`adamw` with Nesterov momentum; a drop-in for :func:`optax.nadamw`.
+
+  ``nadamw(...)`` is ``adamw(..., nesterov=True)``: same arguments and defaults
+  (including the keyword-only ``nu_dtype``, ``weight_decay_mode``,
+  ``peak_learning_rate`` and ``weight_decay_mask``), same state tree as
+  :func:`optax.nadamw`. It replaces :math:`\hat{m}_t \leftarrow m_t / (1-\beta_1^t)`
+  with
+
+  .. math::
+
+    \hat{m}_t \leftarrow \beta_1 m_t / (1-\beta_1^{t+1}) + (1-\beta_1) g_t / (1-\beta_1^t).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+  """

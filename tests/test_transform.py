@@ -1,0 +1,580 @@
+"""adamw_flax.transform against optax 0.2.8, the oracle: numbers, state trees, wrappers."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamw_flax
+from adamw_flax import transform
+
+STEPS = 24
+LR_SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40, 1e-3)
+WD_SCHEDULE = optax.linear_schedule(1e-2, 1e-3, 20)
+
+
+def _params(dtype: Any = jnp.float32, seed: int = 0) -> dict[str, Any]:
+  """A small tree: matrix, vector, 3-D, scalar leaves, nested."""
+  k = jax.random.split(jax.random.key(seed), 4)
+  tree = {
+    "dense": {"kernel": jax.random.normal(k[0], (4, 3)), "bias": jax.random.normal(k[1], (3,))},
+    "conv": jax.random.normal(k[2], (2, 2, 3)),
+    "scale": jax.random.normal(k[3], ()),
+  }
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _complex_params() -> dict[str, Any]:
+  re, im = _params(), _params(seed=1)
+  return jax.tree.map(lambda a, b: (a + 1j * b).astype(jnp.complex64), re, im)
+
+
+def _grads(params: Any, i: jax.Array) -> Any:
+  """Gradients that depend on the params and the step, with some exact zeros."""
+  t = jnp.asarray(i, jnp.float32)
+
+  def leaf(p):
+    g = jnp.sin(3.0 * p + t) * 0.1 + 0.01 * p
+    g = jnp.where(jnp.abs(jnp.real(p)) < 0.15, jnp.zeros_like(g), g)
+    return g.astype(p.dtype)
+
+  return jax.tree.map(leaf, params)
+
+
+def _run(tx: optax.GradientTransformation, params: Any, steps: int = STEPS, state: Any = None):
+  """`steps` jitted steps of update + apply; returns (params, state, all updates)."""
+  state = tx.init(params) if state is None else state
+
+  def body(carry, i):
+    p, s = carry
+    u, s = tx.update(_grads(p, i), s, p)
+    return (optax.apply_updates(p, u), s), u
+
+  run = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), jnp.arange(steps)))
+  (p, s), us = run(params, state)
+  return p, s, us
+
+
+def _assert_trees_equal(a: Any, b: Any) -> None:
+  """Same structure, same leaf dtypes and shapes, bitwise equal values."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _assert_same_layout(a: Any, b: Any) -> None:
+  """Same structure and leaf dtypes/shapes (what a checkpoint restore needs)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert [(x.dtype, x.shape) for x in la] == [(y.dtype, y.shape) for y in lb]
+
+
+def _max_rel_err(a: Any, ref: Any) -> float:
+  errs = [
+    float(np.max(np.abs(np.float64(x) - np.float64(r)) / (np.abs(np.float64(r)) + 1e-3)))
+    for x, r in zip(jax.tree.leaves(a), jax.tree.leaves(ref), strict=True)
+  ]
+  return max(errs)
+
+
+# -- Equivalence with optax ----------------------------------------------------------------
+
+MASK_TREE = {"dense": {"kernel": True, "bias": False}, "conv": True, "scale": False}
+MASK_PREFIX = {"dense": True, "conv": False, "scale": True}
+
+
+def _mask_fn(p):
+  return jax.tree.map(lambda x: x.ndim > 1, p)
+
+
+OPTAX_SETTINGS = {
+  "default": dict(learning_rate=1e-2),
+  "lr_schedule": dict(learning_rate=LR_SCHEDULE),
+  "nesterov": dict(learning_rate=1e-2, nesterov=True),
+  "nesterov_schedules": dict(learning_rate=LR_SCHEDULE, weight_decay=WD_SCHEDULE, nesterov=True),
+  "eps_root": dict(learning_rate=1e-2, eps_root=1e-8),
+  "betas": dict(learning_rate=3e-3, b1=0.8, b2=0.95, eps=1e-6),
+  "wd_schedule": dict(learning_rate=1e-2, weight_decay=WD_SCHEDULE),
+  "wd_zero": dict(learning_rate=1e-2, weight_decay=0.0),
+  "wd_large": dict(learning_rate=1e-2, weight_decay=0.1),
+  "mask_tree": dict(learning_rate=1e-2, weight_decay=0.1, mask=MASK_TREE),
+  "mask_prefix": dict(learning_rate=LR_SCHEDULE, weight_decay=0.1, mask=MASK_PREFIX),
+  "mask_callable": dict(learning_rate=1e-2, weight_decay=WD_SCHEDULE, mask=_mask_fn),
+  "mu_f32": dict(learning_rate=1e-2, mu_dtype=jnp.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTAX_SETTINGS))
+def test_bitwise_equal_to_optax_float32(name):
+  kwargs = OPTAX_SETTINGS[name]
+  params = _params()
+  p_ref, s_ref, u_ref = _run(optax.adamw(**kwargs), params)
+  p, s, u = _run(adamw_flax.adamw(**kwargs), params)
+  _assert_trees_equal(s, s_ref)
+  _assert_trees_equal(u, u_ref)
+  _assert_trees_equal(p, p_ref)
+
+
+@pytest.mark.parametrize("lr", [1e-2, LR_SCHEDULE], ids=["const", "schedule"])
+def test_nadamw_bitwise_equal_to_optax(lr):
+  params = _params()
+  _assert_trees_equal(
+    _run(adamw_flax.nadamw(lr, weight_decay=0.05), params),
+    _run(optax.nadamw(lr, weight_decay=0.05), params),
+  )
+
+
+def test_nadamw_signature_extends_optax():
+  ours = inspect.signature(adamw_flax.nadamw).parameters
+  for name, p in inspect.signature(optax.nadamw).parameters.items():
+    assert name in ours and ours[name].default == p.default and ours[name].kind == p.kind, name
+  ours = inspect.signature(adamw_flax.adamw).parameters
+  for name, p in inspect.signature(optax.adamw).parameters.items():
+    assert ours[name].default == p.default and ours[name].kind == p.kind, name
+  assert ours["nu_dtype"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def test_complex_params_bitwise_equal_to_optax():
+  params = _complex_params()
+  _assert_trees_equal(
+    _run(adamw_flax.adamw(1e-2, weight_decay=0.1), params),
+    _run(optax.adamw(1e-2, weight_decay=0.1), params),
+  )
+
+
+def test_scale_by_adam_is_optax_state_and_numbers():
+  params = _params()
+  for nesterov in (False, True):
+    ours = adamw_flax.scale_by_adam(0.8, 0.99, 1e-7, 1e-9, nesterov=nesterov)
+    ref = optax.scale_by_adam(0.8, 0.99, 1e-7, 1e-9, nesterov=nesterov)
+    assert isinstance(ours.init(params), optax.ScaleByAdamState)
+    _assert_trees_equal(_run(ours, params, steps=8), _run(ref, params, steps=8))
+
+
+def test_vmap_matches_optax():
+  batch = jax.tree.map(lambda *xs: jnp.stack(xs), _params(seed=0), _params(seed=1))
+
+  def steps(tx, params):
+    state = tx.init(params)
+    for i in range(3):
+      u, state = tx.update(_grads(params, i), state, params)
+      params = optax.apply_updates(params, u)
+    return params, state
+
+  ours = jax.jit(jax.vmap(functools.partial(steps, adamw_flax.adamw(1e-2, weight_decay=0.1))))
+  ref = jax.jit(jax.vmap(functools.partial(steps, optax.adamw(1e-2, weight_decay=0.1))))
+  _assert_trees_equal(ours(batch), ref(batch))
+
+
+# -- State trees: identical layout, interchangeable mid-run ---------------------------------
+
+LAYOUT_SETTINGS = {
+  "default": dict(learning_rate=1e-3),
+  "schedules": dict(learning_rate=LR_SCHEDULE, weight_decay=WD_SCHEDULE),
+  "mask_callable": dict(learning_rate=1e-3, mask=_mask_fn),
+  "mask_prefix_schedule": dict(learning_rate=1e-3, weight_decay=WD_SCHEDULE, mask=MASK_PREFIX),
+  "mu_bf16": dict(learning_rate=1e-3, mu_dtype=jnp.bfloat16),
+  "mu_f16_nesterov": dict(learning_rate=1e-3, mu_dtype=jnp.float16, nesterov=True),
+  "wd_zero": dict(learning_rate=1e-3, weight_decay=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_SETTINGS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_state_layout_identical_to_optax(name, dtype):
+  kwargs = LAYOUT_SETTINGS[name]
+  params = _params(dtype)
+  ours, ref = adamw_flax.adamw(**kwargs), optax.adamw(**kwargs)
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  _assert_trees_equal(s_ours, s_ref)  # init: zeros, so values match too
+  # ... and the layout does not drift after steps.
+  _assert_same_layout(_run(ours, params, steps=3)[1], s_ref)
+
+
+@pytest.mark.parametrize("name", ["default", "schedules", "mask_callable", "mu_bf16"])
+def test_state_interchange_both_ways(name):
+  kwargs = LAYOUT_SETTINGS[name]
+  params = _params()
+  ours, ref = adamw_flax.adamw(**kwargs), optax.adamw(**kwargs)
+  p_mid, s_mid_ref, _ = _run(ref, params, steps=10)
+  p_mid_ours, s_mid_ours, _ = _run(ours, params, steps=10)
+  # optax's state continues under ours exactly as under optax (and vice versa);
+  # with float32 moments the two are bitwise the same optimizer.
+  cont_ours = _run(ours, p_mid, steps=10, state=s_mid_ref)
+  cont_ref = _run(ref, p_mid_ours, steps=10, state=s_mid_ours)
+  _assert_same_layout(cont_ours[1], s_mid_ref)
+  _assert_same_layout(cont_ref[1], s_mid_ours)
+  if kwargs.get("mu_dtype") is None:
+    _assert_trees_equal(cont_ours, _run(ref, p_mid, steps=10, state=s_mid_ref))
+    _assert_trees_equal(cont_ref, _run(ours, p_mid_ours, steps=10, state=s_mid_ours))
+  else:
+    # bf16 moments: ours uses exact b1 and rounds once (see the precision tests).
+    assert _max_rel_err(cont_ours[0], cont_ref[0]) < 2e-2
+
+
+def test_init_on_shape_dtype_struct():
+  params = _params()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  for kwargs in LAYOUT_SETTINGS.values():
+    ours, ref = adamw_flax.adamw(**kwargs), optax.adamw(**kwargs)
+    _assert_same_layout(ours.init(abstract), ref.init(params))
+    _assert_same_layout(jax.eval_shape(ours.init, abstract), ref.init(params))
+
+
+# -- Wrappers and Flax --------------------------------------------------------------------
+
+
+def test_inject_hyperparams_matches_optax_with_static_callable_mask():
+  kw = dict(learning_rate=LR_SCHEDULE, weight_decay=0.1, mask=_mask_fn)
+  ours = optax.inject_hyperparams(adamw_flax.adamw, static_args=("mask",))(**kw)
+  ref = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(**kw)
+  params = _params()
+  _assert_trees_equal(_run(ours, params), _run(ref, params))
+
+
+def test_inject_hyperparams_callable_mask_not_static_is_an_error():
+  # Without static_args, inject_hyperparams calls the mask with the step count;
+  # optax then silently decays nothing (mask_fn(count) is False). We refuse.
+  tx = optax.inject_hyperparams(adamw_flax.adamw)(1e-3, mask=_mask_fn)
+  with pytest.raises(ValueError, match=r"static_args=\('mask',\)"):
+    tx.init(_params())
+
+
+def test_inject_hyperparams_bf16_params_need_float32_hyperparams():
+  params = _params(jnp.bfloat16)
+  # Default inject_hyperparams rounds b2=0.999 to 1.0 in bf16 (optax#1414): optax
+  # returns NaN; we refuse with the fix in the message.
+  tx = optax.inject_hyperparams(adamw_flax.adamw)(1e-3)
+  with pytest.raises(ValueError, match="hyperparam_dtype=jnp.float32"):
+    tx.init(params)
+  tx = optax.inject_hyperparams(adamw_flax.adamw, hyperparam_dtype=jnp.float32)(
+    1e-3, mu_dtype="bfloat16", nu_dtype="float32"
+  )
+  p, s, _ = _run(tx, params, steps=5)
+  assert s.hyperparams["b2"].dtype == jnp.float32
+  # The moments keep their dtypes (optax's would turn float32 here, which
+  # breaks MultiSteps' cond); the params stay bf16 and finite.
+  _assert_same_layout(s, tx.init(params))
+  assert s.inner_state[0].mu["conv"].dtype == jnp.bfloat16
+  assert s.inner_state[0].nu["conv"].dtype == jnp.float32
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+
+
+def test_chain_with_clipping_matches_optax():
+  params = _params()
+  _assert_trees_equal(
+    _run(optax.chain(optax.clip_by_global_norm(0.05), adamw_flax.adamw(1e-2)), params),
+    _run(optax.chain(optax.clip_by_global_norm(0.05), optax.adamw(1e-2)), params),
+  )
+
+
+def test_multi_steps_matches_optax():
+  params = _params()
+  _assert_trees_equal(
+    _run(optax.MultiSteps(adamw_flax.adamw(1e-2, weight_decay=0.1), 3), params, steps=9),
+    _run(optax.MultiSteps(optax.adamw(1e-2, weight_decay=0.1), 3), params, steps=9),
+  )
+
+
+@pytest.mark.parametrize(
+  "kwargs", [dict(), dict(mu_dtype=jnp.float32, nu_dtype=jnp.float32)], ids=["bf16", "f32_state"]
+)
+def test_multi_steps_bf16_params(kwargs):
+  params = _params(jnp.bfloat16)
+  tx = optax.MultiSteps(adamw_flax.adamw(1e-2, **kwargs), every_k_schedule=3)
+  p, s, _ = _run(tx, params, steps=6)
+  _assert_same_layout(s, tx.init(params))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
+  assert int(s.gradient_step) == 2
+  changed = [
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params), strict=True)
+  ]
+  assert any(changed)
+
+
+def test_apply_if_finite_skips_nonfinite_like_optax():
+  params = _params()
+
+  def run(tx):
+    state = tx.init(params)
+    p = params
+    for i in range(4):
+      g = _grads(p, i)
+      if i == 2:
+        g = jax.tree.map(lambda x: x.at[...].set(jnp.nan) if x.ndim else x * jnp.nan, g)
+      u, state = jax.jit(tx.update)(g, state, p)
+      p = optax.apply_updates(p, u)
+    return p, state
+
+  ours = run(optax.apply_if_finite(adamw_flax.adamw(1e-2), max_consecutive_errors=3))
+  ref = run(optax.apply_if_finite(optax.adamw(1e-2), max_consecutive_errors=3))
+  _assert_trees_equal(ours, ref)
+  assert int(ours[1].total_notfinite) == 1
+
+
+def test_nnx_optimizer_matches_optax():
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(3, 4, rngs=rngs)
+      self.norm = nnx.LayerNorm(4, rngs=rngs)
+      self.l2 = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.norm(self.l1(x))))
+
+  x = jax.random.normal(jax.random.key(1), (8, 3))
+  y = jax.random.normal(jax.random.key(2), (8, 2))
+
+  def train(make_tx):
+    model = Model(nnx.Rngs(0))
+    # A callable mask resolved against the nnx.State that tx.init receives.
+    tx = make_tx(1e-2, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda v: v.ndim > 1, p))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+      grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+      optimizer.update(model, grads)
+
+    for _ in range(5):
+      step(model, optimizer)
+    return nnx.state(model, nnx.Param), nnx.state(optimizer, nnx.OptState)
+
+  ours, ref = train(adamw_flax.adamw), train(optax.adamw)
+  _assert_trees_equal(ours, ref)
+
+
+def test_linen_train_state_matches_optax():
+  import flax.linen as nn
+  from flax.training import train_state
+
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(1), (4, 5))
+  variables = model.init(jax.random.key(0), x)
+
+  def train(tx):
+    state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+    @jax.jit
+    def step(state):
+      grads = jax.grad(lambda p: jnp.sum(state.apply_fn({"params": p}, x) ** 2))(state.params)
+      return state.apply_gradients(grads=grads)
+
+    for _ in range(5):
+      state = step(state)
+    return state.params, state.opt_state
+
+  _assert_trees_equal(
+    train(adamw_flax.adamw(1e-2, weight_decay=0.1, mask={"kernel": True, "bias": False})),
+    train(optax.adamw(1e-2, weight_decay=0.1, mask={"kernel": True, "bias": False})),
+  )
+
+
+def test_no_recompilation_on_second_call():
+  traces = []
+  tx = adamw_flax.adamw(LR_SCHEDULE, weight_decay=WD_SCHEDULE, mask=_mask_fn)
+
+  @jax.jit
+  def step(p, s, i):
+    traces.append(1)
+    u, s = tx.update(_grads(p, i), s, p)
+    return optax.apply_updates(p, u), s
+
+  p = _params()
+  s = tx.init(p)
+  for i in range(3):
+    p, s = step(p, s, i)
+  assert len(traces) == 1
+
+
+# -- Options beyond the defaults ----------------------------------------------------------
+
+
+def test_weight_decay_mask_is_an_alias_of_mask():
+  params = _params()
+  _assert_trees_equal(
+    _run(adamw_flax.adamw(1e-2, weight_decay=0.1, weight_decay_mask=MASK_TREE), params),
+    _run(optax.adamw(1e-2, weight_decay=0.1, mask=MASK_TREE), params),
+  )
+
+
+@pytest.mark.parametrize("lr", [1e-2, LR_SCHEDULE], ids=["const", "schedule"])
+@pytest.mark.parametrize("wd", [0.05, WD_SCHEDULE], ids=["wd_const", "wd_schedule"])
+def test_paper_weight_decay_follows_schedule_multiplier(lr, wd):
+  peak = 1e-2
+  params = _params()
+  tx = adamw_flax.adamw(lr, weight_decay=wd, weight_decay_mode="paper", peak_learning_rate=peak)
+  # State tree: optax's for the same kinds of lr and weight decay.
+  _assert_trees_equal(tx.init(params), optax.adamw(lr, weight_decay=wd).init(params))
+  # Reference: theta - lr(t) * adam - (lr(t) / peak) * wd(t) * theta, by hand.
+  adam = optax.scale_by_adam()
+  state, adam_state, p_ref, p = tx.init(params), adam.init(params), params, params
+  lr_fn = lr if callable(lr) else (lambda c: lr)
+  wd_fn = wd if callable(wd) else (lambda c: wd)
+  for i in range(6):
+    a, adam_state = adam.update(_grads(p_ref, i), adam_state)
+    p_ref = jax.tree.map(
+      lambda x, ai, i=i: x - lr_fn(i) * ai - (lr_fn(i) / peak) * wd_fn(i) * x, p_ref, a
+    )
+    u, state = tx.update(_grads(p, i), state, p)
+    p = optax.apply_updates(p, u)
+  for x, r in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True):
+    np.testing.assert_allclose(x, r, rtol=2e-6, atol=1e-7)
+
+
+def test_paper_mode_with_constant_lr_decays_by_weight_decay_per_step():
+  params = {"w": jnp.full((2,), 2.0)}
+  tx = adamw_flax.adamw(1e-3, weight_decay=0.1, weight_decay_mode="paper")
+  u, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+  np.testing.assert_allclose(u["w"], -0.1 * 2.0, rtol=1e-6)  # not lr * wd * p
+
+
+def test_eps_root_gradient_through_update_matches_optax():
+  params = _params()
+  grads = _grads(params, 0)  # contains exact zeros
+
+  def meta_loss(make_tx, g):
+    tx = make_tx(1e-2, eps_root=1e-8)
+    state = tx.init(params)
+    u, state = tx.update(g, state, params)
+    u, _ = tx.update(jax.tree.map(lambda x: 0.5 * x, g), state, params)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(u))
+
+  ours = jax.jit(jax.grad(functools.partial(meta_loss, adamw_flax.adamw)))(grads)
+  ref = jax.jit(jax.grad(functools.partial(meta_loss, optax.adamw)))(grads)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(ours))
+  _assert_trees_equal(ours, ref)
+
+
+def test_count_saturates_at_int32_max():
+  params = _params()
+  max_int = jnp.iinfo(jnp.int32).max
+  for make in (adamw_flax.adamw, optax.adamw):
+    tx = make(LR_SCHEDULE, weight_decay=WD_SCHEDULE)
+    state = jax.tree.map(
+      lambda x: jnp.full_like(x, max_int) if x.dtype == jnp.int32 else x, tx.init(params)
+    )
+    u, new_state = jax.jit(tx.update)(_grads(params, 0), state, params)
+    counts = [x for x in jax.tree.leaves(new_state) if x.dtype == jnp.int32]
+    assert counts and all(int(c) == max_int for c in counts)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+  ours = jax.jit(adamw_flax.adamw(1e-2).update)
+  ref = jax.jit(optax.adamw(1e-2).update)
+  state = optax.adamw(1e-2).init(params)
+  state = (state[0]._replace(count=jnp.asarray(max_int - 1, jnp.int32)), *state[1:])
+  _assert_trees_equal(ours(_grads(params, 0), state, params), ref(_grads(params, 0), state, params))
+
+
+# -- Precision: 16-bit params and moments -------------------------------------------------
+
+
+@pytest.mark.parametrize("mu_dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_mu_close_to_float32_and_first_step_to_optax(mu_dtype):
+  params = _params()
+  ref32 = _run(optax.adamw(1e-2), params)
+  ours = _run(adamw_flax.adamw(1e-2, mu_dtype=mu_dtype), params)
+  theirs = _run(optax.adamw(1e-2, mu_dtype=mu_dtype), params)
+  assert _max_rel_err(ours[0], ref32[0]) <= _max_rel_err(theirs[0], ref32[0]) + 1e-6
+  assert _max_rel_err(ours[0], ref32[0]) < 5e-3
+  # First step (mu was 0): equal to optax up to the rounding of mu to storage.
+  u_ours = jax.tree.map(lambda u: u[0], ours[2])
+  u_theirs = jax.tree.map(lambda u: u[0], theirs[2])
+  eps = float(jnp.finfo(mu_dtype).eps)
+  for a, b in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_theirs), strict=True):
+    np.testing.assert_allclose(a, b, rtol=eps, atol=1e-7)
+
+
+def test_bf16_params_track_float32_better_than_optax():
+  params32 = _params()
+  params16 = _params(jnp.bfloat16)
+  ref = _run(optax.adamw(1e-2), params32)[0]
+  theirs = _run(optax.adamw(1e-2), params16)[0]
+  ours = _run(adamw_flax.adamw(1e-2), params16)[0]
+  ours_f32_state = _run(adamw_flax.adamw(1e-2, mu_dtype="float32", nu_dtype="float32"), params16)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ours))
+  assert ours_f32_state[1][0].nu["conv"].dtype == jnp.float32
+  err_ours, err_theirs = _max_rel_err(ours, ref), _max_rel_err(theirs, ref)
+  assert err_ours <= err_theirs
+  assert _max_rel_err(ours_f32_state[0], ref) <= err_ours
+
+
+def test_nu_dtype_float32_keeps_second_moment_moving_with_bf16_params():
+  # b2 = 0.999: a bf16 nu cannot move by 0.1% of itself a step; a float32 nu can.
+  params = {"w": jnp.ones((4,), jnp.bfloat16)}
+  results = {}
+  for nu_dtype in (None, jnp.float32):
+    tx = adamw_flax.adamw(1e-3, nu_dtype=nu_dtype, weight_decay=0.0)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for i in range(300):
+      g = 1.0 if i < 100 else 0.25
+      _, state = update({"w": jnp.full((4,), g, jnp.bfloat16)}, state, params)
+    results[nu_dtype] = float(state[0].nu["w"][0])
+  # Exact: 0.999^300 EMA of g^2 (1 for 100 steps, then 1/16).
+  exact = (1 - 0.999**100) * 0.999**200 + (1 - 0.999**200) / 16
+  assert abs(results[jnp.float32] - exact) < 1e-4
+  assert abs(results[None] - exact) > 10 * abs(results[jnp.float32] - exact)
+
+
+def test_float16_zero_gradient_gives_zero_update_not_nan():
+  # optax 0.2.8 computes float16 moments in float16, where eps=1e-8 is 0, so a
+  # zero gradient gives 0/0 = NaN (optax#1754). We compute in float32.
+  params = _params(jnp.float16)
+  tx = adamw_flax.adamw(1e-2, weight_decay=0.0)
+  u, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for x in jax.tree.leaves(u):
+    assert x.dtype == jnp.float16
+    np.testing.assert_array_equal(x, np.zeros_like(x))
+  p, s, _ = _run(adamw_flax.adamw(1e-2), params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((p, s)))
+
+
+# -- Errors -------------------------------------------------------------------------------
+
+
+def test_error_params_missing_with_weight_decay():
+  params = _params()
+  for kwargs in (dict(), dict(mask=_mask_fn), dict(weight_decay=WD_SCHEDULE)):
+    tx = adamw_flax.adamw(1e-3, **kwargs)
+    with pytest.raises(ValueError, match=r"tx.update\(grads, opt_state, params\)"):
+      tx.update(_grads(params, 0), tx.init(params))
+  tx = adamw_flax.adamw(1e-3, weight_decay=0.0)  # no decay, no params needed
+  tx.update(_grads(params, 0), tx.init(params))
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(mask=MASK_TREE, weight_decay_mask=MASK_TREE), "only one of them"),
+    (dict(weight_decay_mode="pytorch"), r"weight_decay_mode='pytorch'.*'lr'.*'paper'"),
+    (dict(learning_rate=LR_SCHEDULE, weight_decay_mode="paper"), "needs peak_learning_rate"),
+    (dict(peak_learning_rate=1e-3), "only used with weight_decay_mode='paper'"),
+    (dict(weight_decay_mode="paper", peak_learning_rate=0.0), "must be > 0"),
+    (dict(mu_dtype="int32"), "mu_dtype='int32' is not a floating dtype"),
+    (dict(nu_dtype="no_such_dtype"), "nu_dtype='no_such_dtype' is not a dtype"),
+    (dict(b2=jnp.asarray(0.999, jnp.bfloat16)), "got b2 as a bfloat16 array"),
+    (dict(eps=jnp.asarray(1e-8, jnp.float16)), "got eps as a float16 array"),
+    (dict(mask=False), "single boolean"),
+  ],
+)
+def test_errors_name_the_argument(kwargs, match):
+  kwargs = {"learning_rate": 1e-3} | kwargs
+  with pytest.raises(ValueError, match=match):
+    adamw_flax.adamw(**kwargs)
+
+
+def test_transform_imports_no_flax():
+  source = inspect.getsource(transform)
+  assert "import flax" not in source and "from flax" not in source
