@@ -152,8 +152,18 @@ def mesh_config(axes: Sequence[str], shape: Sequence[int], **fields: Any):
   return cfg
 
 
-def train(cfg, mesh, num_steps: int, *, die_at: int = -1) -> dict[str, Any]:
+def train(
+  cfg, mesh, num_steps: int, *, die_at: int = -1, snapshot_at: int | None = None
+) -> dict[str, Any]:
   """Trains ``num_steps`` steps on ``mesh`` (None: one device, no sharding); returns what happened.
+
+  Args:
+    cfg: a full config.
+    mesh: the mesh, or None.
+    num_steps: steps to train.
+    die_at: crash this process (exit code 3) before this step.
+    snapshot_at: also return ``params``/``rest`` after this many steps as
+      ``snapshot`` (instead of a second, shorter run).
 
   Returns:
     ``losses``, ``params`` (nested lists, gathered to every process),
@@ -195,7 +205,10 @@ def train(cfg, mesh, num_steps: int, *, die_at: int = -1) -> dict[str, Any]:
     for kp, x in jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
   }
   nbytes = sharding.per_device_bytes(state)
-  losses = []
+  as_lists = lambda t: jax.tree.map(
+    lambda x: np.asarray(x).tolist(), multihost_utils.process_allgather(t, tiled=True)
+  )
+  losses, snapshot = [], None
   for step in range(num_steps):
     if step == die_at:
       # A crash, not an exception: an exiting process would first wait at
@@ -204,13 +217,13 @@ def train(cfg, mesh, num_steps: int, *, die_at: int = -1) -> dict[str, Any]:
       os._exit(3)
     state, metrics = step_fn(state, to_batch(data.train_batch(step)))
     losses.append(float(metrics["loss"]))
-  params = multihost_utils.process_allgather(state.params, tiled=True)
-  rest = multihost_utils.process_allgather(state.rest, tiled=True)
-  as_lists = lambda t: jax.tree.map(lambda x: np.asarray(x).tolist(), t)
+    if step + 1 == snapshot_at:
+      snapshot = {"params": as_lists(state.params), "rest": as_lists(state.rest)}
   return {
     "losses": losses,
-    "params": as_lists(params),
-    "rest": as_lists(rest),
+    "params": as_lists(state.params),
+    "rest": as_lists(state.rest),
+    "snapshot": snapshot,
     "specs": specs,
     "bytes": nbytes,
     "data_shard": list(shard),
