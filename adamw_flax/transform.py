@@ -6,12 +6,15 @@ Only the Adam scaling is written here; it differs from optax's in three ways:
 
 * it computes in at least float32, whatever the parameters' dtype, and then
   stores the moments in their own dtypes (optax computes bfloat16/float16
-  moments in that dtype, where ``b1=0.9`` becomes ``0.8984375`` and
-  ``b2=0.999`` becomes ``1.0``);
+  moments in that dtype, where ``b1=0.9`` becomes ``0.8984375``, ``b2=0.999``
+  becomes ``1.0`` in bfloat16 and ``eps=1e-8`` becomes 0 in float16); with
+  bfloat16 moments the update is computed from the stored values, which halves
+  the step time on CPU (benchmarks/RESULTS.md);
 * the second moment's dtype can be chosen (``nu_dtype``);
 * the moments keep their dtypes across steps (optax promotes them when
   hyperparameters arrive as float32 arrays, e.g. under
-  ``optax.inject_hyperparams``, which then breaks ``optax.MultiSteps``).
+  ``optax.inject_hyperparams``, so its state drifts from what ``init`` and a
+  checkpoint hold).
 
 In the default float32 case every operation is optax's, in optax's order, so the
 results are bitwise identical.
@@ -419,7 +422,9 @@ def adamw(
     EmptyState | ScaleByScheduleState)``.
 
   Raises:
-    ValueError: On both ``mask`` and ``weight_decay_mask``, an unknown
+    ValueError: On both ``mask`` and ``weight_decay_mask``, a mask that is a
+      single boolean (what an unstatic callable mask becomes under
+      ``inject_hyperparams``), an unknown
       ``weight_decay_mode``, a schedule in "paper" mode without
       ``peak_learning_rate``, a bad dtype, 16-bit Adam constants, and, at
       ``update``, ``params=None`` while weight decay is on.
