@@ -5,7 +5,8 @@ The distributed engine is JAX's own (``jax.sharding``, GSPMD through
 inputs:
 
 * :func:`mesh_from_config`: a ``jax.sharding.Mesh`` over all devices of all
-  processes, with named axes (one size may be ``-1``: the remaining devices).
+  processes, with named axes (one size may be ``-1``: the remaining devices);
+  :func:`abstract_mesh_from_config`: the same without devices, for planning.
 * :func:`param_specs`: a ``PartitionSpec`` per parameter, from the config's
   ``mesh.partition_rules`` (``(regex, spec)`` pairs, first match wins) or from
   the model's own NNX annotations (``nnx.with_partitioning``); unmatched
@@ -50,11 +51,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
 
 __all__ = [
+  "abstract_mesh_from_config",
   "batch_sharding",
   "data_shard_info",
   "global_batch",
@@ -137,6 +139,26 @@ def mesh_from_config(
     )
   axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
   return jax.make_mesh(shape, axes, axis_types, devices=devices)
+
+
+def abstract_mesh_from_config(
+  mesh_cfg: ml_collections.ConfigDict, num_devices: int
+) -> AbstractMesh:
+  """The mesh ``config.mesh`` would give on ``num_devices`` devices, without the devices.
+
+  For planning: :func:`state_shardings` and :func:`per_device_bytes` accept
+  it, so the memory a pod config needs per chip can be computed anywhere.
+
+  Examples:
+    >>> from adamw_flax import config
+    >>> cfg = config.default_config().mesh
+    >>> cfg.axes, cfg.shape = ("data", "fsdp"), (-1, 16)
+    >>> dict(abstract_mesh_from_config(cfg, 256).shape)
+    {'data': 16, 'fsdp': 16}
+  """
+  axes = tuple(mesh_cfg.axes)
+  shape = _resolve_shape(axes, mesh_cfg.shape, num_devices)
+  return AbstractMesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
 def _axis_sizes(mesh_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> dict[str, int]:
@@ -573,6 +595,9 @@ def _tree_device_bytes(tree: PyTree) -> int:
       continue
     if isinstance(sharding, NamedSharding):  # every device holds a shard of one shape
       n = math.prod(sharding.shard_shape(shape)) * itemsize
+      if isinstance(sharding.mesh, AbstractMesh):  # a plan without devices: one per mesh
+        per_device[sharding.mesh] = per_device.get(sharding.mesh, 0) + n
+        continue
       for d in sharding.device_set:
         per_device[d] = per_device.get(d, 0) + n
     else:
@@ -588,7 +613,8 @@ def per_device_bytes(state_or_tree: Any) -> dict[str, int]:
 
   Works on arrays and on abstract ``jax.ShapeDtypeStruct`` leaves that carry
   a sharding (``create_train_state(..., mesh=mesh, abstract=True)``), so the
-  memory of a pod-sized state can be checked before allocating it.
+  memory of a pod-sized state can be checked before allocating it, even on a
+  machine without those devices (shardings on a ``jax.sharding.AbstractMesh``).
 
   Args:
     state_or_tree: a :class:`~adamw_flax.train_state.TrainState`, or any tree.

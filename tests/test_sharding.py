@@ -343,3 +343,44 @@ def test_unreachable_coordinator_times_out_with_a_clear_error():
     distributed.initialize(address, 2, 1, initialization_timeout=1)
   assert time.monotonic() - start < 10
   assert not jax.distributed.is_initialized()
+
+
+# ------------------------------------------------------------ the pod config
+
+POD_PARAMS = 303_155_200  # 24 x 12,584,960 in blocks + embeddings 1,115,136 + ln_f 1,024
+POD_REPLICATED = 49 * 1024  # LayerNorm scales: 2 per block and the final one
+
+
+@pytest.mark.parametrize("variant", ["fsdp", "zero1"])
+def test_pod_config_validates_builds_abstractly_and_fits(repo_root, variant):
+  from adamw_flax import config as config_lib
+  from adamw_flax import registry
+  from adamw_flax.train_state import param_count
+
+  cfg = config_lib.load_config(repo_root / "configs" / "pod_lm.py", arg=variant)  # validates
+  registry.MODELS.get(cfg.model.name)
+  registry.DATASETS.get(cfg.data.name)
+  state = state_from_config(cfg, {"vocab_size": 65}, abstract=True)  # jax.eval_shape only
+  assert param_count(state.params) == POD_PARAMS
+
+  chips = 32
+  mesh = sharding.abstract_mesh_from_config(cfg.mesh, chips)
+  assert cfg.data.batch_size % chips == 0
+  planned = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    state,
+    sharding.state_shardings(state, mesh, cfg.mesh),
+  )
+  got = sharding.per_device_bytes(planned)
+  # Step counters (Adam's, the schedule's), replicated.
+  counters = sum(x.dtype.itemsize for x in jax.tree.leaves(state.opt_state) if x.shape == ())
+  assert counters == 8
+  if variant == "fsdp":
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 16}
+    params = 4 * ((POD_PARAMS - POD_REPLICATED) // 16 + POD_REPLICATED)
+    assert got["params"] == params  # 72.5 MiB
+    assert got["opt_state"] == 2 * params + counters  # mu, nu like the params
+  else:
+    assert dict(mesh.shape) == {"data": 32}
+    assert got["params"] == 4 * POD_PARAMS  # replicated: 1156 MiB
+    assert got["opt_state"] == 2 * 4 * POD_PARAMS // chips + counters  # ZeRO-1: 72.3 MiB
