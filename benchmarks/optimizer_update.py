@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pathlib
 import platform
 import re
@@ -173,21 +174,20 @@ def run(repeats: int, warmup: int) -> dict[str, Any]:
   num_params = sum(x.size for x in jax.tree.leaves(params))
   num_leaves = len(jax.tree.leaves(params))
 
+  # name -> (transform whose state the step carries, the jitted step)
   variants: dict[str, tuple[optax.GradientTransformation, Callable[..., Any]]] = {}
   for label, mu_dtype in (("fp32", None), ("bf16 mu", jnp.bfloat16)):
-    variants[f"optax {label}"] = (
-      optax.adamw(1e-3, mu_dtype=mu_dtype),
-      None,
-    )
-    variants[f"ours {label}"] = (adamw_flax.adamw(1e-3, mu_dtype=mu_dtype), None)
-    variants[f"stream {label}"] = (optax.adamw(1e-3, mu_dtype=mu_dtype), streaming_step())
+    reference = optax.adamw(1e-3, mu_dtype=mu_dtype)
+    ours = adamw_flax.adamw(1e-3, mu_dtype=mu_dtype)
+    variants[f"optax {label}"] = (reference, optimizer_step(reference))
+    variants[f"ours {label}"] = (ours, optimizer_step(ours))
+    variants[f"stream {label}"] = (reference, streaming_step())
   # Each variant owns its buffers, since donation consumes them every call.
   live: dict[str, list[Any]] = {}
   steps: dict[str, Callable[..., Any]] = {}
   info: dict[str, dict[str, float]] = {}
   fingerprints: dict[str, list[str]] = {}
-  for name, (tx, stream) in variants.items():
-    step = stream if stream is not None else optimizer_step(tx)
+  for name, (tx, step) in variants.items():
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
     text = step.lower(p, s, grads).compile().as_text()
@@ -200,6 +200,7 @@ def run(repeats: int, warmup: int) -> dict[str, Any]:
       live[name][:] = step(live[name][0], live[name][1], grads)
     jax.block_until_ready(live[name])
 
+  load_before = os.getloadavg()[0]
   times: dict[str, list[float]] = {name: [] for name in variants}
   names = list(variants)
   for r in range(repeats):
@@ -223,6 +224,7 @@ def run(repeats: int, warmup: int) -> dict[str, Any]:
     for label in ("fp32", "bf16 mu")
   }
   return {
+    "load": (load_before, os.getloadavg()[0]),
     "paired": paired,
     "identical": identical,
     "num_params": num_params,
@@ -271,30 +273,35 @@ def report(result: dict[str, Any]) -> str:
 EXPLANATION = """\
 What limits the speed (read from `jax.jit(step).lower(...).compile().as_text()`):
 
-- The step is memory-bound: a few flops per element against 28 bytes (fp32) of
-  logical traffic. XLA:CPU fuses each leaf's elementwise work into loop
-  fusions, but only single-output ones: one for the new `mu`, one for the new
-  `nu`, one for the new params that reads the *new* `mu` and `nu` back. So
+- The step is memory-bound: a few flops per element against 28 bytes/param of
+  logical traffic in fp32. XLA:CPU fuses each leaf's elementwise work into
+  loop fusions, but only single-output ones: one writes the new `mu`, one the
+  new `nu`, and one the new params, reading the *new* `mu` and `nu` back. So
   fp32 schedules 40 B/param (g is read three times, mu and nu twice) instead of
-  28, i.e. about 70% of the streaming kernel's rate at best; both optax and ours
-  sit there, with the same HLO (the float32 path is op for op optax's, which is
-  also why the numbers are bitwise equal). A single fusion per leaf would need
-  multi-output loop fusion, which XLA:CPU does not form here, and the state
-  layout (separate `mu`, `nu` trees, as optax's) is fixed by compatibility.
-- optax's `mu_dtype=bfloat16` step is slower than its fp32 one although it
-  moves fewer logical bytes: the update uses the float32 `mu` *before* rounding,
-  which is not stored anywhere, so the params fusion recomputes it from the old
-  bf16 `mu` and the grads; since the old `mu` buffer is donated and overwritten
-  in place by the `mu` fusion, XLA inserts a full `copy` of every `mu` leaf first.
-  That is one more pass per leaf plus extra operands (g read three times, old
-  mu twice plus the copy) and bf16 converts, for more scheduled bytes than fp32.
+  28: by bytes alone 70% of the streaming kernel's rate (measured a little
+  higher: neither kernel is purely bandwidth-bound here, both pay a fixed cost
+  per fusion, 588 of them, 3 per leaf, most small). optax and ours compile
+  to the same program instruction for instruction (the float32 path is optax's
+  op order, which is also why the numbers are bitwise equal), so the fp32 ratio
+  is 1 up to noise. One fusion per leaf would need multi-output loop fusion,
+  which XLA:CPU does not form here, and the state layout (separate `mu` and
+  `nu` trees) is fixed by compatibility with optax.
+- optax's `mu_dtype=bfloat16` step is slower than its fp32 one although it moves
+  fewer logical bytes (24 vs 28 B/param): its update uses the float32 `mu`
+  *before* rounding, which is stored nowhere, so the params fusion recomputes
+  it from the old bf16 `mu` and g. The old `mu` buffer is donated and
+  overwritten in place by the `mu` fusion, so XLA first copies every `mu` leaf
+  (196 `copy` ops; they carry no `outer_dimension_partitions`, i.e. they run on
+  one core while the fusions use two). Scheduled traffic: 42 B/param (copy 4,
+  mu 8, nu 12, params 18: p, g, nu, the mu copy), more than fp32's 40, plus
+  the single-threaded copies and the bf16 converts in the recomputation.
   (optax also multiplies the bf16 `mu` by `b1` rounded to bf16, 0.8984375.)
 - Ours computes the moments in float32, rounds them to their storage dtypes,
   and computes the update from the stored (rounded) moments. The params fusion
   then reads the new bf16 `mu` (2 B) instead of recomputing it from g and the
-  old `mu`, no copy is needed, and the scheduled traffic drops below fp32's.
-  In the fp32 case the rounding is a no-op and the numbers stay bitwise
-  optax's.
+  old `mu`, no copy is needed, and the scheduled traffic falls to 34 B/param
+  (mu 8, nu 12, params 14), below fp32's. In the fp32 case the rounding is a
+  no-op and the numbers stay bitwise optax's.
 """
 
 
@@ -307,7 +314,10 @@ def write_results(result: dict[str, Any], table: str) -> None:
     f"{result['num_params'] / 1e6:.1f}M float32 params in {result['num_leaves']} leaves; "
     f"median of {result['repeats']} interleaved repetitions. Machine: "
     f"{jax.device_count()}x {jax.devices()[0].platform.upper()} device, "
-    f"{_cpu_count()}-core CPU, {cpu_model()}; jax {jax.__version__}, optax {optax.__version__}. "
+    f"{_cpu_count()}-core CPU, {cpu_model()}; jax {jax.__version__}, optax {optax.__version__}; "
+    f"load average {result['load'][0]:.1f} before / {result['load'][1]:.1f} after (the cores "
+    f"are shared with other jobs, so absolute times vary between runs: read the ratios, "
+    f"measured side by side). "
     f"`stream` is a jitted elementwise kernel with the same logical traffic (reads params, "
     f"grads, mu, nu; writes params, mu, nu); logical MB counts those bytes once, "
     f"XLA-scheduled MB sums the operands and results of the compiled fusions and copies.\n\n"
@@ -323,8 +333,6 @@ def write_results(result: dict[str, Any], table: str) -> None:
 
 
 def _cpu_count() -> int:
-  import os
-
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 

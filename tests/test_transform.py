@@ -266,6 +266,7 @@ def test_wrappers_bitwise_equal_to_optax():
   kw = dict(learning_rate=LR_SCHEDULE, weight_decay=0.1, mask=_mask_fn)
   inject = functools.partial(optax.inject_hyperparams, static_args=("mask",))
   clip = optax.clip_by_global_norm(0.05)
+  labels = {"dense": {"kernel": "adam", "bias": "sgd"}, "conv": "adam", "scale": "sgd"}
   _assert_pairs_equal(
     {
       "inject_hyperparams(static mask)": (
@@ -279,6 +280,11 @@ def test_wrappers_bitwise_equal_to_optax():
       "MultiSteps": (
         optax.MultiSteps(adamw_flax.adamw(1e-2, weight_decay=0.1), 3),
         optax.MultiSteps(optax.adamw(1e-2, weight_decay=0.1), 3),
+      ),
+      # MaskedNode leaves inside our scale_by_adam.
+      "multi_transform": (
+        optax.multi_transform({"adam": adamw_flax.adamw(1e-2), "sgd": optax.sgd(1e-2)}, labels),
+        optax.multi_transform({"adam": optax.adamw(1e-2), "sgd": optax.sgd(1e-2)}, labels),
       ),
     }
   )
