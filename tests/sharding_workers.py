@@ -281,12 +281,18 @@ def _mesh_runs(out: Path, num_steps: int) -> None:
 def _train_process(args: argparse.Namespace) -> None:
   from adamw_flax import distributed
 
-  joined = distributed.initialize(
-    args.coordinator_address,
-    args.num_processes,
-    args.process_id,
-    initialization_timeout=args.timeout,
-  )
+  if args.via_env:  # what train/launch_gpu_multinode.sh exports
+    os.environ["JAX_COORDINATOR_ADDRESS"] = args.coordinator_address
+    os.environ["JAX_NUM_PROCESSES"] = str(args.num_processes)
+    os.environ["JAX_PROCESS_ID"] = str(args.process_id)
+    joined = distributed.initialize(initialization_timeout=args.timeout)
+  else:
+    joined = distributed.initialize(
+      args.coordinator_address,
+      args.num_processes,
+      args.process_id,
+      initialization_timeout=args.timeout,
+    )
   import jax
 
   from adamw_flax import sharding
@@ -326,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   tr.add_argument("--steps", type=int, default=3)
   tr.add_argument("--die_at", type=int, default=-1, help="process 1 exits at this step")
   tr.add_argument("--timeout", type=int, default=60)
+  tr.add_argument("--via_env", action="store_true", help="pass the settings as JAX_* variables")
   args = parser.parse_args(argv)
   if args.what == "meshes":
     _mesh_runs(Path(args.out), args.steps)
