@@ -380,7 +380,9 @@ def adamw(
   Precision: Adam's moments are computed in float32 (or wider) whatever the
   params' dtype and stored in ``mu_dtype``/``nu_dtype``; with float16 params a
   zero gradient gives a zero update, where optax's float16 arithmetic turns
-  ``eps=1e-8`` into 0 and returns NaN (optax#1754). See :func:`scale_by_adam`.
+  ``eps=1e-8`` into 0 and returns NaN (optax#1754). With bfloat16 moments the
+  update reads the stored (rounded) moments, which makes ``mu_dtype=bfloat16``
+  about twice as fast as optax's on CPU. See :func:`scale_by_adam`.
 
   With :func:`optax.inject_hyperparams`: name a callable mask in
   ``static_args`` (``static_args=("mask",)``), or inject_hyperparams treats it as
@@ -406,7 +408,8 @@ def adamw(
     nesterov: Whether to use Nesterov momentum (NAdamW, Dozat 2016).
     nu_dtype: Storage dtype of the second moment; None means the params' dtype
       (optax's behaviour). Not in optax: e.g. ``"float32"`` with bfloat16
-      params keeps small gradients from vanishing in the second moment.
+      params lets the second moment follow ``b2=0.999``'s 0.1% steps, which a
+      bfloat16 one cannot (half its ulp is 0.2%), at 2 more bytes per param.
     weight_decay_mode: ``"lr"`` (default, optax's and PyTorch's: decay scaled
       by the learning rate) or ``"paper"`` (scaled by the schedule multiplier
       only, as in Loshchilov et al.; see above).
