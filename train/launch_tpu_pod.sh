@@ -81,7 +81,7 @@ if ((copy)); then
     --worker=all
 fi
 if ((install)); then
-  on_all_workers "cd ~/adamw_flax && pip install -U 'jax[tpu]' && pip install -e ."
+  on_all_workers "cd ~/adamw_flax && pip install -U 'jax[tpu]' gcsfs && pip install -e ."
 fi
 
 printf -v flags ' %q' "--config=$config" "--workdir=$workdir" "${extra[@]}"
