@@ -60,6 +60,7 @@ __all__ = [
   "batch_sharding",
   "data_shard_info",
   "global_batch",
+  "mesh_config_errors",
   "mesh_from_config",
   "param_specs",
   "per_device_bytes",
@@ -225,6 +226,45 @@ def _parse_partition_rules(rules: Any) -> list[tuple[str, re.Pattern[str], Parti
       raise ValueError(f"{where}: invalid regex {rule[0]!r}: {e}") from e
     out.append((rule[0], pattern, _spec_from_rule(rule[1], f"{where} ({rule[0]!r})")))
   return out
+
+
+def mesh_config_errors(mesh_cfg: ml_collections.ConfigDict) -> list[str]:
+  """The problems of a ``mesh`` section found without devices or a model, as ``"key: message"``.
+
+  For config validation: unique axis names, well-formed partition rules
+  (compiling regexes, specs of mesh axes, each used once), unique data axes.
+  What needs the devices or the parameters (sizes that divide) is checked by
+  :func:`mesh_from_config` and :func:`param_specs`.
+
+  Examples:
+    >>> from adamw_flax import config
+    >>> cfg = config.default_config().mesh
+    >>> cfg.partition_rules = ((".*kernel", (None, "model")),)
+    >>> mesh_config_errors(cfg)
+    ["mesh.partition_rules[0] ('.*kernel'): axis 'model' is not in mesh.axes ('data',)"]
+  """
+  errors = []
+  axes = tuple(mesh_cfg.axes)
+  if len(set(axes)) != len(axes):
+    errors.append(f"mesh.axes: {axes} names an axis twice")
+  try:
+    rules = _parse_partition_rules(mesh_cfg.get("partition_rules", ()))
+  except ValueError as e:
+    errors.append(str(e))
+    rules = []
+  for i, (text, _, spec) in enumerate(rules):
+    used = _spec_axes(spec)
+    for a in dict.fromkeys(used):
+      if a not in axes:
+        errors.append(
+          f"mesh.partition_rules[{i}] ({text!r}): axis {a!r} is not in mesh.axes {axes}"
+        )
+    if len(set(used)) != len(used):
+      errors.append(f"mesh.partition_rules[{i}] ({text!r}): {spec} uses a mesh axis twice")
+  data_axes = tuple(mesh_cfg.get("data_axes", ()) or ())
+  if len(set(data_axes)) != len(data_axes):
+    errors.append(f"mesh.data_axes: {data_axes} names an axis twice")
+  return errors
 
 
 def _spec_axes(spec: PartitionSpec) -> list[str]:
@@ -533,7 +573,11 @@ def data_shard_info(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> tuple[in
 
 
 def global_batch(
-  local_batch: Mapping[str, Any], mesh: Mesh, mesh_cfg: ml_collections.ConfigDict
+  local_batch: Mapping[str, Any],
+  mesh: Mesh,
+  mesh_cfg: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int | None = None,
 ) -> dict[str, jax.Array]:
   """Joins every process's slice of a batch into global arrays sharded over the data axes.
 
@@ -544,6 +588,10 @@ def global_batch(
     local_batch: ``name -> array`` of this process's rows (leading dimension).
     mesh: the device mesh.
     mesh_cfg: the config's ``mesh`` section (``data_axes``).
+    global_batch_size: if given, the rows all slices must add up to; a
+      dataset built for another split (e.g. ``jax.process_count()`` slices
+      where processes hold replicas) is then an error instead of a batch of
+      the wrong size.
 
   Returns:
     ``name -> jax.Array`` of the global batch, sharded by :func:`batch_sharding`.
@@ -569,6 +617,14 @@ def global_batch(
         f"batch{name} is a scalar; every batch entry needs a leading batch dimension"
       )
     global_rows = x.shape[0] * count
+    if global_batch_size is not None and global_rows != global_batch_size:
+      raise ValueError(
+        f"batch{name} has {x.shape[0]} rows in this process; this mesh splits each batch into "
+        f"{count} slices, so a global batch of {global_batch_size} needs "
+        f"{global_batch_size / count:g} per process. Build the dataset with "
+        f"(process_index, process_count) = data_shard_info(mesh, mesh_cfg) = "
+        f"{data_shard_info(mesh, mesh_cfg)}"
+      )
     if global_rows % rows:
       raise ValueError(
         f"batch{name} has {x.shape[0]} rows in this process, {global_rows} in all {count} "

@@ -148,6 +148,51 @@ def test_spec_errors_name_rule_path_and_shape(rules, shard_axis, message):
     sharding.param_specs(abstract_state(cfg), cfg.mesh, mesh=mesh)
 
 
+def test_rules_see_plain_paths_of_an_nnx_state():
+  from flax import nnx
+
+  cfg = mesh_cfg(("data", "model"), (2, 4), partition_rules=(("l1/kernel", (None, "model")),))
+  model = sharding_models.build_mlp(cfg.model, rngs=nnx.Rngs(0), data_info=DATA_INFO)
+  mesh = AbstractMesh((2, 4), ("data", "model"))
+  specs = sharding.param_specs(nnx.state(model, nnx.Param), cfg.mesh, mesh=mesh)
+  assert specs["l1"]["kernel"] == P(None, "model")  # no ".value" or Variable level in the path
+
+
+@pytest.mark.parametrize(
+  "fields, errors",
+  [
+    ({}, []),
+    (
+      {"partition_rules": ((".*kernel", ("fsdp", None)), ("(", ("data",)))},
+      ["mesh.partition_rules[1]: invalid regex '('"],
+    ),
+    (
+      {"partition_rules": ((".*kernel", ("fsdp", ("data", "fsdp"))),)},
+      [
+        "mesh.partition_rules[0] ('.*kernel'): axis 'fsdp' is not in mesh.axes ('data', 'model')",
+        "mesh.partition_rules[0] ('.*kernel'): P('fsdp', ('data', 'fsdp')) uses a mesh axis twice",
+      ],
+    ),
+    ({"partition_rules": (("kernel",),)}, ["mesh.partition_rules[0]: must be a (regex, spec)"]),
+    ({"axes": ("data", "data"), "shape": (2, 2)}, ["mesh.axes: ('data', 'data') names an axis"]),
+  ],
+)
+def test_mesh_config_errors(fields, errors):
+  cfg = mesh_cfg(("data", "model"), (-1, 1)).mesh
+  cfg.update(fields)
+  got = sharding.mesh_config_errors(cfg)
+  assert len(got) == len(errors) and all(g.startswith(e) for g, e in zip(got, errors, strict=True))
+
+
+def test_global_batch_checks_the_global_batch_size():
+  cfg = mesh_cfg(("data",), (-1,)).mesh
+  mesh = sharding.mesh_from_config(cfg)
+  local = {"x": np.zeros((4, 3), np.float32)}
+  assert sharding.global_batch(local, mesh, cfg, global_batch_size=4)["x"].shape == (4, 3)
+  with pytest.raises(ValueError, match=r"needs 8 per process.*data_shard_info\(mesh, mesh_cfg\)"):
+    sharding.global_batch(local, mesh, cfg, global_batch_size=8)
+
+
 # ----------------------------------------------------------- state shardings
 
 
