@@ -241,11 +241,9 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     "mesh.shard_opt_state",
     f"must be 'params' (like the params) or 'data' (ZeRO-1), got {m.shard_opt_state!r}",
   )
-  for i, rule in enumerate(m.partition_rules):
-    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
-      errors.append(
-        f"mesh.partition_rules[{i}]: must be a (regex, PartitionSpec tuple) pair, got {rule!r}"
-      )
+  from adamw_flax import sharding  # lazily: it imports jax's sharding machinery
+
+  errors.extend(sharding.mesh_config_errors(m))
 
 
 def _parse_rules(spec: Any, key: str) -> Any:

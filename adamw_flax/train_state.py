@@ -195,7 +195,8 @@ def create_train_state(
 
   if callable(model) and not isinstance(model, nnx.Module) and not _is_linen(model):
     factory = model
-    abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
+    with nnx.use_eager_sharding(False):
+      abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
   else:
     factory = None
     linen_module = model if _is_linen(model) else None
@@ -241,7 +242,13 @@ def create_train_state(
     )
 
   if factory is not None:
-    init = lambda: build_from(factory(nnx.Rngs(seed)))
+
+    def init():
+      # Placement comes from jit's out_shardings; eager sharding would need a
+      # mesh context for every annotated variable (flax 0.12).
+      with nnx.use_eager_sharding(False):
+        return build_from(factory(nnx.Rngs(seed)))
+
   else:
     init = lambda: build_from(model)
 

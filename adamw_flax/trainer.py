@@ -157,11 +157,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- the run: mesh, data, model
   mesh = sharding.mesh_from_config(config.mesh)
+  # Processes that hold replicas of the same batch rows (a model axis across
+  # processes) load the same slice: the mesh, not the process id, decides.
+  data_index, data_count = sharding.data_shard_info(mesh, config.mesh)
   dataset = registry.DATASETS.get(config.data.name)(
-    config.data,
-    seed=int(tc.seed),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    config.data, seed=int(tc.seed), process_index=data_index, process_count=data_count
   )
   model_entry = registry.MODELS.get(config.model.name)
   factory = train_state.model_factory(config, dataset.info)
@@ -234,7 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   try:
     for step in range(start, num_steps):
-      batch = sharding.global_batch(dataset.train_batch(step), mesh, config.mesh)
+      batch = sharding.global_batch(
+        dataset.train_batch(step), mesh, config.mesh, global_batch_size=dataset.global_batch_size
+      )
       state, metrics = train_step(state, batch)
       # Read the previous step's metrics only now, with this step already
       # dispatched, so the host never waits for the device in between.

@@ -9,7 +9,9 @@ JAX_PROCESS_ID). Rerunning the same command resumes the run.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -20,7 +22,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _INIT_TIMEOUT = flags.DEFINE_integer(
-  "initialization_timeout", 300, "Seconds to wait for all processes to join."
+  "initialization_timeout",
+  None,
+  "Seconds to wait for all processes to join (default: JAX_INITIALIZATION_TIMEOUT or 300).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -32,7 +36,7 @@ def main(argv: list[str]) -> int:
   from adamw_flax.config import ConfigError
   from adamw_flax.registry import RegistryError
 
-  distributed.initialize(
+  multi = distributed.initialize(
     _COORDINATOR.value,
     _NUM_PROCESSES.value,
     _PROCESS_ID.value,
@@ -42,8 +46,20 @@ def main(argv: list[str]) -> int:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, RegistryError, trainer.TrainingDiverged) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1 if isinstance(e, trainer.TrainingDiverged) else 2
-  return 0
+    code = 1 if isinstance(e, trainer.TrainingDiverged) else 2
+  except BaseException:
+    if not multi:
+      raise
+    traceback.print_exc()
+    code = 1
+  else:
+    return 0
+  if multi:
+    # A failing process would otherwise wait at JAX's shutdown barrier for the
+    # others, which wait for it until their heartbeat times out.
+    sys.stderr.flush()
+    os._exit(code)
+  return code
 
 
 if __name__ == "__main__":
