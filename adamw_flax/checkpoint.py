@@ -1,0 +1,926 @@
+"""Orbax checkpoints of a training run: train state, data position, config and fingerprint.
+
+A checkpoint is one step directory written by ``orbax.checkpoint``'s
+``CheckpointManager`` with three items:
+
+* ``state``: the arrays of the :class:`~adamw_flax.train_state.TrainState`
+  (``step``, ``params``, ``frozen``, ``rest``, ``opt_state``), each leaf in its
+  own dtype (bfloat16 moments stay bfloat16, int32 counters int32);
+* ``data``: JSON, the data iterator's position (e.g. ``{"step": 1200}``);
+* ``meta``: JSON, the config, the dataset's ``info``, package versions and a
+  *fingerprint* of the state: optimizer name, scalar or schedule learning rate
+  and weight decay, mask rules, the optimizer state's tree structure, and the
+  path, dtype and shape of every leaf.
+
+Restoring reads the fingerprint first and compares it with the state the new
+run builds (an abstract target from
+:func:`~adamw_flax.train_state.state_from_config`); a structural change (weight
+decay switched from a scalar to a schedule, another ``mu_dtype``, other model
+shapes) fails with a :class:`CheckpointMismatchError` naming the first path that
+differs, both sides' dtypes and shapes and what changed, before any array is
+read. Arrays are then read straight into the target's shardings, so a
+checkpoint written on 8 devices restores onto 4, 1, or another mesh.
+
+Writes are atomic (Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
+renames when complete): a step directory without that suffix is complete, and
+a crash mid-save leaves only a temporary directory, which the next
+:class:`Checkpoints` removes (on process 0) and which restores ignore.
+
+Preemption: :meth:`Checkpoints.reached_preemption` tells the training loop
+when to save and exit; every process gets the same answer at the same step.
+
+Examples:
+  >>> import tempfile
+  >>> from flax import nnx
+  >>> from adamw_flax import config as config_lib, train_state
+  >>> cfg = config_lib.default_config()
+  >>> cfg.optimizer.mu_dtype = "bfloat16"
+  >>> factory = lambda rngs: nnx.Linear(2, 3, rngs=rngs)
+  >>> state = train_state.create_train_state(factory, cfg)
+  >>> ckpts = Checkpoints(tempfile.mkdtemp(), cfg, data_info={})
+  >>> ckpts.save(state, data_state={"step": 0}, force=True)
+  True
+  >>> target = train_state.create_train_state(factory, cfg, abstract=True)
+  >>> restored, data_state = ckpts.restore(target)
+  >>> data_state, restored.opt_state[0].mu["kernel"].dtype
+  ({'step': 0}, dtype(bfloat16))
+  >>> ckpts.close()
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from adamw_flax.train_state import TrainState
+
+log = logging.getLogger("adamw_flax")
+
+PyTree = Any
+
+STATE, DATA, META = "state", "data", "meta"
+ARRAY_FIELDS = ("step", "params", "frozen", "rest", "opt_state")
+FORMAT_VERSION = 1
+# Orbax names a step directory that is still being written "<step>" + this + a
+# timestamp, and renames it to "<step>" once complete.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+__all__ = [
+  "CheckpointMismatchError",
+  "Checkpoints",
+  "restore_params",
+  "restore_state",
+  "save_state",
+  "state_fingerprint",
+]
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose state does not fit the state this run builds."""
+
+
+# ----------------------------------------------------------- tree description
+
+
+def _key_str(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _is_leaf(node: Any) -> bool:
+  if node is None:
+    return False
+  treedef = jax.tree.structure(node)
+  return treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _leaf_str(x: Any) -> str:
+  shape = ",".join(str(d) for d in np.shape(x))
+  return f"{x.dtype}[{shape}]"
+
+
+def _entries(tree: PyTree, prefix: str = "") -> list[tuple[str, str]]:
+  """Every node of ``tree`` in flatten order: (path, node type) or (path, "dtype[shape]").
+
+  Interior nodes are listed too, so that nodes without leaves (optax's
+  ``EmptyState``, ``MaskedNode``) and the NamedTuple types of the optimizer
+  state take part in the comparison: a scalar weight decay has an
+  ``EmptyState`` where a schedule has a ``WeightDecaySchedule``.
+  """
+  out: list[tuple[str, str]] = []
+
+  def visit(node: Any, path: str) -> None:
+    if _is_leaf(node):
+      out.append((path, _leaf_str(node)))
+      return
+    out.append((path, "None" if node is None else type(node).__name__))
+    # One level down: every child is taken as a leaf here and visited itself.
+    children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+    for keypath, child in children:
+      name = "/".join(_key_str(k) for k in keypath)
+      visit(child, f"{path}/{name}" if path else name)
+
+  visit(tree, prefix)
+  return out
+
+
+def _structure_summary(node: Any) -> str:
+  """A one-line picture of an optimizer state: NamedTuple types, dict sizes, leaf dtypes."""
+  if _is_leaf(node):
+    return str(node.dtype)
+  if node is None:
+    return "None"
+  if isinstance(node, dict):
+    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(node)})
+    return f"{{{len(jax.tree.leaves(node))} x {'/'.join(dtypes) or '-'}}}"
+  children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+  parts = []
+  for keypath, child in children:
+    text = _structure_summary(child)
+    key = keypath[0] if keypath else None
+    parts.append(f"{key.name}={text}" if hasattr(key, "name") else text)
+  name = "" if type(node) in (tuple, list) else type(node).__name__
+  return f"{name}({', '.join(parts)})"
+
+
+def _rules_str(value: Any) -> str:
+  if isinstance(value, str):
+    return value
+  return json.dumps(value, default=str)
+
+
+def _optimizer_summary(config: ml_collections.ConfigDict | None, opt_state: Any) -> dict[str, Any]:
+  """The user-visible optimizer choices that shape the optimizer state."""
+  types = {kind for _, kind in _entries(opt_state)}
+  summary: dict[str, Any] = {
+    # Read from the state itself, the source of truth whoever built the
+    # optimizer: optax keeps a counter only for schedules.
+    "learning_rate": "schedule" if "ScaleByScheduleState" in types else "scalar",
+    "weight_decay": "schedule" if "WeightDecaySchedule" in types else "scalar",
+    "opt_state": _structure_summary(opt_state),
+  }
+  o = config.get("optimizer") if config is not None else None
+  if o is not None:
+    summary.update(
+      optimizer=o.get("name"),
+      schedule=o.get("schedule"),
+      weight_decay_mode=o.get("weight_decay_mode"),
+      mu_dtype=o.get("mu_dtype"),
+      nu_dtype=o.get("nu_dtype"),
+      weight_decay_mask=_rules_str(o.get("weight_decay_mask")),
+      lr_multipliers=_rules_str(o.get("lr_multipliers")),
+      freeze=_rules_str(o.get("freeze")),
+      accumulate_steps=o.get("accumulate_steps"),
+      skip_nonfinite=o.get("skip_nonfinite"),
+      grad_clip_norm=o.get("grad_clip_norm"),
+    )
+  return summary
+
+
+def _state_arrays(state: Any) -> dict[str, Any]:
+  """The array fields of a TrainState (or of a dict holding them) as a plain dict."""
+  if isinstance(state, dict):
+    return {k: state[k] for k in ARRAY_FIELDS if k in state}
+  return {k: getattr(state, k) for k in ARRAY_FIELDS}
+
+
+def state_fingerprint(
+  state: Any, config: ml_collections.ConfigDict | None = None
+) -> dict[str, Any]:
+  """What a checkpoint records about a state's structure, to check a restore target against.
+
+  Args:
+    state: a :class:`~adamw_flax.train_state.TrainState` of arrays or of
+      ``jax.ShapeDtypeStruct`` leaves.
+    config: its config (for the optimizer's name, schedule, mask rules and
+      dtypes); optional.
+
+  Returns:
+    A JSON-able dict: ``optimizer`` (the choices that shape the optimizer
+    state, with a one-line ``opt_state`` structure), ``dtypes`` (leaf count per
+    dtype) and ``entries`` (every node as ``[path, type or "dtype[shape]"]``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> fp = state_fingerprint({"step": jnp.zeros((), jnp.int32), "params": {"w": jnp.ones(3)},
+    ...                         "opt_state": optax.adamw(1e-3).init({"w": jnp.ones(3)})})
+    >>> fp["optimizer"]["weight_decay"], fp["dtypes"]
+    ('scalar', {'float32': 3, 'int32': 2})
+    >>> fp["entries"][:3]
+    [['step', 'int32[]'], ['params', 'dict'], ['params/w', 'float32[3]']]
+  """
+  arrays = _state_arrays(state)
+  # In the TrainState's field order (a dict would sort them), so that a
+  # changed model is reported at its params before their optimizer state.
+  entries = [
+    [p, d] for field in ARRAY_FIELDS if field in arrays for p, d in _entries(arrays[field], field)
+  ]
+  dtypes: dict[str, int] = {}
+  for leaf in jax.tree.leaves(arrays):
+    dtypes[str(leaf.dtype)] = dtypes.get(str(leaf.dtype), 0) + 1
+  return {
+    "optimizer": _optimizer_summary(config, arrays.get("opt_state")),
+    "dtypes": dict(sorted(dtypes.items())),
+    "entries": entries,
+  }
+
+
+def _first_difference(
+  saved: Sequence[Sequence[str]], wanted: Sequence[Sequence[str]]
+) -> tuple[str, str, str] | None:
+  """(path, checkpoint's side, this run's side) of the first differing node, or None."""
+  saved_map = {p: d for p, d in saved}
+  wanted_map = {p: d for p, d in wanted}
+  for (ps, ds), (pw, dw) in zip(saved, wanted, strict=False):
+    if ps == pw and ds == dw:
+      continue
+    if ps == pw:
+      return ps, ds, dw
+    if ps not in wanted_map:
+      return ps, ds, "nothing (no such path)"
+    return pw, saved_map.get(pw, "nothing (no such path)"), dw
+  if len(saved) > len(wanted):
+    p, d = saved[len(wanted)]
+    return p, d, "nothing (no such path)"
+  if len(wanted) > len(saved):
+    p, d = wanted[len(saved)]
+    return p, "nothing (no such path)", d
+  return None
+
+
+def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+      out.update(_flat_config(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple | list) else tree}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+    if a != b:
+      out.append(f"{key}: {a!r} -> {b!r}")
+  return out
+
+
+def _mismatch_message(
+  where: str, saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any, first: tuple
+) -> str:
+  path, theirs, ours = first
+  lines = [
+    f"checkpoint {where} does not fit the state this run builds.",
+    f"First difference at '{path}': the checkpoint has {theirs}, this run expects {ours}.",
+  ]
+  what = _changes(saved_meta["fingerprint"]["optimizer"], wanted_fp["optimizer"])
+  if what:
+    lines.append("What changed in the optimizer: " + "; ".join(what) + ".")
+  if config is not None and "config" in saved_meta:
+    cfg_changes = _changes(_flat_config(saved_meta["config"]), _flat_config(_config_json(config)))
+    cfg_changes = [c for c in cfg_changes if not c.startswith("checkpoint.")]
+    if cfg_changes:
+      shown = cfg_changes[:12] + (
+        [f"... {len(cfg_changes) - 12} more"] if len(cfg_changes) > 12 else []
+      )
+      lines.append("Config changes since the checkpoint: " + "; ".join(shown) + ".")
+  lines.append(
+    "Restore with the config the checkpoint was written with (restore_state(directory) reads "
+    "it from the checkpoint), or start a new run in another directory."
+  )
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------- config and meta
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  # to_json_best_effort writes what JSON cannot hold as its repr, so a config
+  # with an odd value still checkpoints (restore_state then names the key).
+  return json.loads(config.to_json_best_effort())
+
+
+def _tuples(value: Any) -> Any:
+  # JSON has no tuples; the config schema uses tuples throughout.
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved in a checkpoint's ``meta`` (lists become tuples) and validates it."""
+  from adamw_flax.config import validate_config
+
+  return validate_config(ml_collections.ConfigDict(_tuples(data)))
+
+
+def _versions() -> dict[str, str]:
+  out = {}
+  for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "adamw_flax"):
+    try:
+      out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      out[dist] = "unknown"
+  return out
+
+
+def _jsonable(tree: Any, what: str) -> Any:
+  try:
+    return json.loads(json.dumps(tree, default=_to_py))
+  except TypeError as e:
+    raise TypeError(
+      f"{what} must be JSON-serializable (numbers, strings, lists, dicts): {e}"
+    ) from e
+
+
+def _to_py(x: Any) -> Any:
+  if isinstance(x, jax.Array | np.ndarray | np.generic):
+    return np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x).tolist()
+  raise TypeError(f"{type(x).__name__} {x!r} is not JSON-serializable")
+
+
+# ----------------------------------------------------------- arrays
+
+
+def _key_impl(x: Any) -> Any:
+  # jax.random.key_impl accepts key arrays but not a ShapeDtypeStruct; it does
+  # accept the tracer a trace of the struct gives.
+  found = []
+  jax.eval_shape(
+    lambda k: found.append(jax.random.key_impl(k)), jax.ShapeDtypeStruct(x.shape, x.dtype)
+  )
+  return found[0]
+
+
+def _to_saveable(arrays: dict[str, Any]) -> dict[str, Any]:
+  # Orbax 0.12.8 writes a typed PRNG key (nnx.Rngs state in `rest`) as its raw
+  # uint32 key data but restores that as a uint32 array, losing the key type
+  # and its impl; the explicit key_data / wrap_key_data round trip is exact.
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, arrays)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _restore_item(target: dict[str, Any]) -> dict[str, Any]:
+  """ShapeDtypeStructs with shardings for Orbax: keys as their key data, no leaf left unplaced."""
+
+  def leaf(x):
+    sharding = getattr(x, "sharding", None) or _default_sharding()
+    if _is_key(x):
+      data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+  return jax.tree.map(leaf, target)
+
+
+def _from_restored(restored: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+  return jax.tree.map(
+    lambda r, t: jax.random.wrap_key_data(r, impl=_key_impl(t)) if _is_key(t) else r,
+    restored,
+    target,
+  )
+
+
+def _host_int(x: Any) -> int:
+  if isinstance(x, jax.Array):
+    # A replicated global array: every process holds the value.
+    return int(np.asarray(x.addressable_data(0)))
+  return int(x)
+
+
+# ----------------------------------------------------------- preemption
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the training loop polls at step boundaries.
+
+  Without ``jax.distributed`` there is no preemption notifier:
+  ``reached_preemption_sync_point`` returns False, and SIGTERM's default
+  action would kill the process mid-step, losing the work since the last
+  checkpoint. One process needs no agreement, so a flag is enough. A second
+  SIGTERM terminates the process as usual.
+  """
+
+  def __init__(self) -> None:
+    self.event = threading.Event()
+    self._previous: Any = None
+    self.installed = False
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("Checkpoints created off the main thread: SIGTERM will not trigger a save")
+      return
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.installed = True
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.event.is_set():
+      # A second SIGTERM: the loop did not stop in time (or nobody polls the
+      # flag); terminate as SIGTERM would have.
+      self.uninstall()
+      os.kill(os.getpid(), signum)
+      return
+    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+    self.event.set()
+
+  def uninstall(self) -> None:
+    if self.installed and threading.current_thread() is threading.main_thread():
+      signal.signal(
+        signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL
+      )
+      self.installed = False
+
+
+# ----------------------------------------------------------- the manager
+
+
+def _resolve_directory(directory: str | Path) -> Path:
+  """The checkpoint root to read: ``directory``, or its ``checkpoints/`` for a workdir."""
+  path = Path(directory).expanduser().absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {str(path)!r} is not a directory")
+  sub = path / "checkpoints"
+  if sub.is_dir() and not _step_dirs(path):
+    return sub
+  return path
+
+
+def _step_dirs(path: Path) -> list[int]:
+  return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _tmp_dirs(path: Path) -> list[Path]:
+  if not path.is_dir():
+    return []
+  return sorted(p for p in path.iterdir() if TMP_SUFFIX in p.name)
+
+
+def _no_checkpoint_error(
+  path: Path, step: int | None, available: Sequence[int]
+) -> FileNotFoundError:
+  tmp = _tmp_dirs(path)
+  note = (
+    f"; {len(tmp)} incomplete save(s) ({', '.join(p.name for p in tmp[:3])}) are ignored"
+    if tmp
+    else ""
+  )
+  if step is None:
+    return FileNotFoundError(f"no complete checkpoint in {str(path)!r}{note}")
+  return FileNotFoundError(
+    f"no complete checkpoint of step {step} in {str(path)!r}; complete steps: "
+    f"{list(available) or 'none'}{note}"
+  )
+
+
+def _preservation_policy(k: ml_collections.ConfigDict) -> Any:
+  pp = checkpoint_managers.preservation_policy
+  keep = int(k.get("keep", 3))
+  policies: list[Any] = [pp.LatestN(n=keep)]
+  if k.get("keep_best_by"):
+    policies.append(
+      pp.BestN(
+        get_metric_fn=_metric_fn(k.keep_best_by),
+        reverse=k.get("best_mode", "min") == "min",
+        n=keep,
+        # Checkpoints saved without metrics are the latest ones' business
+        # (LatestN above); kept forever, they would fill the disk.
+        keep_checkpoints_without_metrics=False,
+      )
+    )
+  if k.get("keep_period"):
+    policies.append(pp.EveryNSteps(interval_steps=int(k.keep_period)))
+  return pp.AnyPreservationPolicy(policies)
+
+
+def _metric_fn(name: str) -> Callable[[dict[str, Any]], float]:
+  return lambda metrics: float(metrics[name])
+
+
+class Checkpoints:
+  """The training loop's handle on a checkpoint directory (``WORKDIR/checkpoints``).
+
+  A thin layer over ``orbax.checkpoint.CheckpointManager``, configured by
+  ``config.checkpoint``:
+
+  * ``every_steps``: :meth:`should_save` is true at multiples of it (0: never;
+    the loop then saves at the end with ``force=True``);
+  * ``keep``: the ``keep`` latest checkpoints are kept; with ``keep_best_by``
+    (an eval metric, ``best_mode`` "min" or "max") the ``keep`` best by it are
+    kept too; with ``keep_period`` every step divisible by it is kept for good;
+  * ``async_save``: :meth:`save` returns once the arrays are copied off the
+    device and writes in the background; the next save, :meth:`wait` and
+    :meth:`close` wait for it and raise its error if it failed.
+
+  Creating it (on process 0) removes temporary directories that a crash left
+  in the middle of a save; they are logged, never restored from.
+
+  Args:
+    directory: the checkpoint root; created if missing.
+    config: the run's config (saved in every checkpoint).
+    data_info: the dataset's ``info`` the model was built with (saved too).
+    mesh: the run's device mesh (informational; restores use the target's
+      shardings).
+  """
+
+  def __init__(
+    self,
+    directory: str | Path,
+    config: ml_collections.ConfigDict,
+    *,
+    data_info: dict[str, Any],
+    mesh: jax.sharding.Mesh | None = None,
+  ):
+    self.directory = Path(directory).expanduser().absolute()
+    if self.directory.exists() and not self.directory.is_dir():
+      raise FileExistsError(f"checkpoint directory {str(self.directory)!r} is a file")
+    self.config = config
+    self.data_info = _jsonable(dict(data_info), "data_info")
+    self.mesh = mesh
+    k = config.checkpoint
+    self._every_steps = int(k.get("every_steps", 0))
+    self._best_by = str(k.get("keep_best_by", "") or "")
+
+    stale = _tmp_dirs(self.directory)
+    if stale and jax.process_index() == 0:
+      log.warning(
+        "removing %d incomplete checkpoint(s) left by an interrupted save in %s: %s",
+        len(stale),
+        self.directory,
+        ", ".join(p.name for p in stale),
+      )
+    sdp = checkpoint_managers.save_decision_policy
+    save_policies: list[Any] = [sdp.PreemptionCheckpointingPolicy()]
+    if self._every_steps > 0:
+      save_policies.insert(0, sdp.FixedIntervalPolicy(self._every_steps))
+    options = ocp.CheckpointManagerOptions(
+      save_decision_policy=sdp.AnySavePolicy(save_policies),
+      # max_to_keep / keep_period are deprecated in Orbax 0.12.8 in favour of a
+      # preservation policy; best_fn is still what makes Orbax write metrics.
+      preservation_policy=_preservation_policy(k),
+      best_fn=_metric_fn(self._best_by) if self._best_by else None,
+      best_mode=str(k.get("best_mode", "min")),
+      enable_async_checkpointing=bool(k.get("async_save", True)),
+      cleanup_tmp_directories=True,
+      create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    if not self.directory.is_dir():
+      # Process 0 created it; another process not seeing it means each host
+      # has its own disk, and its shards would never meet process 0's.
+      raise FileNotFoundError(
+        f"process {jax.process_index()} does not see checkpoint directory "
+        f"{str(self.directory)!r} created by process 0: checkpoints need a path on a "
+        "filesystem shared by all processes"
+      )
+    self._sigterm: _SigtermFlag | None = None
+    if not jax.distributed.is_initialized():
+      self._sigterm = _SigtermFlag()
+      self._sigterm.install()
+    elif not jax.config.jax_enable_preemption_service:
+      log.warning("jax_enable_preemption_service is off: SIGTERM will not trigger a save")
+
+  # -- queries
+
+  def latest_step(self) -> int | None:
+    """The latest complete (or, while an async save runs, committed-to) step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The steps kept, in increasing order."""
+    return sorted(self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The best step by ``checkpoint.keep_best_by`` (the latest without it), or None."""
+    return self._manager.best_step()
+
+  def should_save(self, step: int) -> bool:
+    """Whether the loop should save after ``step`` steps (multiples of ``every_steps``).
+
+    Also true at a multi-process preemption sync point; false for a step at or
+    before the latest checkpoint. Call it on every process.
+    """
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the run was asked to stop (SIGTERM) and should save after ``step`` and exit.
+
+    With ``jax.distributed`` initialized (before this object was created),
+    JAX's preemption service catches SIGTERM on any process and all processes
+    agree on the step to stop at (``reached_preemption_sync_point``); every
+    process must then call this at every step. In a single process without
+    ``jax.distributed``, a SIGTERM handler sets a flag that this returns.
+    """
+    if self._sigterm is not None:
+      return self._sigterm.event.is_set()
+    return self._manager.reached_preemption(step)
+
+  # -- save
+
+  def save(
+    self,
+    state: TrainState,
+    *,
+    data_state: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    force: bool = False,
+    step: int | None = None,
+  ) -> bool:
+    """Saves ``state`` (asynchronously if ``checkpoint.async_save``) when :meth:`should_save`.
+
+    Args:
+      state: the train state; every array leaf is saved in its own dtype.
+      data_state: JSON-able data iterator position, e.g. ``{"step": 1200}``.
+      metrics: eval metrics of this state (numbers); needed for
+        ``checkpoint.keep_best_by``.
+      force: save even when :meth:`should_save` says no (end of training,
+        preemption).
+      step: the checkpoint's step; default ``state.step``.
+
+    Returns:
+      Whether a checkpoint was started (False when not due, or when this step
+      is already saved).
+    """
+    step = _host_int(state.step) if step is None else int(step)
+    if step in self._manager.all_steps():
+      log.info("step %d is already checkpointed in %s", step, self.directory)
+      return False
+    if metrics is not None:
+      metrics = _jsonable(dict(metrics), "metrics")
+      if self._best_by and self._best_by not in metrics:
+        raise KeyError(
+          f"metrics have no {self._best_by!r} (checkpoint.keep_best_by); got {sorted(metrics)}"
+        )
+    arrays = _state_arrays(state)
+    meta = {
+      "format": FORMAT_VERSION,
+      "step": step,
+      "config": _config_json(self.config),
+      "data_info": self.data_info,
+      "versions": _versions(),
+      "fingerprint": state_fingerprint(arrays, self.config),
+    }
+    args = ocp.args.Composite(
+      **{
+        STATE: ocp.args.PyTreeSave(_to_saveable(arrays)),
+        DATA: ocp.args.JsonSave(_jsonable(dict(data_state), "data_state")),
+        META: ocp.args.JsonSave(meta),
+      }
+    )
+    return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+  def wait(self) -> None:
+    """Waits for a background save to finish; raises the error it ended with, if any."""
+    self._manager.wait_until_finished()
+    self._manager.check_for_errors()
+
+  def close(self) -> None:
+    """Waits for background saves, releases Orbax's resources and the SIGTERM handler."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+      if self._sigterm is not None:
+        self._sigterm.uninstall()
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+  # -- restore
+
+  def meta(self, step: int | None = None) -> dict[str, Any]:
+    """The ``meta`` item of a step (config, data_info, versions, fingerprint)."""
+    self.wait()
+    return _read_meta(self._manager, self.directory, step)
+
+  def restore(self, target: TrainState, *, step: int | None = None) -> tuple[TrainState, dict]:
+    """Restores a step (default: the latest) into ``target``'s structure, dtypes and shardings.
+
+    Args:
+      target: the state this run builds, usually abstract
+        (``state_from_config(config, data_info, mesh=mesh, abstract=True)``);
+        each leaf is placed with its sharding (one device if it has none).
+      step: the step to restore; default the latest complete one.
+
+    Returns:
+      ``(state, data_state)``: the restored :class:`TrainState` (with
+      ``target``'s static ``spec``) and the saved data iterator position.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint (of ``step``) in the directory.
+      CheckpointMismatchError: the checkpoint's structure, shapes or dtypes
+        differ from ``target``'s (checked before reading any array).
+    """
+    self.wait()  # a step still being written in the background is not readable yet
+    step, meta = _step_and_meta(self._manager, self.directory, step)
+    _check_fits(meta, target, self.config, f"{self.directory}/{step}")
+    arrays = _restore_arrays(self._manager, step, _state_arrays(target), with_data=True)
+    data_state = arrays.pop(DATA)
+    return target.replace(**arrays), data_state
+
+
+def _step_and_meta(
+  manager: ocp.CheckpointManager, directory: Path, step: int | None
+) -> tuple[int, dict[str, Any]]:
+  steps = manager.all_steps()
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise _no_checkpoint_error(directory, None, steps)
+  elif step not in steps:
+    raise _no_checkpoint_error(directory, step, sorted(steps))
+  return step, _read_meta(manager, directory, step)
+
+
+def _read_meta(manager: ocp.CheckpointManager, directory: Path, step: int | None) -> dict[str, Any]:
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise _no_checkpoint_error(directory, None, [])
+  if not (directory / str(step) / META).exists():
+    raise FileNotFoundError(
+      f"{directory / str(step)} has no '{META}' item: not a checkpoint written by adamw_flax"
+    )
+  return manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+
+def _check_fits(meta: dict[str, Any], target: Any, config: Any, where: str, fields=None) -> None:
+  wanted = state_fingerprint(_state_arrays(target), config)
+  saved_entries = meta["fingerprint"]["entries"]
+  wanted_entries = wanted["entries"]
+  if fields is not None:
+    keep = lambda e: e[0].split("/", 1)[0] in fields
+    saved_entries = [e for e in saved_entries if keep(e)]
+    wanted_entries = [e for e in wanted_entries if keep(e)]
+  first = _first_difference(saved_entries, wanted_entries)
+  if first is not None:
+    raise CheckpointMismatchError(_mismatch_message(where, meta, wanted, config, first))
+  changed = _changes(meta["fingerprint"]["optimizer"], wanted["optimizer"])
+  if changed and fields is None:
+    log.warning("restoring %s with a changed optimizer setup: %s", where, "; ".join(changed))
+
+
+def _restore_arrays(
+  manager: ocp.CheckpointManager,
+  step: int,
+  target: dict[str, Any],
+  *,
+  with_data: bool,
+  partial: bool = False,
+) -> dict[str, Any]:
+  item = _restore_item(target)
+  state_args = ocp.args.PyTreeRestore(
+    item=item,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+    partial_restore=partial,
+  )
+  items = {STATE: state_args}
+  if with_data:
+    items[DATA] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  out = _from_restored(dict(restored[STATE]), target)
+  if with_data:
+    out[DATA] = restored[DATA]
+  return out
+
+
+# ----------------------------------------------------------- library API
+
+
+def _reader(directory: Path) -> ocp.CheckpointManager:
+  # read_only: a restore never creates, cleans or deletes anything (the other
+  # two options are what read_only implies; given, Orbax does not warn).
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save_state(
+  directory: str | Path,
+  state: TrainState,
+  config: ml_collections.ConfigDict,
+  *,
+  data_info: dict[str, Any],
+  step: int | None = None,
+) -> None:
+  """Saves ``state`` as a checkpoint (synchronously) outside a training loop.
+
+  Args:
+    directory: the checkpoint root (created if missing); ``config.checkpoint``'s
+      keep rules apply to the steps in it.
+    state: the train state.
+    config: its config, saved with it.
+    data_info: the dataset's ``info`` the model was built with.
+    step: the checkpoint's step; default ``state.step``.
+  """
+  step = _host_int(state.step) if step is None else int(step)
+  with Checkpoints(directory, config, data_info=data_info) as ckpts:
+    if not ckpts.save(state, data_state={"step": step}, force=True, step=step):
+      raise FileExistsError(f"step {step} is already checkpointed in {str(ckpts.directory)!r}")
+
+
+def _load_target(
+  manager: ocp.CheckpointManager,
+  directory: Path,
+  step: int | None,
+  config: ml_collections.ConfigDict | None,
+  data_info: dict[str, Any] | None,
+  mesh: jax.sharding.Mesh | None,
+) -> tuple[int, dict[str, Any], ml_collections.ConfigDict, TrainState]:
+  from adamw_flax import train_state
+
+  step, meta = _step_and_meta(manager, directory, step)
+  if config is None:
+    config = config_from_json(meta["config"])
+  if data_info is None:
+    data_info = meta.get("data_info", {})
+  target = train_state.state_from_config(config, data_info, mesh=mesh, abstract=True)
+  return step, meta, config, target
+
+
+def restore_state(
+  directory: str | Path,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  step: int | None = None,
+  data_info: dict[str, Any] | None = None,
+) -> TrainState:
+  """Restores a train state from a checkpoint directory, with nothing of the run that wrote it.
+
+  Args:
+    directory: a checkpoint root, or a workdir holding ``checkpoints/``.
+    config: the config to build the target from; default the one saved in the
+      checkpoint (its model is found through ``config.model.name``,
+      ``"module:name"`` importing the module that registers it).
+    mesh: place the state on this mesh (the config's ``mesh`` rules); default
+      one device.
+    step: the step; default the latest complete one.
+    data_info: the dataset's ``info`` for the model builder; default the saved one.
+
+  Returns:
+    The :class:`TrainState`.
+
+  Raises:
+    FileNotFoundError: a missing directory or no complete checkpoint in it.
+    CheckpointMismatchError: the checkpoint does not fit ``config``'s state.
+  """
+  path = _resolve_directory(directory)
+  with _reader(path) as manager:
+    step, meta, config, target = _load_target(manager, path, step, config, data_info, mesh)
+    _check_fits(meta, target, config, f"{path}/{step}")
+    arrays = _restore_arrays(manager, step, _state_arrays(target), with_data=False)
+  return target.replace(**arrays)
+
+
+def restore_params(
+  directory: str | Path, *, step: int | None = None, config: ml_collections.ConfigDict | None = None
+) -> Any:
+  """Restores just the model (parameters and module state, no optimizer state), for inference.
+
+  Args:
+    directory: a checkpoint root, or a workdir holding ``checkpoints/``.
+    step: the step; default the latest complete one.
+    config: default the one saved in the checkpoint.
+
+  Returns:
+    The ``nnx.Module`` with the checkpoint's parameters, on one device.
+  """
+  path = _resolve_directory(directory)
+  fields = ("params", "frozen", "rest")
+  with _reader(path) as manager:
+    step, meta, config, target = _load_target(manager, path, step, config, None, None)
+    _check_fits(meta, target, config, f"{path}/{step}", fields=fields)
+    wanted = {k: getattr(target, k) for k in fields}
+    arrays = _restore_arrays(manager, step, wanted, with_data=False, partial=True)
+  return target.replace(opt_state=None, **arrays).merge()
