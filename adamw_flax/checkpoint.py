@@ -21,10 +21,10 @@ differs, both sides' dtypes and shapes and what changed, before any array is
 read. Arrays are then read straight into the target's shardings, so a
 checkpoint written on 8 devices restores onto 4, 1, or another mesh.
 
-Writes are atomic (Orbax writes into ``<step>.orbax-checkpoint-tmp-*`` and
-renames when complete): a step directory without that suffix is complete, and
-a crash mid-save leaves only a temporary directory, which the next
-:class:`Checkpoints` removes (on process 0) and which restores ignore.
+Writes are atomic (Orbax writes a step into ``<step>.orbax-checkpoint-tmp``
+and renames it when complete): a step directory without that suffix is
+complete, and a crash mid-save leaves only a temporary directory, which the
+next :class:`Checkpoints` removes (on process 0) and which restores ignore.
 
 Preemption: :meth:`Checkpoints.reached_preemption` tells the training loop
 when to save and exit; every process gets the same answer at the same step.
@@ -49,6 +49,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -74,8 +75,8 @@ PyTree = Any
 STATE, DATA, META = "state", "data", "meta"
 ARRAY_FIELDS = ("step", "params", "frozen", "rest", "opt_state")
 FORMAT_VERSION = 1
-# Orbax names a step directory that is still being written "<step>" + this + a
-# timestamp, and renames it to "<step>" once complete.
+# Orbax names a step directory that is still being written "<step>" + this
+# (older versions add a timestamp), and renames it to "<step>" once complete.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 __all__ = [
@@ -337,6 +338,7 @@ def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
   return validate_config(ml_collections.ConfigDict(_tuples(data)))
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
   out = {}
   for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "adamw_flax"):
@@ -541,7 +543,22 @@ class Checkpoints:
     :meth:`close` wait for it and raise its error if it failed.
 
   Creating it (on process 0) removes temporary directories that a crash left
-  in the middle of a save; they are logged, never restored from.
+  in the middle of a save; they are logged, never restored from. In a
+  multi-process run, call ``jax.distributed.initialize`` before creating it.
+
+  The loop, on every process::
+
+    ckpts = Checkpoints(workdir / "checkpoints", config, data_info=info, mesh=mesh)
+    if ckpts.latest_step() is not None:
+      state, data_state = ckpts.restore(state_from_config(..., mesh=mesh, abstract=True))
+    for step in range(start, num_steps):
+      state, metrics = train_step(state, batch(step))
+      if ckpts.should_save(step + 1):
+        ckpts.save(state, data_state={"step": step + 1}, metrics=eval_metrics)
+      if ckpts.reached_preemption(step + 1):
+        ckpts.save(state, data_state={"step": step + 1}, force=True)
+        break
+    ckpts.close()  # waits for the last write
 
   Args:
     directory: the checkpoint root; created if missing.
@@ -601,6 +618,7 @@ class Checkpoints:
         f"{str(self.directory)!r} created by process 0: checkpoints need a path on a "
         "filesystem shared by all processes"
       )
+    self._fingerprint_cache: tuple[Any, dict[str, Any]] | None = None
     self._sigterm: _SigtermFlag | None = None
     if not jax.distributed.is_initialized():
       self._sigterm = _SigtermFlag()
@@ -639,9 +657,9 @@ class Checkpoints:
     process must then call this at every step. In a single process without
     ``jax.distributed``, a SIGTERM handler sets a flag that this returns.
     """
-    if self._sigterm is not None:
-      return self._sigterm.event.is_set()
-    return self._manager.reached_preemption(step)
+    if jax.distributed.is_initialized():
+      return self._manager.reached_preemption(step)
+    return self._sigterm is not None and self._sigterm.event.is_set()
 
   # -- save
 
@@ -685,8 +703,8 @@ class Checkpoints:
       "step": step,
       "config": _config_json(self.config),
       "data_info": self.data_info,
-      "versions": _versions(),
-      "fingerprint": state_fingerprint(arrays, self.config),
+      "versions": dict(_versions()),
+      "fingerprint": self._fingerprint(arrays),
     }
     args = ocp.args.Composite(
       **{
@@ -696,6 +714,15 @@ class Checkpoints:
       }
     )
     return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+  def _fingerprint(self, arrays: dict[str, Any]) -> dict[str, Any]:
+    # Computed once per structure: walking a large tree on every save would
+    # add to the time an asynchronous save blocks the loop.
+    leaves, treedef = jax.tree.flatten(arrays)
+    key = (treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves))
+    if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
+      self._fingerprint_cache = (key, state_fingerprint(arrays, self.config))
+    return self._fingerprint_cache[1]
 
   def wait(self) -> None:
     """Waits for a background save to finish; raises the error it ended with, if any."""

@@ -6,8 +6,8 @@ tests set ``XLA_FLAGS`` for the device count before the interpreter starts):
 * ``train DIR NUM_STEPS [--sleep S]``: trains the tiny model with a jitted,
   donating step, saving (asynchronously) after every step into ``DIR``;
   resumes from its latest checkpoint. Prints ``RESUMED n``, ``STEP n HASH h``
-  (the state after step ``n``) and, on SIGTERM, ``PREEMPTED n`` after
-  saving step ``n``; exits 0.
+  (the state after step ``n``), ``SAVING n`` (its asynchronous save started)
+  and, on SIGTERM, ``PREEMPTED n`` after saving step ``n``; exits 0.
 * ``mesh SAVE_DIR|- [RESTORE_DIR[@N] ...]``: builds the state on a mesh of
   all devices, trains 2 steps, saves it into ``SAVE_DIR`` (unless ``-``),
   then restores each ``RESTORE_DIR`` onto this mesh (or a mesh of the first
@@ -99,6 +99,7 @@ def train(directory: str, num_steps: int, sleep: float = 0.0) -> None:
       _say("PREEMPTED", done)
       break
     ckpts.save(state, data_state={"step": done})
+    _say("SAVING", done)  # save() returned: the write goes on in the background
     time.sleep(sleep)
   ckpts.close()
   _say("DONE")

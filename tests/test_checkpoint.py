@@ -433,28 +433,30 @@ def test_sigkill_during_async_saves_then_sigterm(tmp_path, worker_env):
   directory = tmp_path / "ckpt"
   hashes: dict[int, str] = {}
   resumed_at = 0
-  leftovers = []
+  interrupted = []
   for kill_at, delay in ((3, 0.0), (3, 0.05)):
     run = _Worker(worker_env, directory, num_steps=1000)
     if resumed_at:
       _, step, _, h = run.read_until("RESUMED")
       assert int(step) == resumed_at and h == hashes[resumed_at]
-    run.read_until("STEP", resumed_at + kill_at)
+    saving = int(run.read_until("SAVING", resumed_at + kill_at)[1])
     time.sleep(delay)
     run.proc.kill()
     run.proc.wait()
     run.lines += run.proc.stdout.readlines()
     for step, h in run.hashes().items():  # a resumed run repeats the same states exactly
       assert hashes.setdefault(step, h) == h, f"step {step} differs after resuming"
-    leftovers.append(sorted(p.name for p in directory.glob("*.orbax-checkpoint-tmp*")))
+    tmp_dirs = list(directory.glob("*.orbax-checkpoint-tmp*"))
     # The last complete step is what restores, exactly as it was trained.
     restored = checkpoint.restore_state(directory)
     resumed_at = int(restored.step)
     assert 1 <= resumed_at <= max(run.hashes())
     assert worker.state_hash(restored) == hashes[resumed_at]
-  # Each kill hit a save in flight (saves run back to back): its temporary
-  # directory was left behind and ignored.
-  assert all(leftovers), leftovers
+    interrupted.append(bool(tmp_dirs) or resumed_at < saving)
+  # Saves run back to back, so a kill nearly always lands in one (leaving its
+  # temporary directory, or nothing, and an older step complete); between
+  # two saves (after one's commit, before the next starts) is a short window.
+  assert any(interrupted)
 
   run = _Worker(worker_env, directory, num_steps=1000, sleep=0.05)
   _, step, _, h = run.read_until("RESUMED")
