@@ -325,6 +325,24 @@ def test_stale_tmp_dir_is_ignored_logged_and_cleaned(tmp_path, caplog, trained):
   assert int(checkpoint.restore_state(tmp_path).step) == 3
 
 
+def test_wait_raises_the_error_of_a_background_save(tmp_path, trained):
+  cfg = worker.tiny_config(**{"checkpoint.async_save": True})
+  with checkpoint.Checkpoints(tmp_path, cfg, data_info=INFO) as ckpts:
+    for step in (5, 6, 7):
+      assert ckpts.save(trained, data_state={}, step=step, force=True)
+      # While the step is written under its temporary name, occupy its final
+      # name: the commit (a rename) fails in Orbax's background thread.
+      (tmp_path / str(step) / "blocker").mkdir(parents=True)
+      try:
+        ckpts.wait()
+      except FileExistsError as e:
+        assert f"{tmp_path / str(step)} already exists" in str(e)
+        break
+      # (the commit won the race against mkdir: try the next step)
+    else:
+      pytest.fail("no background save failed")
+
+
 def test_sigterm_sets_the_preemption_flag_in_one_process(tmp_path):
   if threading.current_thread() is not threading.main_thread():
     pytest.skip("signal handlers can only be installed from the main thread")
