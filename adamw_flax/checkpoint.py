@@ -82,6 +82,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 __all__ = [
   "CheckpointMismatchError",
   "Checkpoints",
+  "config_from_json",
   "restore_params",
   "restore_state",
   "save_state",
