@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -138,3 +142,96 @@ def test_cli_reports_bad_override_cleanly(tmp_path):
   )
   assert proc.returncode == 2
   assert "optimizer.b2: must be in [0, 1)" in proc.stderr
+
+
+def _final_state(workdir):
+  from adamw_flax import checkpoint
+
+  return checkpoint.restore_state(workdir / "checkpoints")
+
+
+@pytest.mark.parametrize("mu_dtype", [None, "bfloat16"])
+def test_resume_is_bitwise_exact(tmp_path, mu_dtype):
+  """2N steps in one go == N steps, stop, resume for N more (params and optimizer state)."""
+
+  def cfg(num_steps):
+    c = regression_config(num_steps=num_steps, eval_every=0, eval_batches=1)
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.warmup_steps = 3
+    c.optimizer.decay_steps = 20  # the schedule must not depend on where the run stops
+    c.optimizer.mu_dtype = mu_dtype
+    c.optimizer.grad_clip_norm = 1.0
+    c.checkpoint.every_steps = 0
+    c.checkpoint.async_save = True
+    return c
+
+  trainer.train_and_evaluate(cfg(20), tmp_path / "once")
+  assert trainer.train_and_evaluate(cfg(10), tmp_path / "twice")["step"] == 10
+  resumed = cfg(20)
+  resumed.trainer.allow_config_change = True
+  assert trainer.train_and_evaluate(resumed, tmp_path / "twice")["step"] == 20
+
+  once, twice = _final_state(tmp_path / "once"), _final_state(tmp_path / "twice")
+  assert int(once.step) == int(twice.step) == 20
+  a = jax.tree_util.tree_leaves_with_path((once.params, once.opt_state, once.rest))
+  b = jax.tree.leaves((twice.params, twice.opt_state, twice.rest))
+  assert len(a) == len(b)
+  for (path, x), y in zip(a, b, strict=True):
+    assert x.dtype == y.dtype, path
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+  if mu_dtype:
+    assert once.opt_state[1][0].mu["hidden"]["kernel"].dtype == jnp.bfloat16
+
+
+CLI_CONFIG = """
+from tests.test_trainer import regression_config
+
+def get_config():
+  c = regression_config(num_steps=100000, log_every=10, eval_every=0, eval_batches=1)
+  c.checkpoint.every_steps = 0
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_resumes(tmp_path):
+  """SIGTERM (what schedulers send): save at the next step, exit 0; the rerun resumes."""
+  config = tmp_path / "cfg.py"
+  config.write_text(CLI_CONFIG)
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until training is under way
+      rows = reporting.read_metrics(workdir / "metrics.jsonl")
+      if any(r["split"] == "train" and r["step"] >= 20 for r in rows):
+        break
+      time.sleep(0.2)
+    else:
+      pytest.fail("training did not start")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out[-2000:]
+  assert "preempted: saved step" in out
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 20 <= steps[0] < 100000
+  state = _final_state(workdir)
+  assert int(state.step) == steps[0]
+  # the same command resumes from that step
+  with open(tmp_path / "cfg2.py", "w") as f:
+    f.write(CLI_CONFIG.replace("num_steps=100000", f"num_steps={steps[0] + 5}"))
+  resumed = subprocess.run(
+    [*cmd[:3], f"--config={tmp_path / 'cfg2.py'}", f"--workdir={workdir}"]
+    + ["--config.trainer.allow_config_change=True"],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from step {steps[0]}" in resumed.stdout
+  assert int(_final_state(workdir).step) == steps[0] + 5
