@@ -66,6 +66,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from adamw_flax import fs
 from adamw_flax.train_state import TrainState
 
 log = logging.getLogger("adamw_flax")
@@ -466,7 +467,7 @@ class _SigtermFlag:
 
 def _resolve_directory(directory: str | Path) -> Path:
   """The checkpoint root to read: ``directory``, or its ``checkpoints/`` for a workdir."""
-  path = Path(directory).expanduser().absolute()
+  path = fs.as_path(directory)
   if not path.exists():
     raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
   if not path.is_dir():
@@ -577,7 +578,7 @@ class Checkpoints:
     data_info: dict[str, Any],
     mesh: jax.sharding.Mesh | None = None,
   ):
-    self.directory = Path(directory).expanduser().absolute()
+    self.directory = fs.as_path(directory)
     if self.directory.exists() and not self.directory.is_dir():
       raise FileExistsError(f"checkpoint directory {str(self.directory)!r} is a file")
     self.config = config

@@ -6,6 +6,7 @@ touches JAX, so they cost nothing on the device path.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -13,6 +14,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
+
+from adamw_flax import fs
 
 
 def _clean(value: Any) -> Any:
@@ -33,26 +36,39 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
-    self.path = Path(workdir) / "metrics.jsonl"
-    self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+    self.path = fs.as_path(workdir) / "metrics.jsonl"
+    # Object stores (gs://) cannot append: there the file is rewritten whole
+    # on each write (a few KB: one line per logged step).
+    self._lines: list[str] | None = None
+    self._file = None
+    if fs.is_remote(self.path):
+      self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+    else:
+      self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), flush_secs=30)
+      self._tb = SummaryWriter(str(fs.as_path(workdir) / "tensorboard"), flush_secs=30)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     """Writes ``{"step", "split", **metrics}`` as one line (and to TensorBoard)."""
     row = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    line = json.dumps(row) + "\n"
+    if self._lines is not None:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for key, value in row.items():
         if key not in ("step", "split") and isinstance(value, int | float):
           self._tb.add_scalar(f"{split}/{key}", value, global_step=int(step))
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -60,7 +76,7 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
   """Reads ``metrics.jsonl``; a partly written last line (a killed run) is skipped."""
   rows = []
-  path = Path(path)
+  path = fs.as_path(path)
   if not path.exists():
     return rows
   for line in path.read_text().splitlines():
@@ -85,7 +101,7 @@ def plot_losses(workdir: str | Path) -> Path:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  workdir = Path(workdir)
+  workdir = fs.as_path(workdir)
   rows = read_metrics(workdir / "metrics.jsonl")
   series: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "eval": {}}
   for row in rows:
@@ -119,10 +135,15 @@ def plot_losses(workdir: str | Path) -> Path:
   ax.set_title(workdir.name)
   fig.tight_layout()
   out = workdir / "loss.png"
-  tmp = out.with_suffix(".tmp.png")
-  fig.savefig(tmp)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
   plt.close(fig)
-  tmp.replace(out)  # atomic: a reader never sees a half-written plot
+  if fs.is_remote(out):
+    out.write_bytes(buffer.getvalue())  # an object write is atomic
+  else:
+    tmp = out.with_suffix(".tmp.png")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(out)  # atomic: a reader never sees a half-written plot
   return out
 
 

@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from adamw_flax import checkpoint, registry, reporting, sharding, train_state
+from adamw_flax import checkpoint, fs, registry, reporting, sharding, train_state
 from adamw_flax.config import ConfigError, validate_config
 
 log = logging.getLogger("adamw_flax")
@@ -56,7 +57,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
   )
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Refuses a workdir holding a run of another config (unless allowed); writes config.json.
 
   Raises:
@@ -78,9 +79,13 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> No
     if changes:
       log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
   if jax.process_index() == 0:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(new, indent=2, sort_keys=True) + "\n"
+    if fs.is_remote(path):
+      path.write_text(text)  # an object write is atomic
+    else:
+      tmp = path.with_suffix(".json.tmp")
+      tmp.write_text(text)
+      tmp.replace(path)
 
 
 def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dict[str, float]:
@@ -148,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """
   t_start = time.perf_counter()
   validate_config(config)
-  workdir = Path(workdir)
+  workdir = fs.as_path(workdir)
   main = jax.process_index() == 0
   if main:
     workdir.mkdir(parents=True, exist_ok=True)

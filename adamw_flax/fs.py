@@ -1,0 +1,32 @@
+"""Paths that may be local or remote (``gs://`` on Cloud TPU pods).
+
+``pathlib.Path("gs://bucket/run")`` silently becomes the local ``gs:/bucket/run``;
+``etils.epath`` (which Orbax uses) keeps the scheme and reads and writes
+through the bucket. Local paths are made absolute, so a run's files do not
+depend on the directory it was started from.
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a URL-like path (``gs://...``, ``s3://...``)."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """``path`` as an ``epath.Path``: remote as given, local expanded and absolute.
+
+  Examples:
+    >>> str(as_path("gs://bucket/run"))
+    'gs://bucket/run'
+    >>> as_path("~/x").is_absolute()
+    True
+  """
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
