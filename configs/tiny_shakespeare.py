@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = default_config()
 
   m = c.model
-  m.name = "examples.tiny_shakespeare:char_transformer"
+  m.name = "examples.tiny_shakespeare.model:char_transformer"
   m.num_layers = 4  # transformer blocks
   m.num_heads = 4  # attention heads per block
   m.embed_dim = 128  # model width
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.dtype = "float32"  # compute dtype; params stay float32
 
   d = c.data
-  d.name = "examples.tiny_shakespeare:tiny_shakespeare"
+  d.name = "examples.tiny_shakespeare.data:tiny_shakespeare"
   d.path = ""  # explicit text file; "" = cache, then download, then offline corpus
   d.cache_dir = ""  # "" = ~/.cache/adamw_flax
   d.url = (

@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
@@ -32,6 +32,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every save step at INFO; the trainer prints what users need.
+    logging.set_verbosity(logging.WARNING)
   from adamw_flax import distributed, trainer
   from adamw_flax.config import ConfigError
   from adamw_flax.registry import RegistryError
