@@ -96,10 +96,10 @@ def plot_losses(workdir: str | Path) -> Path:
   Returns:
     The path of the written PNG.
   """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # The object API (no pyplot): no global state, so plots can be drawn in a
+  # background thread while training goes on.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   workdir = fs.as_path(workdir)
   rows = read_metrics(workdir / "metrics.jsonl")
@@ -114,7 +114,9 @@ def plot_losses(workdir: str | Path) -> Path:
     )
     return [p[0] for p in pts], [p[1] for p in pts]
 
-  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+  fig = Figure(figsize=(8, 4.5), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   for split, style in (("train", "-"), ("eval", "o-")):
     x, y = xy(split, "loss")
     if x:
@@ -137,7 +139,6 @@ def plot_losses(workdir: str | Path) -> Path:
   out = workdir / "loss.png"
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png")
-  plt.close(fig)
   if fs.is_remote(out):
     out.write_bytes(buffer.getvalue())  # an object write is atomic
   else:

@@ -13,6 +13,7 @@ logged step: ``step``, ``split``, ``loss``, ``lr``, throughput, wall time),
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import time
@@ -196,6 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   # --- the loop
   writer = reporting.MetricsWriter(workdir) if main else None
+  # Plotting takes ~0.3 s: a background thread draws while training goes on.
+  plots = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
   num_steps = int(tc.num_steps)
   start = int(state.step)
   progress = reporting.ProgressBar(num_steps, start=start, enabled=main and tc.progress)
@@ -256,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, config.mesh)
         if writer:
           writer.write(done, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
-          reporting.plot_losses(workdir)
+          plots.submit(reporting.plot_losses, workdir)
         progress.update(done, {"eval_loss": eval_metrics["loss"]})
       if ckpts.should_save(done) and done < num_steps:
         if pending is not None:
@@ -288,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   finally:
     progress.close()
     ckpts.close()
+    plots.shutdown(wait=True)
     if writer:
       writer.close()
       if reporting.read_metrics(workdir / "metrics.jsonl"):
