@@ -211,10 +211,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   preempted = False
   pending = None  # (step, metrics) of the last dispatched step, read one step late
   t_log, step_log = time.perf_counter(), start
+  loss_sum = 0.0
 
   def finish_step(step: int, metrics: dict[str, Any]) -> None:
     """Reads a finished step's metrics: divergence check, logging."""
-    nonlocal nonfinite, train_loss, t_log, step_log
+    nonlocal nonfinite, train_loss, t_log, step_log, loss_sum
     loss = float(metrics["loss"])
     nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
     if tc.max_nonfinite_steps and nonfinite >= tc.max_nonfinite_steps:
@@ -229,13 +230,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "optimizer.grad_clip_norm, or optimizer.skip_nonfinite=True."
       )
     train_loss = loss
+    loss_sum += loss
     if step % tc.log_every == 0 or step == num_steps:
       now = time.perf_counter()
       rate = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-      t_log, step_log = now, step
       row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      # The mean over the steps since the last log line: one step's loss is
+      # one batch's, too noisy to read a curve from.
+      row["loss"] = loss_sum / max(step - step_log, 1)
+      loss_sum = 0.0
       row[f"{unit}_per_sec"] = rate
       row["wall_time"] = now - t_start
+      t_log, step_log = now, step
       if writer:
         writer.write(step, "train", row)
       progress.update(step, {"loss": row["loss"], "lr": row["lr"], f"{unit}/s": int(rate)})
@@ -256,7 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       if is_eval:
         finish_step(*pending)
         pending = None
+        t_eval = time.perf_counter()
         eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, config.mesh)
+        t_log += time.perf_counter() - t_eval  # throughput counts training time only
         if writer:
           writer.write(done, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
           plots.submit(reporting.plot_losses, workdir)
