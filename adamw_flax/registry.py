@@ -188,8 +188,7 @@ def _peak(cfg) -> float | None:
   return cfg.learning_rate if cfg.weight_decay_mode == "paper" else None
 
 
-@register_optimizer("adamw")
-def _adamw(cfg, *, learning_rate, weight_decay_mask):
+def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
   from adamw_flax import transform
 
   return transform.adamw(
@@ -201,27 +200,22 @@ def _adamw(cfg, *, learning_rate, weight_decay_mask):
     mu_dtype=_dtype(cfg.mu_dtype),
     weight_decay=cfg.weight_decay,
     mask=weight_decay_mask,
-    nesterov=cfg.nesterov,
+    nesterov=nesterov,
     nu_dtype=_dtype(cfg.nu_dtype),
     weight_decay_mode=cfg.weight_decay_mode,
     peak_learning_rate=_peak(cfg),
   )
 
 
+@register_optimizer("adamw")
+def _adamw(cfg, *, learning_rate, weight_decay_mask):
+  return _adam_family(
+    cfg, learning_rate=learning_rate, weight_decay_mask=weight_decay_mask, nesterov=cfg.nesterov
+  )
+
+
 @register_optimizer("nadamw")
 def _nadamw(cfg, *, learning_rate, weight_decay_mask):
-  from adamw_flax import transform
-
-  return transform.nadamw(
-    learning_rate,
-    b1=cfg.b1,
-    b2=cfg.b2,
-    eps=cfg.eps,
-    eps_root=cfg.eps_root,
-    mu_dtype=_dtype(cfg.mu_dtype),
-    weight_decay=cfg.weight_decay,
-    mask=weight_decay_mask,
-    nu_dtype=_dtype(cfg.nu_dtype),
-    weight_decay_mode=cfg.weight_decay_mode,
-    peak_learning_rate=_peak(cfg),
+  return _adam_family(
+    cfg, learning_rate=learning_rate, weight_decay_mask=weight_decay_mask, nesterov=True
   )
