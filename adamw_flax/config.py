@@ -467,7 +467,9 @@ def optimizer_from_config(
     lr = float(cfg.learning_rate)  # a scalar keeps the state tree of optax.adamw(lr)
   decay_rules = _parse_rules(cfg.weight_decay_mask, "weight_decay_mask")
   mask = None
-  if decay_rules and cfg.weight_decay:  # no decay, no mask (and no model needed for its rules)
+  # No decay, or decay of everything, needs no mask: the optimizer state is
+  # then exactly plain optax.adamw's (no MaskedState), and no model is needed.
+  if decay_rules and cfg.weight_decay and decay_rules != masks.PRESETS["all"]:
     mask = masks.weight_decay_mask(decay_rules, target)
   factory = registry.OPTIMIZERS.get(cfg.name)
   tx = factory(cfg, learning_rate=lr, weight_decay_mask=mask)

@@ -252,14 +252,18 @@ def test_user_registered_optimizer_from_config():
     np.testing.assert_allclose(updates["w"], -0.5)
 
 
+def _jitted(tx):
+  return optax.GradientTransformation(tx.init, jax.jit(tx.update))
+
+
 @pytest.mark.parametrize("name,reference", [("adamw", optax.adamw), ("nadamw", optax.nadamw)])
 def test_builtin_optimizers_are_optax_numbers(name, reference):
   cfg = C.default_config().optimizer
   cfg.name = name
   cfg.weight_decay_mask = "all"
   params = _params()
-  ours, ours_state = _run(C.optimizer_from_config(cfg), params)
-  ref, ref_state = _run(reference(1e-3, weight_decay=1e-4), params)
+  ours, ours_state = _run(_jitted(C.optimizer_from_config(cfg)), params)
+  ref, ref_state = _run(_jitted(reference(1e-3, weight_decay=1e-4)), params)
   assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
     np.testing.assert_array_equal(a, b)
