@@ -1,0 +1,1 @@
+"""Examples trained with adamw_flax (run from the repository root)."""
