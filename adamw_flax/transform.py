@@ -2,22 +2,24 @@ r"""AdamW and NAdamW as optax transforms, with optax-identical state trees.
 
 ``adamw`` is the chain optax builds (``scale_by_adam``, ``add_decayed_weights``,
 ``scale_by_learning_rate``), so its state restores into ``optax.adamw`` and back.
-Only the Adam scaling is written here; it differs from optax's in three ways:
+Only the Adam scaling is written here. For float32 (or wider) params it is
+optax's arithmetic in optax's order, with every ``mu_dtype``, so the results are
+bitwise optax's; beyond that it differs in four ways:
 
-* it computes in at least float32, whatever the parameters' dtype, and then
-  stores the moments in their own dtypes (optax computes bfloat16/float16
-  moments in that dtype, where ``b1=0.9`` becomes ``0.8984375``, ``b2=0.999``
-  becomes ``1.0`` in bfloat16 and ``eps=1e-8`` becomes 0 in float16); with
-  bfloat16 moments the update is computed from the stored values, which halves
-  the step time on CPU (benchmarks/RESULTS.md);
-* the second moment's dtype can be chosen (``nu_dtype``);
+* with 16-bit params it computes in float32 and then stores the moments in their
+  own dtypes (optax computes bfloat16/float16 moments in that dtype, where
+  ``b1=0.9`` becomes ``0.8984375``, ``b2=0.999`` becomes ``1.0`` in bfloat16
+  and ``eps=1e-8`` becomes 0 in float16);
+* the second moment's dtype can be chosen (``nu_dtype``; a 16-bit one is
+  computed with float32 ``b2``);
 * the moments keep their dtypes across steps (optax promotes them when
   hyperparameters arrive as float32 arrays, e.g. under
   ``optax.inject_hyperparams``, so its state drifts from what ``init`` and a
-  checkpoint hold).
-
-In the default float32 case every operation is optax's, in optax's order, so the
-results are bitwise identical.
+  checkpoint hold);
+* opt-in, ``update_from_stored_moments=True`` computes the update from the
+  moments as stored (rounded to bfloat16), not from their unrounded float32
+  values: other numbers than optax's, but about 0.6x its step time with
+  ``mu_dtype=bfloat16`` on CPU (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 __all__ = ["adamw", "nadamw", "scale_by_adam"]
@@ -73,11 +76,20 @@ def _check_hyperparameter(name: str, value: Any) -> None:
     )
 
 
+def _is_narrow(dtype: Any) -> bool:
+  """Whether ``dtype`` is a floating dtype narrower than float32 (bfloat16, float16)."""
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def _check_flag(name: str, value: Any) -> None:
+  """Rejects a non-boolean flag (a config string such as "false" is truthy)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name}={value!r} must be True or False.")
+
+
 def _upcast(x: jax.Array) -> jax.Array:
   """Returns ``x`` in at least float32 (16-bit floats are widened)."""
-  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
-    return x.astype(jnp.float32)
-  return x
+  return x.astype(jnp.float32) if _is_narrow(x.dtype) else x
 
 
 def _wide_exponent(dtype: Any) -> bool:
@@ -94,6 +106,7 @@ def scale_by_adam(
   *,
   nesterov: bool = False,
   nu_dtype: Any | None = None,
+  update_from_stored_moments: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's bias-corrected moments, computed in float32 or wider.
 
@@ -114,20 +127,38 @@ def scale_by_adam(
   and with ``nesterov=True`` the numerator becomes
   :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`.
 
-  Precision: 16-bit inputs and moments are widened to float32 for the
-  arithmetic, the moments are rounded to their storage dtypes, and the update
-  is returned in the gradients' dtype. With bfloat16 storage the update is
-  computed from the stored (rounded) moments, which is what lets XLA fuse it
-  into one pass (it then depends on the state alone); float16 storage would
-  flush small second moments to zero, so there the unrounded values are used.
-  With float32 everything nothing is widened or rounded and the result equals
-  optax's bitwise. With 16-bit moments the results differ from optax's, which
-  does the arithmetic in 16 bits with ``b1`` and ``b2`` rounded to them
-  (bfloat16: ``b1=0.9`` becomes 0.8984375, ``b2=0.999`` becomes 1.0, so the
-  second moment of bfloat16 params never decays; float16: ``eps=1e-8``
+  Precision: with float32 (or wider) gradients every operation is optax's, in
+  optax's order and dtypes, for any ``mu_dtype``: the first moment is computed
+  as ``(1 - b1) * g + b1 * mu`` from the stored ``mu`` (for a 16-bit ``mu`` the
+  product is taken in its dtype, so ``b1`` is rounded to it as in optax, e.g.
+  0.9 to 0.8984375 in bfloat16), the update reads the unrounded float32
+  moments, and only the state is rounded to ``mu_dtype``/``nu_dtype``: the
+  results equal optax's bitwise. A 16-bit ``nu_dtype`` (not an optax option)
+  is computed with float32 ``b2``: in bfloat16, 0.999 would round to 1.0 and
+  the second moment would never decay (optax#1414).
+
+  With 16-bit gradients (16-bit params) the moments are computed in float32
+  from widened inputs with exact hyperparameters, rounded to their storage
+  dtypes, and the update reads the stored moments as optax's does (its
+  moments are 16-bit values), except float16 ones, which would flush small
+  second moments to zero: there the unrounded values are used. The update is
+  returned in the gradients' dtype. optax instead does the arithmetic in 16
+  bits with ``b1``, ``b2`` and ``eps`` rounded to them (bfloat16: ``b2=0.999``
+  becomes 1.0, so the second moment never decays; float16: ``eps=1e-8``
   becomes 0, so a zero gradient gives NaN). A 16-bit second moment still
   cannot follow ``b2=0.999``'s 0.1% steps (half a bfloat16 ulp is 0.2%): pass
   ``nu_dtype=jnp.float32`` for that.
+
+  ``update_from_stored_moments=True`` makes float32 params use the stored
+  moments too: with bfloat16 storage the update then reads the new ``mu`` (and
+  ``nu``) after rounding, i.e. :math:`u_t` above with :math:`m_t` replaced by
+  :math:`\operatorname{bf16}(m_t)` (relative difference up to :math:`2^{-9}`
+  per step), and the moments are computed with exact float32 ``b1``/``b2``.
+  This is the faster step on CPU: with donated state, the exact update needs
+  the old ``mu`` after the new one overwrote its buffer, so XLA copies every
+  ``mu`` leaf into fresh memory first (1.5x optax's float32 step time, against
+  about 1.0x with the flag; benchmarks/RESULTS.md). float16 storage keeps the
+  unrounded values either way.
 
   Args:
     b1: Decay rate of the first moment (a Python float or float32 array).
@@ -140,14 +171,21 @@ def scale_by_adam(
     nu_dtype: Storage dtype of the second moment; None means the params' dtype
       (optax's behaviour). Beyond optax: e.g. ``jnp.float32`` with bfloat16
       params keeps the second moment from stalling at bfloat16 resolution.
+    update_from_stored_moments: Beyond optax; compute the update from the
+      moments rounded to their (bfloat16) storage dtypes instead of their
+      unrounded values. False (default) gives optax's numbers for float32
+      params; True trades them for a faster step with ``mu_dtype=bfloat16``
+      (see Precision). No effect when the moments are stored in float32 or
+      wider, or with 16-bit params (they use the stored moments anyway).
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
     :class:`optax.ScaleByAdamState`.
 
   Raises:
-    ValueError: If a dtype is not a floating dtype, or ``b1``, ``b2``, ``eps``
-      or ``eps_root`` is a 16-bit float array (already rounded).
+    ValueError: If a dtype is not a floating dtype, ``b1``, ``b2``, ``eps``
+      or ``eps_root`` is a 16-bit float array (already rounded), or
+      ``update_from_stored_moments`` is not a boolean.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -164,6 +202,7 @@ def scale_by_adam(
   """
   mu_dtype = _canonical_dtype(mu_dtype, "mu_dtype")
   nu_dtype = _canonical_dtype(nu_dtype, "nu_dtype")
+  _check_flag("update_from_stored_moments", update_from_stored_moments)
   for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
     _check_hyperparameter(name, value)
 
@@ -186,22 +225,35 @@ def scale_by_adam(
     def leaf(g, mu, nu):
       if g is None:
         return None, mu, nu
-      g_c, mu_c, nu_c = _upcast(g), _upcast(mu), _upcast(nu)
+      narrow_grad = _is_narrow(g.dtype)
+      # Float32 params (and the opt-out of the flag) take optax's arithmetic:
+      # b1 * mu in mu's own dtype, promoted by the add. 16-bit params, and the
+      # flag, widen mu first so b1 is not rounded to 16 bits.
+      exact_optax = not (narrow_grad or update_from_stored_moments)
+      g_c = _upcast(g)
+      mu_c = mu if exact_optax else _upcast(mu)
+      # nu is always widened: a 16-bit nu is our nu_dtype, not an optax option,
+      # and b2=0.999 would round to 1.0 in bfloat16 (optax#1414).
+      nu_c = _upcast(nu)
       # optax's expressions and operand order (tree.update_moment and
-      # tree.update_moment_per_elem_norm): bitwise equal for float32.
+      # tree.update_moment_per_elem_norm).
       mu_new = (1 - b1) * g_c + b1 * mu_c
       g_sq = g_c**2 if jnp.isrealobj(g_c) else (g_c.conj() * g_c).real
       nu_new = (1 - b2) * g_sq + b2 * nu_c
       mu_store = mu_new.astype(mu.dtype)
       nu_store = nu_new.astype(nu.dtype)
-      # The update reads the stored moments where their dtype has float32's
-      # exponent range (bfloat16): XLA then fuses the update with the stores
-      # instead of recomputing the float32 moments from a copy of the old ones
-      # (see benchmarks/RESULTS.md). float16 would flush small second moments
-      # to zero and the update to inf, so there the unrounded values are used.
-      # For float32 storage the casts are no-ops.
-      mu_used = _upcast(mu_store) if _wide_exponent(mu.dtype) else mu_new
-      nu_used = _upcast(nu_store) if _wide_exponent(nu.dtype) else nu_new
+      # Which moments the update reads. optax reads the unrounded ones
+      # (promoted to float32 for float32 params), so the default does too,
+      # and float32 storage makes the choice moot. With 16-bit params, or on
+      # request, the stored (rounded) ones are read where their dtype has
+      # float32's exponent range (bfloat16): then the update depends on the new
+      # state alone, and XLA need not keep the old mu alive past its in-place
+      # overwrite, which with donated state costs a copy of every mu leaf
+      # (benchmarks/RESULTS.md). float16 storage would flush small second
+      # moments to zero and the update to inf, so it keeps the unrounded ones.
+      from_stored = not exact_optax
+      mu_used = _upcast(mu_store) if from_stored and _wide_exponent(mu.dtype) else mu_new
+      nu_used = _upcast(nu_store) if from_stored and _wide_exponent(nu.dtype) else nu_new
       if nesterov:
         mu_hat = b1 * (mu_used / bc1_next.astype(mu_used.dtype)) + (1 - b1) * (
           g_c / bc1.astype(g_c.dtype)
@@ -329,11 +381,13 @@ def adamw(
   weight_decay_mode: WeightDecayMode = "lr",
   peak_learning_rate: jax.typing.ArrayLike | None = None,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+  update_from_stored_moments: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay; a drop-in for :func:`optax.adamw`.
 
-  Same arguments, defaults, state tree (leaves and dtypes) and, for float32,
-  bitwise the same updates as :func:`optax.adamw`, so a run can switch between
+  Same arguments, defaults, state tree (leaves and dtypes) and, for float32
+  params with any ``mu_dtype``, bitwise the same updates as
+  :func:`optax.adamw`, so a run can switch between
   the two mid-training in either direction. It is
   ``optax.chain(scale_by_adam, optax.add_decayed_weights, optax.scale_by_learning_rate)``
   with this module's :func:`scale_by_adam`.
@@ -377,12 +431,16 @@ def adamw(
   state tree is the same. :math:`\alpha_{\text{peak}}` is
   ``peak_learning_rate``, or the learning rate itself when that is a constant.
 
-  Precision: Adam's moments are computed in float32 (or wider) whatever the
-  params' dtype and stored in ``mu_dtype``/``nu_dtype``; with float16 params a
-  zero gradient gives a zero update, where optax's float16 arithmetic turns
-  ``eps=1e-8`` into 0 and returns NaN (optax#1754). With bfloat16 moments the
-  update reads the stored (rounded) moments, which makes ``mu_dtype=bfloat16``
-  about twice as fast as optax's on CPU. See :func:`scale_by_adam`.
+  Precision: with float32 params every operation is optax's, ``mu_dtype``
+  included (the update reads the unrounded float32 moments; only the state is
+  rounded). With 16-bit params Adam's moments are computed in float32 and
+  stored in ``mu_dtype``/``nu_dtype``; with float16 params a zero gradient
+  gives a zero update, where optax's float16 arithmetic turns ``eps=1e-8`` into
+  0 and returns NaN (optax#1754). ``update_from_stored_moments=True`` computes
+  the update from the bfloat16-rounded moments instead: not optax's numbers,
+  but with float32 params and ``mu_dtype=bfloat16`` about 0.6x optax's step
+  time on CPU, where the exact update makes XLA copy every ``mu`` leaf of a
+  donated state first. See :func:`scale_by_adam`.
 
   With :func:`optax.inject_hyperparams`: name a callable mask in
   ``static_args`` (``static_args=("mask",)``), or inject_hyperparams treats it as
@@ -418,6 +476,10 @@ def adamw(
       learning rate otherwise; an error in ``"lr"`` mode.
     weight_decay_mask: Another name for ``mask`` (optax PR 1635); give one
       of the two.
+    update_from_stored_moments: Compute the update from the moments rounded
+      to their bfloat16 storage instead of their unrounded values (default
+      False: optax's numbers). Faster with float32 params and
+      ``mu_dtype=bfloat16``; see :func:`scale_by_adam`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is optax's:
@@ -429,8 +491,9 @@ def adamw(
       single boolean (what an unstatic callable mask becomes under
       ``inject_hyperparams``), an unknown
       ``weight_decay_mode``, a schedule in "paper" mode without
-      ``peak_learning_rate``, a bad dtype, 16-bit Adam constants, and, at
-      ``update``, ``params=None`` while weight decay is on.
+      ``peak_learning_rate``, a bad dtype, 16-bit Adam constants, a
+      non-boolean ``update_from_stored_moments``, and, at ``update``,
+      ``params=None`` while weight decay is on.
 
   Examples:
     >>> import optax
@@ -489,6 +552,7 @@ def adamw(
       mu_dtype=mu_dtype,
       nesterov=nesterov,
       nu_dtype=nu_dtype,
+      update_from_stored_moments=update_from_stored_moments,
     ),
     optax.add_decayed_weights(strength, mask),
     optax.scale_by_learning_rate(learning_rate),
@@ -501,7 +565,8 @@ nadamw.__doc__ = r"""NAdamW: :func:`adamw` with Nesterov momentum; a drop-in for
 
   ``nadamw(...)`` is ``adamw(..., nesterov=True)``: same arguments and defaults
   (including the keyword-only ``nu_dtype``, ``weight_decay_mode``,
-  ``peak_learning_rate`` and ``weight_decay_mask``), same state tree as
+  ``peak_learning_rate``, ``weight_decay_mask`` and
+  ``update_from_stored_moments``), same state tree as
   :func:`optax.nadamw`. It replaces :math:`\hat{m}_t \leftarrow m_t / (1-\beta_1^t)`
   with
 
