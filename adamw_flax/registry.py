@@ -29,6 +29,16 @@ class RegistryError(KeyError):
     return str(self.args[0])
 
 
+def _origin(obj: Any) -> str:
+  target = getattr(obj, "build", obj)  # a ModelEntry names its builder
+  return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+  """The same code registering again: a module imported twice (under two names, or reloaded)."""
+  return _origin(old) == _origin(new) and _origin(old) != "?.?"
+
+
 class Registry(Generic[T]):
   """A name -> object map with helpful errors.
 
@@ -43,10 +53,11 @@ class Registry(Generic[T]):
   def register(self, name: str, obj: T) -> T:
     if not isinstance(name, str) or not name or ":" in name:
       raise ValueError(f"{self.kind} name must be a non-empty string without ':', got {name!r}")
-    if name in self._entries:
+    if name in self._entries and not _same_definition(self._entries[name], obj):
       raise RegistryError(
-        f"{self.kind} {name!r} is already registered; pick another name or use "
-        f"`override_{self.kind}` in tests"
+        f"{self.kind} {name!r} is already registered (by {_origin(self._entries[name])}); "
+        f"pick another name, or rebind it temporarily with "
+        f"`adamw_flax.registry.{self.kind.upper()}S.override(name, obj)` in tests"
       )
     self._entries[name] = obj
     return obj

@@ -26,7 +26,7 @@ def regression_config(**trainer_kw) -> ml_collections.ConfigDict:
   cfg = C.default_config()
   cfg.model.name = "tests.trainer_models:regressor"
   cfg.model.width = 16
-  cfg.data.name = "tests.trainer_models:regression"
+  cfg.data.name = "tests.trainer_models:trainer_regression"
   cfg.data.batch_size = 16
   cfg.data.features = 4
   cfg.data.nan_from_step = -1

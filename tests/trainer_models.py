@@ -59,4 +59,4 @@ class RegressionData:
     return [self._batch((self.seed, 1 << 30, i)) for i in range(num)]
 
 
-register_dataset("regression")(RegressionData)
+register_dataset("trainer_regression")(RegressionData)
