@@ -444,3 +444,23 @@ def test_sample_text():
     sample.sample_text(m, ds, "JULIET?", 5)
   with pytest.raises(ValueError, match="at least one character"):
     sample.sample_text(m, ds, "", 5)
+
+
+def test_sample_from_a_trained_run(tmp_path):
+  from adamw_flax import trainer
+  from configs import smoke
+
+  text = tmp_path / "text.txt"
+  text.write_text("ROMEO:\nO, she doth teach the torches to burn bright!\n\n" * 200)
+  cfg = smoke.get_config()
+  cfg.data.path = str(text)
+  cfg.trainer.num_steps = 2
+  cfg.optimizer.warmup_steps = 1
+  cfg.trainer.eval_every = 2
+  cfg.checkpoint.every_steps = 2
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(cfg, workdir)
+  out = sample.sample_from_workdir(workdir, "ROMEO:", 30, seed=1, top_k=4)
+  assert out.startswith("ROMEO:") and len(out) == 36 and set(out) <= set(text.read_text())
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    sample.sample_from_workdir(tmp_path, "ROMEO:", 3)

@@ -69,47 +69,91 @@ def sample_text(
   return codec.decode(np.asarray(ids))
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds config.json, checkpoints/).")
-_PROMPT = flags.DEFINE_string("prompt", "\n", "Start of the text.")
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 500, "Characters to sample.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0 = greedy).")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely characters.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BEST = flags.DEFINE_bool("best", False, "Use the checkpoint of the best validation loss.")
+def sample_from_workdir(
+  workdir: str | Path,
+  prompt: str,
+  num_tokens: int,
+  *,
+  seed: int = 0,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  step: int | None = None,
+  best: bool = False,
+) -> str:
+  """Samples from a checkpoint of a training run (see :func:`sample_text`).
+
+  Args:
+    workdir: the run directory (``config.json``, ``checkpoints/``).
+    prompt: the start of the text.
+    num_tokens: characters to sample.
+    seed: sampling seed.
+    temperature: softmax temperature; 0 takes the most likely character.
+    top_k: sample among the ``top_k`` most likely characters (None: all).
+    step: the checkpoint step (default: the latest).
+    best: take the checkpoint of the best validation loss instead.
+
+  Returns:
+    The prompt and the sampled continuation.
+
+  Raises:
+    FileNotFoundError: ``workdir`` is not a run or has no complete checkpoint.
+  """
+  from adamw_flax import checkpoint
+
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{workdir} has no config.json: not a training run directory")
+  config = checkpoint.config_from_json(json.loads(config_path.read_text()))
+  # Opened only to read; data_info matters to saves alone.
+  with checkpoint.Checkpoints(workdir / "checkpoints", config, data_info={}) as ckpts:
+    if best:
+      step = ckpts.best_step()
+    elif step is None:
+      step = ckpts.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no complete checkpoint")
+    chars = ckpts.meta(step)["data_info"]["chars"]
+  model = checkpoint.restore_params(workdir, step=step)
+  return sample_text(
+    model, CharVocab(chars), prompt, num_tokens, seed=seed, temperature=temperature, top_k=top_k
+  )
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from adamw_flax import checkpoint
-
-  workdir = Path(_WORKDIR.value)
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
-    raise app.UsageError(f"--workdir={workdir} has no config.json: not a training run directory")
-  config = checkpoint.config_from_json(json.loads(config_path.read_text()))
-  # Opened only to read; data_info matters to saves alone.
-  with checkpoint.Checkpoints(workdir / "checkpoints", config, data_info={}) as ckpts:
-    step = ckpts.best_step() if _BEST.value else _STEP.value
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-      raise app.UsageError(f"{workdir / 'checkpoints'} holds no complete checkpoint yet")
-    chars = ckpts.meta(step)["data_info"]["chars"]
-  model = checkpoint.restore_params(workdir, step=step)
-  print(
-    sample_text(
-      model,
-      CharVocab(chars),
-      _PROMPT.value,
-      _NUM_TOKENS.value,
-      seed=_SEED.value,
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value,
+  f = flags.FLAGS
+  try:
+    text = sample_from_workdir(
+      f.workdir,
+      f.prompt,
+      f.num_tokens,
+      seed=f.seed,
+      temperature=f.temperature,
+      top_k=f.top_k,
+      step=f.step,
+      best=f.best,
     )
-  )
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  print(text)
+
+
+def _define_flags() -> None:
+  # Defined only when run as a script: importing sample_text must not add
+  # absl flags that could clash with another program's (train/ has --workdir).
+  flags.DEFINE_string("workdir", None, "Run directory (holds config.json, checkpoints/).")
+  flags.DEFINE_string("prompt", "\n", "Start of the text.")
+  flags.DEFINE_integer("num_tokens", 500, "Characters to sample.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0 = greedy).")
+  flags.DEFINE_integer("top_k", None, "Sample among the k most likely characters.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_bool("best", False, "Use the checkpoint of the best validation loss.")
+  flags.mark_flag_as_required("workdir")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
+  _define_flags()
   app.run(main)
