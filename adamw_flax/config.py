@@ -87,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.mu_dtype = _optional(str)  # dtype of the first moment; None = the params' dtype
   o.nu_dtype = _optional(str)  # dtype of the second moment; None = the params' dtype
   o.nesterov = False  # Nesterov momentum (NAdamW)
+  o.update_from_stored_moments = False  # 16-bit mu: faster update, not optax's numbers
   o.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off
   o.accumulate_steps = 1  # gradient accumulation (optax.MultiSteps) over this many steps
   o.skip_nonfinite = False  # skip steps whose gradients hold NaN/inf (optax.apply_if_finite)

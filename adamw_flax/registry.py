@@ -215,6 +215,7 @@ def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
     nu_dtype=_dtype(cfg.nu_dtype),
     weight_decay_mode=cfg.weight_decay_mode,
     peak_learning_rate=_peak(cfg),
+    update_from_stored_moments=cfg.get("update_from_stored_moments", False),
   )
 
 
