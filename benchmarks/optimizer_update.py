@@ -33,11 +33,10 @@ import argparse
 import datetime
 import os
 import pathlib
-import platform
 import re
 import resource
 import statistics
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +48,9 @@ import optax
 
 import adamw_flax
 
-RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import RESULTS, cpu_model, write_section  # noqa: E402
+
 SECTION = "## Optimizer update"
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "f64": 8}
 
@@ -159,17 +160,6 @@ def program_fingerprint(compiled_text: str) -> list[str]:
     line = re.sub(r", metadata=\{[^}]*\}", "", line)
     lines.append(re.sub(r"%[\w.\-]+", "%", line).strip())
   return lines
-
-
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 def plain_update(tx: optax.GradientTransformation) -> Callable[..., Any]:
@@ -389,7 +379,6 @@ What limits the speed (read from `jax.jit(step).lower(...).compile().as_text()`)
 def write_results(result: dict[str, Any], table: str) -> None:
   date = datetime.date.today().isoformat()
   section = (
-    f"{SECTION}\n\n"
     f"`python benchmarks/optimizer_update.py` ({date}): one jitted AdamW step "
     f"(update + apply_updates, params and state donated) on a transformer-like tree of "
     f"{result['num_params'] / 1e6:.1f}M float32 params in {result['num_leaves']} leaves; "
@@ -408,13 +397,7 @@ def write_results(result: dict[str, Any], table: str) -> None:
     f"rounded bf16 mu.\n\n"
     f"{table}\n\n{EXPLANATION}"
   )
-  text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  RESULTS.write_text(text.rstrip("\n") + "\n")
+  write_section(SECTION.removeprefix("## "), section)
 
 
 def _cpu_count() -> int:
