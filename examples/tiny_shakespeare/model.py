@@ -38,13 +38,13 @@ _LN_EPS = 1e-5
 
 @jax.custom_vjp
 def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  return _bf16_matmul_fwd(x, w)[0]
 
 
-# Why a custom VJP: autodiff of the bfloat16 matmul above gives backward
-# matmuls of a float32 cotangent with a bfloat16 operand, which XLA runs in
-# float32; casting the cotangent keeps all three matmuls on bfloat16 inputs
-# (the fast AMX/AVX512-BF16 path on CPU, tensor cores on GPU).
+# Why a custom VJP: autodiff of a bfloat16 matmul gives backward matmuls of a
+# float32 cotangent with a bfloat16 operand, which XLA runs in float32; casting
+# the cotangent keeps all three matmuls on bfloat16 inputs (tensor cores on
+# GPU; AMX on CPU, where XLA still runs the weight-gradient one in float32).
 def _bf16_matmul_fwd(x: jax.Array, w: jax.Array):
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   return jnp.dot(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
@@ -118,7 +118,8 @@ class CausalSelfAttention(nnx.Module):
   Args:
     embed_dim: model width; must be divisible by ``num_heads``.
     num_heads: number of attention heads.
-    dropout: dropout rate on the output (nanoGPT's ``resid_dropout``).
+    dropout: dropout rate on the attention weights and on the output
+      (nanoGPT's ``attn_dropout`` and ``resid_dropout``).
     residual_std: init std of the output projection.
     dtype: matmul dtype of the projections ("float32" or "bfloat16").
     rngs: parameter (and dropout) RNG streams.
@@ -137,6 +138,7 @@ class CausalSelfAttention(nnx.Module):
     self.num_heads = num_heads
     self.qkv = _linear(embed_dim, 3 * embed_dim, 0.02, dtype, rngs)
     self.proj = _linear(embed_dim, embed_dim, residual_std, dtype, rngs)
+    self.attn_dropout = _dropout(dropout, rngs)
     self.dropout = _dropout(dropout, rngs)
 
   def __call__(
@@ -152,6 +154,7 @@ class CausalSelfAttention(nnx.Module):
     s_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q * (1.0 / math.sqrt(d // h)), k)
     s_BxHxTxT = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s_BxHxTxT, -1e30)
     p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1)
+    p_BxHxTxT = self.attn_dropout(p_BxHxTxT, deterministic=deterministic)
     y_NxD = jnp.einsum("bhqs,bshk->bqhk", p_BxHxTxT, v).reshape(n, d)
     return self.dropout(self.proj(y_NxD), deterministic=deterministic)
 
@@ -206,8 +209,9 @@ class CharTransformer(nnx.Module):
     num_heads: attention heads per block.
     embed_dim: model width.
     max_len: longest context (rows of the position embedding).
-    dropout: dropout rate after the embeddings, attention and MLP (0 disables
-      it and keeps no dropout RNG state in the module).
+    dropout: dropout rate after the embeddings, on attention weights, after
+      attention and MLP (0 disables it and keeps no dropout RNG state in the
+      module).
     tie_embeddings: the output layer is the token embedding's transpose.
     dtype: "float32", or "bfloat16" for bfloat16 matmuls with float32
       accumulation (parameters stay float32).
