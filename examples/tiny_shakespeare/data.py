@@ -265,6 +265,10 @@ def play_to_plain_text(markdown: str) -> str:
     >>> play_to_plain_text(md)
     'ROMEO:\\nBut, soft!\\n\\n'
   """
+  return "".join(_speeches(markdown))
+
+
+def _speeches(markdown: str) -> list[str]:
   out = []
   for paragraph in re.split(r"\n\s*\n", markdown):
     lines = [ln.strip() for ln in paragraph.strip().splitlines()]
@@ -276,7 +280,7 @@ def play_to_plain_text(markdown: str) -> str:
     name = _clean_line(match["name"])
     if name and speech:
       out.append(f"{name}:\n" + "\n".join(speech) + "\n\n")
-  return "".join(out)
+  return out
 
 
 def build_offline_corpus(target_chars: int = CANONICAL_LENGTH) -> str:
@@ -306,7 +310,7 @@ def build_offline_corpus(target_chars: int = CANONICAL_LENGTH) -> str:
   order = [n for n in _FALLBACK_PLAYS if n in files] + sorted(set(files) - set(_FALLBACK_PLAYS))
   parts, size = [], 0
   for name in order:
-    for speech in re.split(r"(?<=\n\n)", play_to_plain_text(files[name].read_text("utf-8"))):
+    for speech in _speeches(files[name].read_text("utf-8")):
       if size >= target_chars:
         return "".join(parts)
       parts.append(speech)
