@@ -13,8 +13,21 @@ import os
 import sys
 import traceback
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# glibc returns every freed block above 128 KiB to the OS, so each XLA:CPU step
+# maps its buffers afresh: ~12k page faults a step, 25% of a small model's
+# step time (measured on the Tiny Shakespeare CPU config). Keeping freed memory
+# in the process needs these set before the process starts, hence the re-exec.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+if (
+  __name__ == "__main__"
+  and sys.platform == "linux"
+  and not any(k in os.environ for k in _MALLOC_ENV)
+):
+  os.environ.update(_MALLOC_ENV)
+  os.execv(sys.executable, [sys.executable, "-m", "train", *sys.argv[1:]])
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
