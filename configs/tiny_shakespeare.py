@@ -3,9 +3,9 @@
 Run:
   python -m train --config=configs/tiny_shakespeare.py --workdir=workdirs/tiny_shakespeare
 
-Expected: validation loss at or below 1.88 after 2000 steps (the published
-figure for this setting), in under a minute on a 2-core CPU; see
-examples/tiny_shakespeare/README.md for the measured numbers.
+Measured: validation loss 1.922 after 2000 steps in 122 s on a 2-core CPU
+(published for this setting: about 1.88); see
+examples/tiny_shakespeare/README.md.
 """
 
 from __future__ import annotations
