@@ -66,7 +66,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from adamw_flax import fs
+from adamw_flax import fs, masks
 from adamw_flax.train_state import TrainState
 
 log = logging.getLogger("adamw_flax")
@@ -96,13 +96,6 @@ class CheckpointMismatchError(ValueError):
 
 
 # ----------------------------------------------------------- tree description
-
-
-def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def _is_leaf(node: Any) -> bool:
@@ -140,7 +133,7 @@ def _entries(tree: PyTree, prefix: str = "") -> list[tuple[str, str]]:
     # One level down: every child is taken as a leaf here and visited itself.
     children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
     for keypath, child in children:
-      name = "/".join(_key_str(k) for k in keypath)
+      name = "/".join(masks.key_str(k) for k in keypath)
       visit(child, f"{path}/{name}" if path else name)
 
   visit(tree, prefix)

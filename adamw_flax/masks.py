@@ -397,7 +397,8 @@ def parse_rules(
 # --------------------------------------------------------------------------
 
 
-def _key_str(key: Any) -> str:
+def key_str(key: Any) -> str:
+  """One key of a JAX key path as text: a dict key, attribute name or index."""
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)
   if isinstance(key, jax.tree_util.GetAttrKey):
@@ -409,18 +410,19 @@ def _key_str(key: Any) -> str:
   return str(key)
 
 
-def _path_str(keypath: Sequence[Any]) -> str:
+def path_str(keypath: Sequence[Any]) -> str:
+  """A key path as the "/"-joined text that rules match (``blocks/0/attn/qkv/kernel``)."""
   keys = list(keypath)
   # An NNX Variable (or a Linen Partitioned box) flattens to its `.value`; the
   # path names the parameter, not the box.
   while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
     keys.pop()
-  return "/".join(_key_str(k) for k in keys)
+  return "/".join(key_str(k) for k in keys)
 
 
 def _flatten(tree: PyTree) -> tuple[list[tuple[str, Any]], Any]:
   keyed, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  entries = [(_path_str(kp), leaf) for kp, leaf in keyed]
+  entries = [(path_str(kp), leaf) for kp, leaf in keyed]
   seen: set[str] = set()
   for path, _ in entries:
     if path in seen:
@@ -904,7 +906,7 @@ def _sharding_table(shardings: Any, paths: Sequence[str]) -> dict[str, Any]:
     keyed, _ = jax.tree_util.tree_flatten_with_path(
       shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
     )
-    table = {_path_str(kp): s for kp, s in keyed}
+    table = {path_str(kp): s for kp, s in keyed}
   missing = [p for p in paths if p not in table]
   if missing:
     raise ValueError(

@@ -53,6 +53,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from adamw_flax import masks
+
 PyTree = Any
 
 __all__ = [
@@ -172,15 +174,8 @@ def _axis_sizes(mesh_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> dict[
 # ------------------------------------------------------------- param specs
 
 
-def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _key_tuple(keypath: Sequence[Any]) -> tuple[str, ...]:
-  keys = [_key_str(k) for k in keypath]
+  keys = [masks.key_str(k) for k in keypath]
   # An NNX Variable flattens to its `.value`; the path names the parameter.
   while (
     keys and keys[-1] == "value" and isinstance(keypath[len(keys) - 1], jax.tree_util.GetAttrKey)

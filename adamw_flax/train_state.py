@@ -26,13 +26,11 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from adamw_flax import masks
+
 PyTree = Any
 Batch = dict[str, Any]
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def _path_str(path: tuple[Any, ...]) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 class StateSpec:
@@ -116,7 +114,7 @@ def _from_pure(treedef: Any, tree: PyTree) -> nnx.State:
 
 def _frozen_filter(frozen_paths: frozenset[str]) -> Callable[[Any, Any], bool]:
   def is_frozen(path, value):
-    return isinstance(value, nnx.Param) and _path_str(path) in frozen_paths
+    return isinstance(value, nnx.Param) and masks.path_str(path) in frozen_paths
 
   return is_frozen
 
@@ -131,8 +129,8 @@ def split_model(
   pures = tuple(_to_pure(s) for s in states)
   treedefs = tuple(jax.tree.structure(s) for s in states)
   for state, pure in zip(states, pures, strict=True):
-    a = [_path_str(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-    b = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
+    a = [masks.path_str(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    b = [masks.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]]
     if a != b:  # guards _from_pure's assumption against a change in Flax
       raise RuntimeError(f"NNX state and its pure dict flatten differently: {a[:3]} vs {b[:3]}")
   return graphdef, treedefs, pures
@@ -203,16 +201,12 @@ def create_train_state(
     model = _as_nnx(model, example_inputs, seed)
     abstract_model = model
     if linen_module is not None:
-      from adamw_flax import masks
-
       # Module-type rules need the Linen layer classes, which ToNNX hides;
       # this target carries them, under the same paths as the wrapped state.
       abstract_model = masks.linen_target(linen_module, *example_inputs)
 
   frozen_paths: frozenset[str] = frozenset()
   if freeze_rules:
-    from adamw_flax import masks
-
     values = masks.path_values(abstract_model, freeze_rules, default=False, what="freeze")
     frozen_paths = frozenset(p for p, v in values.items() if v)
     if len(frozen_paths) == len(values):
