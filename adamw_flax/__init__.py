@@ -19,6 +19,10 @@ _EXPORTS: dict[str, str] = {
   "scale_by_adam": "transform",
   # masks
   "masks": "",
+  "weight_decay_mask": "masks",
+  "lr_multiplier_fn": "masks",
+  "frozen_fn": "masks",
+  "linen_target": "masks",
   # schedules
   "schedule_from_config": "schedules",
   # registry
@@ -26,19 +30,33 @@ _EXPORTS: dict[str, str] = {
   "register_optimizer": "registry",
   "register_model": "registry",
   "register_dataset": "registry",
-  # config
+  # config, run plan, optimizer
   "config": "",
-  "optimizer_from_config": "config",
   "load_config": "config",
   "validate_config": "config",
+  "default_config": "config",
   "ConfigError": "config",
+  "plan": "",
+  "make_plan": "plan",
+  "optim": "",
+  "optimizer_from_config": "optim",
+  "errors": "",
+  "UserError": "errors",
   # train state
   "TrainState": "train_state",
   "create_train_state": "train_state",
   "make_train_step": "train_state",
   "make_eval_step": "train_state",
+  "state_factory": "train_state",
   # checkpointing
   "checkpoint": "",
+  "fingerprint": "",
+  "Checkpoints": "checkpoint",
+  "CheckpointReader": "checkpoint",
+  "CheckpointMismatchError": "checkpoint",
+  "save_state": "checkpoint",
+  "restore_state": "checkpoint",
+  "restore_params": "checkpoint",
   # sharding
   "sharding": "",
   "distributed": "",

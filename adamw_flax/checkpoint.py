@@ -26,8 +26,11 @@ and renames it when complete): a step directory without that suffix is
 complete, and a crash mid-save leaves only a temporary directory, which the
 next :class:`Checkpoints` removes (on process 0) and which restores ignore.
 
-Preemption: :meth:`Checkpoints.reached_preemption` tells the training loop
-when to save and exit; every process gets the same answer at the same step.
+Preemption: with ``jax.distributed``, :meth:`Checkpoints.reached_preemption`
+tells the training loop when to save and exit (every process gets the same
+answer at the same step); a single process's SIGTERM is caught by the
+trainer. :class:`CheckpointReader` reads a directory without changing it.
+The fingerprint lives in :mod:`adamw_flax.fingerprint`.
 
 Examples:
   >>> import tempfile
@@ -53,9 +56,6 @@ import functools
 import importlib.metadata
 import json
 import logging
-import os
-import signal
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from adamw_flax import fs, masks
+from adamw_flax import fingerprint, fs, train_state
+from adamw_flax.config import config_diff, config_json, validate_config
+from adamw_flax.errors import UserError
+from adamw_flax.fingerprint import state_fingerprint
 from adamw_flax.train_state import TrainState
 
 log = logging.getLogger("adamw_flax")
@@ -74,7 +77,7 @@ log = logging.getLogger("adamw_flax")
 PyTree = Any
 
 STATE, DATA, META = "state", "data", "meta"
-ARRAY_FIELDS = ("step", "params", "frozen", "rest", "opt_state")
+ARRAY_FIELDS = fingerprint.ARRAY_FIELDS
 FORMAT_VERSION = 1
 # Orbax names a step directory that is still being written "<step>" + this
 # (older versions add a timestamp), and renames it to "<step>" once complete.
@@ -82,6 +85,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 __all__ = [
   "CheckpointMismatchError",
+  "CheckpointReader",
   "Checkpoints",
   "config_from_json",
   "restore_params",
@@ -91,230 +95,11 @@ __all__ = [
 ]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint whose state does not fit the state this run builds."""
 
 
-# ----------------------------------------------------------- tree description
-
-
-def _is_leaf(node: Any) -> bool:
-  if node is None:
-    return False
-  treedef = jax.tree.structure(node)
-  return treedef.num_nodes == 1 and treedef.num_leaves == 1
-
-
-def _is_key(x: Any) -> bool:
-  dtype = getattr(x, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _leaf_str(x: Any) -> str:
-  shape = ",".join(str(d) for d in np.shape(x))
-  return f"{x.dtype}[{shape}]"
-
-
-def _entries(tree: PyTree, prefix: str = "") -> list[tuple[str, str]]:
-  """Every node of ``tree`` in flatten order: (path, node type) or (path, "dtype[shape]").
-
-  Interior nodes are listed too, so that nodes without leaves (optax's
-  ``EmptyState``, ``MaskedNode``) and the NamedTuple types of the optimizer
-  state take part in the comparison: a scalar weight decay has an
-  ``EmptyState`` where a schedule has a ``WeightDecaySchedule``.
-  """
-  out: list[tuple[str, str]] = []
-
-  def visit(node: Any, path: str) -> None:
-    if _is_leaf(node):
-      out.append((path, _leaf_str(node)))
-      return
-    out.append((path, "None" if node is None else type(node).__name__))
-    # One level down: every child is taken as a leaf here and visited itself.
-    children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
-    for keypath, child in children:
-      name = "/".join(masks.key_str(k) for k in keypath)
-      visit(child, f"{path}/{name}" if path else name)
-
-  visit(tree, prefix)
-  return out
-
-
-def _structure_summary(node: Any) -> str:
-  """A one-line picture of an optimizer state: NamedTuple types, dict sizes, leaf dtypes."""
-  if _is_leaf(node):
-    return str(node.dtype)
-  if node is None:
-    return "None"
-  if isinstance(node, dict):
-    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(node)})
-    return f"{{{len(jax.tree.leaves(node))} x {'/'.join(dtypes) or '-'}}}"
-  children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
-  parts = []
-  for keypath, child in children:
-    text = _structure_summary(child)
-    key = keypath[0] if keypath else None
-    parts.append(f"{key.name}={text}" if hasattr(key, "name") else text)
-  name = "" if type(node) in (tuple, list) else type(node).__name__
-  return f"{name}({', '.join(parts)})"
-
-
-def _rules_str(value: Any) -> str:
-  if isinstance(value, str):
-    return value
-  return json.dumps(value, default=str)
-
-
-def _optimizer_summary(config: ml_collections.ConfigDict | None, opt_state: Any) -> dict[str, Any]:
-  """The user-visible optimizer choices that shape the optimizer state."""
-  types = {kind for _, kind in _entries(opt_state)}
-  summary: dict[str, Any] = {
-    # Read from the state itself, the source of truth whoever built the
-    # optimizer: optax keeps a counter only for schedules.
-    "learning_rate": "schedule" if "ScaleByScheduleState" in types else "scalar",
-    "weight_decay": "schedule" if "WeightDecaySchedule" in types else "scalar",
-    "opt_state": _structure_summary(opt_state),
-  }
-  o = config.get("optimizer") if config is not None else None
-  if o is not None:
-    summary.update(
-      optimizer=o.get("name"),
-      schedule=o.get("schedule"),
-      weight_decay_mode=o.get("weight_decay_mode"),
-      mu_dtype=o.get("mu_dtype"),
-      nu_dtype=o.get("nu_dtype"),
-      weight_decay_mask=_rules_str(o.get("weight_decay_mask")),
-      lr_multipliers=_rules_str(o.get("lr_multipliers")),
-      freeze=_rules_str(o.get("freeze")),
-      accumulate_steps=o.get("accumulate_steps"),
-      skip_nonfinite=o.get("skip_nonfinite"),
-      grad_clip_norm=o.get("grad_clip_norm"),
-    )
-  return summary
-
-
-def _state_arrays(state: Any) -> dict[str, Any]:
-  """The array fields of a TrainState (or of a dict holding them) as a plain dict."""
-  if isinstance(state, dict):
-    return {k: state[k] for k in ARRAY_FIELDS if k in state}
-  return {k: getattr(state, k) for k in ARRAY_FIELDS}
-
-
-def state_fingerprint(
-  state: Any, config: ml_collections.ConfigDict | None = None
-) -> dict[str, Any]:
-  """What a checkpoint records about a state's structure, to check a restore target against.
-
-  Args:
-    state: a :class:`~adamw_flax.train_state.TrainState` of arrays or of
-      ``jax.ShapeDtypeStruct`` leaves.
-    config: its config (for the optimizer's name, schedule, mask rules and
-      dtypes); optional.
-
-  Returns:
-    A JSON-able dict: ``optimizer`` (the choices that shape the optimizer
-    state, with a one-line ``opt_state`` structure), ``dtypes`` (leaf count per
-    dtype) and ``entries`` (every node as ``[path, type or "dtype[shape]"]``).
-
-  Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> fp = state_fingerprint({"step": jnp.zeros((), jnp.int32), "params": {"w": jnp.ones(3)},
-    ...                         "opt_state": optax.adamw(1e-3).init({"w": jnp.ones(3)})})
-    >>> fp["optimizer"]["weight_decay"], fp["dtypes"]
-    ('scalar', {'float32': 3, 'int32': 2})
-    >>> fp["entries"][:3]
-    [['step', 'int32[]'], ['params', 'dict'], ['params/w', 'float32[3]']]
-  """
-  arrays = _state_arrays(state)
-  # In the TrainState's field order (a dict would sort them), so that a
-  # changed model is reported at its params before their optimizer state.
-  entries = [
-    [p, d] for field in ARRAY_FIELDS if field in arrays for p, d in _entries(arrays[field], field)
-  ]
-  dtypes: dict[str, int] = {}
-  for leaf in jax.tree.leaves(arrays):
-    dtypes[str(leaf.dtype)] = dtypes.get(str(leaf.dtype), 0) + 1
-  return {
-    "optimizer": _optimizer_summary(config, arrays.get("opt_state")),
-    "dtypes": dict(sorted(dtypes.items())),
-    "entries": entries,
-  }
-
-
-def _first_difference(
-  saved: Sequence[Sequence[str]], wanted: Sequence[Sequence[str]]
-) -> tuple[str, str, str] | None:
-  """(path, checkpoint's side, this run's side) of the first differing node, or None."""
-  saved_map = {p: d for p, d in saved}
-  wanted_map = {p: d for p, d in wanted}
-  for (ps, ds), (pw, dw) in zip(saved, wanted, strict=False):
-    if ps == pw and ds == dw:
-      continue
-    if ps == pw:
-      return ps, ds, dw
-    if ps not in wanted_map:
-      return ps, ds, "nothing (no such path)"
-    return pw, saved_map.get(pw, "nothing (no such path)"), dw
-  if len(saved) > len(wanted):
-    p, d = saved[len(wanted)]
-    return p, d, "nothing (no such path)"
-  if len(wanted) > len(saved):
-    p, d = wanted[len(saved)]
-    return p, "nothing (no such path)", d
-  return None
-
-
-def _flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-      out.update(_flat_config(value, f"{prefix}{key}."))
-    return out
-  return {prefix[:-1]: list(tree) if isinstance(tree, tuple | list) else tree}
-
-
-def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  out = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
-    if a != b:
-      out.append(f"{key}: {a!r} -> {b!r}")
-  return out
-
-
-def _mismatch_message(
-  where: str, saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any, first: tuple
-) -> str:
-  path, theirs, ours = first
-  lines = [
-    f"checkpoint {where} does not fit the state this run builds.",
-    f"First difference at '{path}': the checkpoint has {theirs}, this run expects {ours}.",
-  ]
-  what = _changes(saved_meta["fingerprint"]["optimizer"], wanted_fp["optimizer"])
-  if what:
-    lines.append("What changed in the optimizer: " + "; ".join(what) + ".")
-  if config is not None and "config" in saved_meta:
-    cfg_changes = _changes(_flat_config(saved_meta["config"]), _flat_config(_config_json(config)))
-    cfg_changes = [c for c in cfg_changes if not c.startswith("checkpoint.")]
-    if cfg_changes:
-      shown = cfg_changes[:12] + (
-        [f"... {len(cfg_changes) - 12} more"] if len(cfg_changes) > 12 else []
-      )
-      lines.append("Config changes since the checkpoint: " + "; ".join(shown) + ".")
-  lines.append(
-    "Restore with the config the checkpoint was written with (restore_state(directory) reads "
-    "it from the checkpoint), or start a new run in another directory."
-  )
-  return "\n".join(lines)
-
-
 # ----------------------------------------------------------- config and meta
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  # to_json_best_effort writes what JSON cannot hold as its repr, so a config
-  # with an odd value still checkpoints (restore_state then names the key).
-  return json.loads(config.to_json_best_effort())
 
 
 def _tuples(value: Any) -> Any:
@@ -328,8 +113,6 @@ def _tuples(value: Any) -> Any:
 
 def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
   """Rebuilds a config saved in a checkpoint's ``meta`` (lists become tuples) and validates it."""
-  from adamw_flax.config import validate_config
-
   return validate_config(ml_collections.ConfigDict(_tuples(data)))
 
 
@@ -376,7 +159,7 @@ def _to_saveable(arrays: dict[str, Any]) -> dict[str, Any]:
   # Orbax 0.12.8 writes a typed PRNG key (nnx.Rngs state in `rest`) as its raw
   # uint32 key data but restores that as a uint32 array, losing the key type
   # and its impl; the explicit key_data / wrap_key_data round trip is exact.
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, arrays)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if fingerprint.is_key(x) else x, arrays)
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -388,7 +171,7 @@ def _restore_item(target: dict[str, Any]) -> dict[str, Any]:
 
   def leaf(x):
     sharding = getattr(x, "sharding", None) or _default_sharding()
-    if _is_key(x):
+    if fingerprint.is_key(x):
       data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
       return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
@@ -398,7 +181,7 @@ def _restore_item(target: dict[str, Any]) -> dict[str, Any]:
 
 def _from_restored(restored: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
   return jax.tree.map(
-    lambda r, t: jax.random.wrap_key_data(r, impl=_key_impl(t)) if _is_key(t) else r,
+    lambda r, t: jax.random.wrap_key_data(r, impl=_key_impl(t)) if fingerprint.is_key(t) else r,
     restored,
     target,
   )
@@ -409,50 +192,6 @@ def _host_int(x: Any) -> int:
     # A replicated global array: every process holds the value.
     return int(np.asarray(x.addressable_data(0)))
   return int(x)
-
-
-# ----------------------------------------------------------- preemption
-
-
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the training loop polls at step boundaries.
-
-  Without ``jax.distributed`` there is no preemption notifier:
-  ``reached_preemption_sync_point`` returns False, and SIGTERM's default
-  action would kill the process mid-step, losing the work since the last
-  checkpoint. One process needs no agreement, so a flag is enough. A second
-  SIGTERM terminates the process as usual.
-  """
-
-  def __init__(self) -> None:
-    self.event = threading.Event()
-    self._previous: Any = None
-    self.installed = False
-
-  def install(self) -> None:
-    if threading.current_thread() is not threading.main_thread():
-      log.warning("Checkpoints created off the main thread: SIGTERM will not trigger a save")
-      return
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    self.installed = True
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    if self.event.is_set():
-      # A second SIGTERM: the loop did not stop in time (or nobody polls the
-      # flag); terminate as SIGTERM would have.
-      self.uninstall()
-      os.kill(os.getpid(), signum)
-      return
-    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
-    self.event.set()
-
-  def uninstall(self) -> None:
-    if self.installed and threading.current_thread() is threading.main_thread():
-      signal.signal(
-        signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL
-      )
-      self.installed = False
 
 
 # ----------------------------------------------------------- the manager
@@ -614,11 +353,7 @@ class Checkpoints:
         "filesystem shared by all processes"
       )
     self._fingerprint_cache: tuple[Any, dict[str, Any]] | None = None
-    self._sigterm: _SigtermFlag | None = None
-    if not jax.distributed.is_initialized():
-      self._sigterm = _SigtermFlag()
-      self._sigterm.install()
-    elif not jax.config.jax_enable_preemption_service:
+    if jax.distributed.is_initialized() and not jax.config.jax_enable_preemption_service:
       log.warning("jax_enable_preemption_service is off: SIGTERM will not trigger a save")
 
   # -- queries
@@ -644,17 +379,18 @@ class Checkpoints:
     return self._manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
-    """Whether the run was asked to stop (SIGTERM) and should save after ``step`` and exit.
+    """Whether JAX's preemption service asks all processes to save after ``step`` and exit.
 
     With ``jax.distributed`` initialized (before this object was created),
     JAX's preemption service catches SIGTERM on any process and all processes
     agree on the step to stop at (``reached_preemption_sync_point``); every
-    process must then call this at every step. In a single process without
-    ``jax.distributed``, a SIGTERM handler sets a flag that this returns.
+    process must then call this at every step, with increasing ``step``.
+    Without ``jax.distributed`` it is always False: a single process's
+    SIGTERM is the trainer's to catch (it installs the handler).
     """
     if jax.distributed.is_initialized():
       return self._manager.reached_preemption(step)
-    return self._sigterm is not None and self._sigterm.event.is_set()
+    return False
 
   # -- save
 
@@ -692,11 +428,11 @@ class Checkpoints:
         raise KeyError(
           f"metrics have no {self._best_by!r} (checkpoint.keep_best_by); got {sorted(metrics)}"
         )
-    arrays = _state_arrays(state)
+    arrays = fingerprint.state_arrays(state)
     meta = {
       "format": FORMAT_VERSION,
       "step": step,
-      "config": _config_json(self.config),
+      "config": config_json(self.config),
       "data_info": self.data_info,
       "versions": dict(_versions()),
       "fingerprint": self._fingerprint(arrays),
@@ -716,7 +452,7 @@ class Checkpoints:
     leaves, treedef = jax.tree.flatten(arrays)
     key = (treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves))
     if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
-      self._fingerprint_cache = (key, state_fingerprint(arrays, self.config))
+      self._fingerprint_cache = (key, fingerprint.state_fingerprint(arrays, self.config))
     return self._fingerprint_cache[1]
 
   def wait(self) -> None:
@@ -724,14 +460,16 @@ class Checkpoints:
     self._manager.wait_until_finished()
     self._manager.check_for_errors()
 
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after a step directory was moved away)."""
+    self._manager.reload()
+
   def close(self) -> None:
-    """Waits for background saves, releases Orbax's resources and the SIGTERM handler."""
+    """Waits for background saves and releases Orbax's resources."""
     try:
       self.wait()
     finally:
       self._manager.close()
-      if self._sigterm is not None:
-        self._sigterm.uninstall()
 
   def __enter__(self) -> Checkpoints:
     return self
@@ -767,7 +505,7 @@ class Checkpoints:
     self.wait()  # a step still being written in the background is not readable yet
     step, meta = _step_and_meta(self._manager, self.directory, step)
     _check_fits(meta, target, self.config, f"{self.directory}/{step}")
-    arrays = _restore_arrays(self._manager, step, _state_arrays(target), with_data=True)
+    arrays = _restore_arrays(self._manager, step, fingerprint.state_arrays(target), with_data=True)
     data_state = arrays.pop(DATA)
     return target.replace(**arrays), data_state
 
@@ -798,17 +536,17 @@ def _read_meta(manager: ocp.CheckpointManager, directory: Path, step: int | None
 
 
 def _check_fits(meta: dict[str, Any], target: Any, config: Any, where: str, fields=None) -> None:
-  wanted = state_fingerprint(_state_arrays(target), config)
+  wanted = fingerprint.state_fingerprint(fingerprint.state_arrays(target), config)
   saved_entries = meta["fingerprint"]["entries"]
   wanted_entries = wanted["entries"]
   if fields is not None:
     keep = lambda e: e[0].split("/", 1)[0] in fields
     saved_entries = [e for e in saved_entries if keep(e)]
     wanted_entries = [e for e in wanted_entries if keep(e)]
-  first = _first_difference(saved_entries, wanted_entries)
+  first = fingerprint.first_difference(saved_entries, wanted_entries)
   if first is not None:
-    raise CheckpointMismatchError(_mismatch_message(where, meta, wanted, config, first))
-  changed = _changes(meta["fingerprint"]["optimizer"], wanted["optimizer"])
+    raise CheckpointMismatchError(fingerprint.mismatch_message(where, meta, wanted, config, first))
+  changed = config_diff(meta["fingerprint"]["optimizer"], wanted["optimizer"])
   if changed and fields is None:
     log.warning("restoring %s with a changed optimizer setup: %s", where, "; ".join(changed))
 
@@ -879,8 +617,6 @@ def _load_target(
   data_info: dict[str, Any] | None,
   mesh: jax.sharding.Mesh | None,
 ) -> tuple[int, dict[str, Any], ml_collections.ConfigDict, TrainState]:
-  from adamw_flax import train_state
-
   step, meta = _step_and_meta(manager, directory, step)
   if config is None:
     config = config_from_json(meta["config"])
@@ -921,7 +657,7 @@ def restore_state(
   with _reader(path) as manager:
     step, meta, config, target = _load_target(manager, path, step, config, data_info, mesh)
     _check_fits(meta, target, config, f"{path}/{step}")
-    arrays = _restore_arrays(manager, step, _state_arrays(target), with_data=False)
+    arrays = _restore_arrays(manager, step, fingerprint.state_arrays(target), with_data=False)
   return target.replace(**arrays)
 
 
@@ -946,3 +682,75 @@ def restore_params(
     wanted = {k: getattr(target, k) for k in fields}
     arrays = _restore_arrays(manager, step, wanted, with_data=False, partial=True)
   return target.replace(opt_state=None, **arrays).merge()
+
+
+class CheckpointReader:
+  """A read-only view of a checkpoint directory: steps, metrics, meta, state, params.
+
+  Opening it creates, cleans, locks and deletes nothing and installs no
+  signal handler (Orbax's manager is opened ``read_only``), so it is safe on
+  the workdir of a run that is still training, for sampling or evaluation.
+
+  Args:
+    directory: a checkpoint root, or a workdir holding ``checkpoints/``.
+
+  Examples:
+    >>> import tempfile
+    >>> from flax import nnx
+    >>> from adamw_flax import config as config_lib, train_state
+    >>> cfg = config_lib.default_config()
+    >>> cfg.checkpoint.keep_best_by = "loss"  # Orbax records metrics for it
+    >>> state = train_state.create_train_state(lambda rngs: nnx.Linear(2, 3, rngs=rngs), cfg)
+    >>> root = tempfile.mkdtemp()
+    >>> with Checkpoints(root, cfg, data_info={"n": 1}) as ckpts:
+    ...   ckpts.save(state, data_state={"step": 0}, metrics={"loss": 1.5}, force=True)
+    True
+    >>> with CheckpointReader(root) as reader:
+    ...   reader.all_steps(), reader.best_step("loss"), reader.meta()["data_info"]
+    ([0], 0, {'n': 1})
+  """
+
+  def __init__(self, directory: str | Path):
+    self.directory = _resolve_directory(directory)
+    self._manager = _reader(self.directory)
+
+  def all_steps(self) -> list[int]:
+    """The complete steps, in increasing order."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The latest complete step, or None."""
+    return self._manager.latest_step()
+
+  def metrics(self, step: int) -> dict[str, Any] | None:
+    """The eval metrics saved with ``step`` (None without; Orbax records them under ``keep_best_by``)."""
+    found = self._manager.metrics(step)
+    return dict(found) if found else None
+
+  def best_step(self, metric: str = "loss", mode: str = "min") -> int | None:
+    """The step with the best saved ``metric`` (``mode`` "min" or "max"); None without metrics."""
+    scored = [(m[metric], s) for s in self.all_steps() if (m := self.metrics(s)) and metric in m]
+    if not scored:
+      return None
+    return (min if mode == "min" else max)(scored)[1]
+
+  def meta(self, step: int | None = None) -> dict[str, Any]:
+    """The ``meta`` item of a step (default the latest): config, data_info, versions, fingerprint."""
+    return _read_meta(self._manager, self.directory, step)
+
+  def data_state(self, step: int | None = None) -> dict[str, Any]:
+    """The data position saved with a step (default the latest)."""
+    step, _ = _step_and_meta(self._manager, self.directory, step)
+    return self._manager.restore(step, args=ocp.args.Composite(**{DATA: ocp.args.JsonRestore()}))[
+      DATA
+    ]
+
+  def close(self) -> None:
+    """Releases Orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> CheckpointReader:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()

@@ -9,23 +9,27 @@ on the command line (``--config.optimizer.learning_rate=3e-4``).
 :func:`validate_config` checks a config where it enters (load, command line):
 unknown keys (with a close-match suggestion), wrong types and out-of-range
 values fail with one :class:`ConfigError` that names every offending key.
+:mod:`adamw_flax.plan` turns a validated config into typed objects, and
+:mod:`adamw_flax.optim` builds its optimizer.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
-import optax
 from ml_collections import config_dict
 
-from adamw_flax import registry, schedules
+from adamw_flax import masks, registry, schedules
+from adamw_flax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Sections whose fields are fixed by this schema. `model` and `data` belong to
@@ -34,7 +38,7 @@ CHECKED_SECTIONS = ("optimizer", "trainer", "checkpoint", "mesh")
 SECTIONS = ("model", "data", *CHECKED_SECTIONS)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config that cannot be used; the message names each offending key."""
 
 
@@ -89,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.nesterov = False  # Nesterov momentum (NAdamW)
   o.update_from_stored_moments = False  # 16-bit mu: faster update, not optax's numbers
   o.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off
-  o.accumulate_steps = 1  # gradient accumulation (optax.MultiSteps) over this many steps
+  o.accumulate_steps = 1  # split each step's batch into this many micro-batches (same updates)
   o.skip_nonfinite = False  # skip steps whose gradients hold NaN/inf (optax.apply_if_finite)
 
   t = c.trainer = ml_collections.ConfigDict()
@@ -113,9 +117,12 @@ def default_config() -> ml_collections.ConfigDict:
   m = c.mesh = ml_collections.ConfigDict()
   m.axes = ("data",)  # mesh axis names
   m.shape = (-1,)  # axis sizes; one may be -1 for "the remaining devices"
-  m.partition_rules = ()  # ((regex on param path, PartitionSpec tuple), ...); first match wins
+  m.partition_rules = ()  # ((selector, PartitionSpec tuple), ...), mask-rule selectors; first wins
   m.data_axes = ("data",)  # axes the batch dimension is sharded over
   m.shard_opt_state = "params"  # "params": like the params; "data": ZeRO-1, also over data axes
+  # Maps the logical names of Linen/NNX sharding annotations to mesh axes;
+  # unmapped names replicate.
+  m.logical_axis_rules = ()  # ((logical name, mesh axis | axes | None), ...) for annotations
   return c
 
 
@@ -163,11 +170,14 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
   need(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
   need(o.decay_steps >= 0, "optimizer.decay_steps", f"must be >= 0, got {o.decay_steps}")
   total = o.decay_steps or t.num_steps
+  # A decaying schedule needs steps after its warmup to decay over (optax's
+  # cosine decay fails on a zero-length decay).
+  decaying = o.schedule in ("warmup_cosine", "warmup_linear")
   need(
-    o.warmup_steps <= total,
+    o.warmup_steps < total if decaying else o.warmup_steps <= total,
     "optimizer.warmup_steps",
-    f"({o.warmup_steps}) must be <= the schedule's length ({total}: optimizer.decay_steps, "
-    "or trainer.num_steps when that is 0)",
+    f"({o.warmup_steps}) must be {'<' if decaying else '<='} the schedule's length ({total}: "
+    "optimizer.decay_steps, or trainer.num_steps when that is 0)",
   )
   need(
     o.weight_decay_mode in ("lr", "paper"),
@@ -200,7 +210,7 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     )
   for key in ("weight_decay_mask", "lr_multipliers", "freeze"):
     try:
-      _parse_rules(o[key], key)
+      rule_field(o[key], key)
     except ValueError as e:
       errors.append(f"optimizer.{key}: {e}")
 
@@ -242,18 +252,79 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     "mesh.shard_opt_state",
     f"must be 'params' (like the params) or 'data' (ZeRO-1), got {m.shard_opt_state!r}",
   )
-  from adamw_flax import sharding  # lazily: it imports jax's sharding machinery
-
-  errors.extend(sharding.mesh_config_errors(m))
+  errors.extend(mesh_config_errors(m))
 
 
-def _parse_rules(spec: Any, key: str) -> Any:
+def rule_field(spec: Any, key: str) -> tuple[masks.Rule, ...]:
+  """Reads one of the optimizer's rule fields (``weight_decay_mask``, ``lr_multipliers``, ``freeze``).
+
+  Args:
+    spec: the field's value (a preset, a ``"sel=value, ..."`` string, pairs).
+    key: the field's name: values are floats for ``lr_multipliers``, booleans otherwise.
+
+  Returns:
+    The rules (``()`` for an empty field).
+  """
   if spec in ("", None, ()):
     return ()
-  from adamw_flax import masks  # imported lazily: masks pulls in flax
+  what = {"weight_decay_mask": "weight decay", "lr_multipliers": "learning-rate multiplier"}
+  return masks.parse_rules(
+    spec, value_type=float if key == "lr_multipliers" else bool, what=what.get(key, key)
+  )
 
-  value_type = float if key == "lr_multipliers" else bool
-  return masks.parse_rules(spec, value_type=value_type)
+
+def mesh_config_errors(mesh_cfg: ml_collections.ConfigDict) -> list[str]:
+  """The problems of a ``mesh`` section found without devices or a model, as ``"key: message"``.
+
+  Unique axis names, well-formed partition rules whose specs name mesh axes
+  (each once), data axes and logical-axis rules that name mesh axes. What
+  needs the devices or the parameters (sizes that divide) is checked by
+  :func:`adamw_flax.sharding.mesh_from_config` and
+  :func:`adamw_flax.sharding.param_specs`.
+
+  Examples:
+    >>> cfg = default_config().mesh
+    >>> cfg.partition_rules = ((".*kernel", (None, "model")),)
+    >>> mesh_config_errors(cfg)
+    ["mesh.partition_rules[0] ('.*kernel'): axis 'model' is not in mesh.axes ('data',)"]
+  """
+  errors = []
+  axes = tuple(mesh_cfg.axes)
+  if len(set(axes)) != len(axes):
+    errors.append(f"mesh.axes: {axes} names an axis twice")
+  try:
+    rules = masks.parse_partition_rules(mesh_cfg.partition_rules)
+  except ValueError as e:
+    errors.append(str(e))
+    rules = ()
+  for i, rule in enumerate(rules):
+    text = mesh_cfg.partition_rules[i][0]
+    used = [a for e in rule.value if e is not None for a in ((e,) if isinstance(e, str) else e)]
+    for a in dict.fromkeys(used):
+      if a not in axes:
+        errors.append(
+          f"mesh.partition_rules[{i}] ({text!r}): axis {a!r} is not in mesh.axes {axes}"
+        )
+    if len(set(used)) != len(used):
+      errors.append(f"mesh.partition_rules[{i}] ({text!r}): {rule.value} uses a mesh axis twice")
+  data_axes = tuple(mesh_cfg.data_axes)
+  if len(set(data_axes)) != len(data_axes):
+    errors.append(f"mesh.data_axes: {data_axes} names an axis twice")
+  for i, rule in enumerate(mesh_cfg.logical_axis_rules):
+    if not (isinstance(rule, Sequence) and len(rule) == 2 and isinstance(rule[0], str)):
+      errors.append(
+        f"mesh.logical_axis_rules[{i}]: must be a (logical name, mesh axis or None) pair, "
+        f"got {rule!r}"
+      )
+      continue
+    target = rule[1]
+    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for a in names:
+      if a not in axes:
+        errors.append(
+          f"mesh.logical_axis_rules[{i}] ({rule[0]!r}): axis {a!r} is not in mesh.axes {axes}"
+        )
+  return errors
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -292,6 +363,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   for section in CHECKED_SECTIONS:
     known = _flat_keys(schema[section], section + ".")
     given = _flat_keys(config[section], section + ".")
+    for key, value in list(given.items()):
+      if value == "None" and key in known and known[key] is None:
+        # The command line gives optional fields as text: "None" means None.
+        config[section][key.split(".", 1)[1]] = given[key] = value = None
     for key, value in given.items():
       if key not in known:
         errors.append(f"{key}: unknown key{_suggest(key, list(known))}")
@@ -308,6 +383,55 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   return config
+
+
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+  """Turns the ValueError / FileNotFoundError of a user's input into a :class:`ConfigError`.
+
+  For the boundaries where a config meets code that checks it (mask rules
+  against the model, the mesh against the devices, the data path): the
+  message is prefixed with ``what`` and the original stays as the cause.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    raise ConfigError(f"{what}: {e}") from e
+
+
+def check_registered(config: ml_collections.ConfigDict) -> None:
+  """Checks that ``model.name`` and ``data.name`` are registered, and their declared fields.
+
+  Imports the modules that ``"module:name"`` names (which register them).
+  A model or dataset registered with ``config_fields`` gets its section
+  checked like the schema's: an unknown key is an error with a close match.
+
+  Raises:
+    ConfigError: naming each bad key.
+  """
+  errors = []
+  for section, reg in (("model", registry.MODELS), ("data", registry.DATASETS)):
+    name = config[section].get("name", "")
+    if not name:
+      errors.append(f"{section}.name: empty; name a registered {reg.kind} ('module.path:name')")
+      continue
+    try:
+      fields = reg.fields(name)
+    except registry.RegistryError as e:
+      errors.append(f"{section}.name: {e}")
+      continue
+    if fields is None:
+      continue
+    for key in config[section].keys():
+      if key != "name" and key not in fields:
+        errors.append(
+          f"{section}.{key}: unknown key for {reg.kind} {name!r}"
+          + _suggest(f"{section}.{key}", [f"{section}.{f}" for f in fields])
+        )
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def _field_type(schema: ml_collections.ConfigDict, key: str) -> type | None:
@@ -342,44 +466,152 @@ def _type_name(want: Any, schema: ml_collections.ConfigDict, key: str) -> str:
   return type(want).__name__
 
 
+# --------------------------------------------------------------- JSON and diffs
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as a JSON-able dict (what ``config.json`` and checkpoints hold).
+
+  ``to_json_best_effort`` writes what JSON cannot hold as its repr, so a
+  config with an odd value still saves (its restore then names the key).
+  """
+  return json.loads(config.to_json_best_effort())
+
+
+def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested dict as ``{"section.key": value}`` (sequences as lists)."""
+  if isinstance(tree, dict):
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+      out.update(flat_config(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple | list) else tree}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The keys whose values differ between two configs, as ``"key: old -> new"`` lines.
+
+  Args:
+    old: a config as :func:`config_json` gives it (or a flat dict).
+    new: the same for the other side.
+
+  Returns:
+    One line per differing key, sorted; a key only one side has shows
+    ``(absent)`` on the other.
+
+  Examples:
+    >>> config_diff({"optimizer": {"b1": 0.9, "b2": 0.99}}, {"optimizer": {"b1": 0.9, "b2": 0.95}})
+    ['optimizer.b2: 0.99 -> 0.95']
+  """
+  a, b = flat_config(old), flat_config(new)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    x, y = a.get(key, "(absent)"), b.get(key, "(absent)")
+    if x != y:
+      out.append(f"{key}: {x!r} -> {y!r}")
+  return out
+
+
 # --------------------------------------------------------------- loading
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-  """Parses ``"section.key=value"`` (``--config.`` prefix allowed) into (key, value)."""
+def _parse_value(raw: str, current: Any, field_type: type | None, key: str) -> Any:
+  """A command-line value read by the type of the field it sets."""
+  text = raw.strip()
+  if text == "None":
+    return None
+  kind = field_type or (type(current) if current is not None else None)
+  if kind is str:
+    return raw  # a string field takes the text as written ("1e-3" stays a string)
+  if kind is bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() in words:
+      return words[text.lower()]
+    raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if kind in (int, float, tuple, list):
+      raise ConfigError(
+        f"{key}: cannot read {raw!r} as {kind.__name__}; write e.g. "
+        + {int: "8", float: "3e-4", tuple: "'(4, 2)'", list: "'[1, 2]'"}[kind]
+      ) from None
+    return raw
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if kind is tuple and isinstance(value, list):
+    value = tuple(value)
+  if kind is tuple and not isinstance(value, tuple):
+    value = (value,)
+  return value
+
+
+def parse_override(text: str) -> tuple[str, str]:
+  """Splits ``"section.key=value"`` (``--config.`` prefix allowed) into (key, raw value)."""
   text = text.removeprefix("--").removeprefix("config.")
   if "=" not in text:
     raise ConfigError(f"override {text!r}: expected 'section.key=value'")
   key, raw = text.split("=", 1)
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  return key, value
+  return key.strip(), raw
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """Applies ``section.key=value`` overrides in place, as the command line does."""
+  """Applies ``section.key=value`` overrides in place: the one parser of the command line.
+
+  A value is read by the type of the field it sets: text for string fields
+  (``None`` for None), ``true``/``false`` for booleans, Python literals for
+  numbers and tuples. An unknown section or key is an error with a close
+  match.
+
+  Args:
+    config: the config to change.
+    overrides: strings ``"section.key=value"`` (``--config.`` prefix allowed).
+
+  Raises:
+    ConfigError: naming the key.
+
+  Examples:
+    >>> cfg = default_config()
+    >>> apply_overrides(cfg, ["optimizer.learning_rate=3e-4", "optimizer.mu_dtype=bfloat16"])
+    >>> cfg.optimizer.learning_rate, cfg.optimizer.mu_dtype
+    (0.0003, 'bfloat16')
+    >>> apply_overrides(cfg, ["optimizer.lerning_rate=1e-3"])
+    Traceback (most recent call last):
+    ...
+    adamw_flax.config.ConfigError: optimizer.lerning_rate: unknown key; did you mean 'optimizer.learning_rate'?
+  """
   for text in overrides:
-    key, value = parse_override(text)
+    key, raw = parse_override(text)
     node = config
     *parents, leaf = key.split(".")
     for i, part in enumerate(parents):
-      if part not in node:
-        raise ConfigError(f"{'.'.join(parents[: i + 1])}: unknown key in override {text!r}")
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parents[: i + 1])
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        what = "unknown section" if i == 0 else "unknown key"
+        close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{'.'.join([*parents[:i], close[0]])}'?" if close else ""
+        raise ConfigError(f"{where}: {what}{hint}")
       node = node[part]
     if leaf not in node:
-      raise ConfigError(
-        f"{key}: unknown key in override {text!r}{_suggest(leaf, list(node.keys()))}"
-      )
+      known = [".".join([*parents, k]) for k in node.keys()]
+      raise ConfigError(f"{key}: unknown key{_suggest(key, known)}")
+    ref = node.get_ref(leaf) if not isinstance(node[leaf], ml_collections.ConfigDict) else None
+    if ref is None:
+      raise ConfigError(f"{key}: is a section; set one of its keys ({key}.KEY=value)")
+    value = _parse_value(raw, node[leaf], ref.get_type(), key)
     try:
       node[leaf] = value
-    except TypeError as e:
-      raise ConfigError(f"{key}: cannot set {value!r}: {e}") from e
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{key}: cannot set {value!r} ({e})") from None
 
 
 def load_config(
-  path: str | Path, overrides: Sequence[str] = (), arg: str | None = None
+  path: str | Path,
+  overrides: Sequence[str] = (),
+  arg: str | None = None,
+  *,
+  validate: bool = True,
 ) -> ml_collections.ConfigDict:
   """Loads ``get_config()`` from a config file, applies overrides, validates.
 
@@ -390,101 +622,23 @@ def load_config(
     path: a Python file defining ``get_config(arg=None)`` (or ``get_config()``).
     overrides: strings ``"section.key=value"``.
     arg: passed to ``get_config`` (the ``--config=path:arg`` form).
+    validate: validate the result (False: return it as overridden).
 
   Returns:
     The validated config.
   """
   path = Path(path)
+  if arg is None and not path.is_file() and ":" in str(path):
+    head, tail = str(path).rsplit(":", 1)  # the --config=path:arg form
+    if Path(head).is_file():
+      path, arg = Path(head), tail
   if not path.is_file():
-    raise ConfigError(f"config file {str(path)!r} does not exist")
+    raise ConfigError(f"--config: file {str(path)!r} does not exist; pass a configs/*.py file")
   spec = importlib.util.spec_from_file_location(f"_adamw_flax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+    raise ConfigError(f"--config: {str(path)!r} defines no get_config()")
   config = module.get_config(arg) if arg is not None else module.get_config()
   apply_overrides(config, overrides)
-  return validate_config(config)
-
-
-# --------------------------------------------------------------- optimizer
-
-
-def scale_by_multipliers(multipliers: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """Multiplies each update leaf by its scalar from ``multipliers(updates)``.
-
-  optax has no per-leaf constant scaling (``optax.multi_transform`` would
-  split the optimizer state by group, changing its tree); this keeps the
-  state of the wrapped optimizer as it is.
-  """
-  import jax
-
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    factors = multipliers(updates)
-    updates = jax.tree.map(lambda u, f: u * jax.numpy.asarray(f, u.dtype), updates, factors)
-    return updates, state
-
-  return optax.GradientTransformation(init, update)
-
-
-def optimizer_from_config(
-  cfg: ml_collections.ConfigDict, *, num_steps: int | None = None, target: Any = None
-) -> optax.GradientTransformationExtraArgs:
-  """Builds the full optimizer chain that ``config.optimizer`` describes.
-
-  The chain is, in order: gradient clipping (``grad_clip_norm``), the
-  registered optimizer (``name``) with its schedule and weight-decay mask,
-  per-group learning-rate multipliers (``lr_multipliers``), then the
-  wrappers: skipping of non-finite steps (``skip_nonfinite``) and gradient
-  accumulation (``accumulate_steps``). Frozen parameters (``freeze``) are
-  removed from the trained tree by :func:`adamw_flax.create_train_state`, so
-  they never reach this optimizer.
-
-  Args:
-    cfg: the ``optimizer`` section of a validated config.
-    num_steps: the run's length, for schedules whose ``decay_steps`` is 0.
-    target: the model (NNX module, or a params tree) that mask and multiplier
-      rules are resolved against; needed for rules on module types.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> cfg = default_config().optimizer
-    >>> cfg.weight_decay_mask = "all"
-    >>> tx = optimizer_from_config(cfg)
-    >>> state = tx.init({"w": jnp.ones(3)})
-  """
-  from adamw_flax import masks
-
-  lr = schedules.schedule_from_config(cfg, num_steps)
-  if cfg.schedule == "constant" and not cfg.warmup_steps:
-    lr = float(cfg.learning_rate)  # a scalar keeps the state tree of optax.adamw(lr)
-  decay_rules = _parse_rules(cfg.weight_decay_mask, "weight_decay_mask")
-  mask = None
-  # No decay, or decay of everything, needs no mask: the optimizer state is
-  # then exactly plain optax.adamw's (no MaskedState), and no model is needed.
-  if decay_rules and cfg.weight_decay and decay_rules != masks.PRESETS["all"]:
-    mask = masks.weight_decay_mask(decay_rules, target)
-  factory = registry.OPTIMIZERS.get(cfg.name)
-  tx = factory(cfg, learning_rate=lr, weight_decay_mask=mask)
-
-  parts = []
-  if cfg.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(tx)
-  mult_rules = _parse_rules(cfg.lr_multipliers, "lr_multipliers")
-  if mult_rules:
-    parts.append(scale_by_multipliers(masks.lr_multiplier_fn(mult_rules, target)))
-  tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
-  if cfg.skip_nonfinite:
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
-  if cfg.accumulate_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate_steps).gradient_transformation()
-  return optax.with_extra_args_support(tx)
+  return validate_config(config) if validate else config

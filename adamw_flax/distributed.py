@@ -61,7 +61,7 @@ def _detected_cluster() -> tuple[str, int] | None:
   # public way to ask whether it would, and with no cluster it raises rather
   # than treating the run as single-process; this asks JAX's own detectors.
   try:
-    from jax._src.clusters import ClusterEnv
+    from jax._src.clusters import ClusterEnv  # noqa: PLC0415, PLC2701 (no public API; see above)
   except ImportError:  # a JAX without this module: only explicit settings work
     return None
   for env in ClusterEnv._cluster_types:

@@ -19,10 +19,15 @@ import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+import jax.numpy as jnp
+
+from adamw_flax import transform
+from adamw_flax.errors import UserError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
   """An unknown or duplicate name in a registry."""
 
   def __str__(self) -> str:  # KeyError would quote the message.
@@ -49,6 +54,18 @@ class Registry(Generic[T]):
   def __init__(self, kind: str):
     self.kind = kind
     self._entries: dict[str, T] = {}
+    # name -> the config fields the entry reads (beside `name`), when declared
+    self._fields: dict[str, tuple[str, ...]] = {}
+
+  def declare_fields(self, name: str, fields: Any) -> None:
+    """Records the config fields entry ``name`` reads, so typos in its section are caught."""
+    if fields is not None:
+      self._fields[name] = tuple(str(f) for f in fields)
+
+  def fields(self, name: str) -> tuple[str, ...] | None:
+    """The declared config fields of ``name`` (importing ``module:`` prefixes), or None."""
+    self.get(name)
+    return self._fields.get(name.rsplit(":", 1)[-1])
 
   def register(self, name: str, obj: T) -> T:
     if not isinstance(name, str) or not name or ":" in name:
@@ -71,8 +88,9 @@ class Registry(Generic[T]):
         importlib.import_module(module)
       except ImportError as e:
         raise RegistryError(
-          f"{self.kind} {name!r}: cannot import module {module!r} ({e}); run from the "
-          "repository root or install the package that provides it"
+          f"{self.kind} {name!r}: cannot import module {module!r} ({e}); make it importable: "
+          "install the package that provides it, or run from the directory that holds it "
+          "(or add that directory to PYTHONPATH)"
         ) from e
     if key not in self._entries:
       known = sorted(self._entries)
@@ -105,11 +123,20 @@ class Registry(Generic[T]):
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-  """A registered model: ``build(model_config, *, rngs, data_info) -> nnx.Module``
-  and ``loss(model, batch, *, train) -> (scalar loss, dict of scalar metrics)``."""
+  """A registered model.
+
+  Attributes:
+    build: ``build(model_config, *, rngs, data_info) -> module``: an
+      ``nnx.Module``, or a Linen module (then ``example_inputs`` is needed).
+    loss: ``loss(model, batch, *, train[, rngs]) -> (scalar loss, dict of
+      scalar metrics)``; with an ``rngs`` parameter it gets the step's RNGs.
+    example_inputs: ``(model_config, data_info) -> tuple`` of one call's
+      positional inputs (arrays or ``jax.ShapeDtypeStruct``), for Linen models.
+  """
 
   build: Callable[..., Any]
   loss: Callable[..., Any]
+  example_inputs: Callable[..., tuple[Any, ...]] | None = None
 
 
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer")
@@ -142,28 +169,43 @@ def register_optimizer(name: str) -> Callable[[Callable[..., Any]], Callable[...
 
 
 def register_model(
-  name: str, *, loss: Callable[..., Any]
+  name: str,
+  *,
+  loss: Callable[..., Any],
+  example_inputs: Callable[..., tuple[Any, ...]] | None = None,
+  config_fields: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   """Registers a model builder and its loss.
 
   Args:
     name: the name configs use in ``config.model.name``.
-    loss: ``loss(model, batch, *, train: bool) -> (loss, metrics)``, where
-      ``model`` is the NNX module, ``batch`` a dict of arrays, ``loss`` a float
-      scalar and ``metrics`` a dict of extra scalars (may be empty).
+    loss: ``loss(model, batch, *, train: bool[, rngs]) -> (loss, metrics)``,
+      where ``model`` is the NNX module (a Linen model arrives wrapped in
+      ``nnx.bridge.ToNNX``), ``batch`` a dict of arrays, ``loss`` a float
+      scalar (a mean over the batch) and ``metrics`` a dict of extra scalars
+      (may be empty). A loss with an ``rngs`` parameter gets an
+      ``nnx.Rngs`` of the step's key (for dropout).
+    example_inputs: ``(model_config, data_info) -> tuple`` of one call's
+      inputs; needed when ``build`` returns a Linen module.
+    config_fields: the fields of ``config.model`` the builder reads (beside
+      ``name``); when given, an unknown field is a config error with a "did
+      you mean".
 
   Returns:
-    A decorator for ``build(model_config, *, rngs, data_info) -> nnx.Module``.
+    A decorator for ``build(model_config, *, rngs, data_info) -> module``.
   """
 
   def deco(build):
-    MODELS.register(name, ModelEntry(build=build, loss=loss))
+    MODELS.register(name, ModelEntry(build=build, loss=loss, example_inputs=example_inputs))
+    MODELS.declare_fields(name, config_fields)
     return build
 
   return deco
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_dataset(
+  name: str, *, config_fields: Any = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   """Registers ``build(data_config, *, seed, process_index, process_count) -> dataset``.
 
   The dataset object provides (see ``adamw_flax.trainer`` for how it is used):
@@ -178,19 +220,17 @@ def register_dataset(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
   """
 
   def deco(build):
-    return DATASETS.register(name, build)
+    DATASETS.register(name, build)
+    DATASETS.declare_fields(name, config_fields)
+    return build
 
   return deco
 
 
 # ------------------------------------------------------------------ built-ins
-# The transform is imported when a built-in is built, not when registered, so
-# importing the registry stays cheap.
 
 
 def _dtype(name: str | None) -> Any:
-  import jax.numpy as jnp
-
   return None if name is None else jnp.dtype(name)
 
 
@@ -200,8 +240,6 @@ def _peak(cfg) -> float | None:
 
 
 def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
-  from adamw_flax import transform
-
   return transform.adamw(
     learning_rate,
     b1=cfg.b1,
@@ -215,7 +253,7 @@ def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
     nu_dtype=_dtype(cfg.nu_dtype),
     weight_decay_mode=cfg.weight_decay_mode,
     peak_learning_rate=_peak(cfg),
-    update_from_stored_moments=cfg.get("update_from_stored_moments", False),
+    update_from_stored_moments=cfg.update_from_stored_moments,
   )
 
 

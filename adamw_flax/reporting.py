@@ -15,6 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
+
 from adamw_flax import fs
 
 
@@ -33,10 +37,17 @@ class MetricsWriter:
   Args:
     workdir: the run's directory; writes ``metrics.jsonl`` and ``tensorboard/``.
     tensorboard: also write TensorBoard event files.
+    resume_step: the step a run resumes from: rows of later steps, written
+      before a crash and about to be replayed, are dropped first, so a resumed
+      run's ``metrics.jsonl`` holds each step once.
   """
 
-  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None
+  ):
     self.path = fs.as_path(workdir) / "metrics.jsonl"
+    if resume_step is not None and self.path.exists():
+      _drop_rows_after(self.path, resume_step)
     # Object stores (gs://) cannot append: there the file is rewritten whole
     # on each write (a few KB: one line per logged step).
     self._lines: list[str] | None = None
@@ -47,8 +58,6 @@ class MetricsWriter:
       self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
       self._tb = SummaryWriter(str(fs.as_path(workdir) / "tensorboard"), flush_secs=30)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
@@ -71,6 +80,27 @@ class MetricsWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: Any, step: int) -> None:
+  lines = path.read_text().splitlines(True)
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # the partial last line of a killed run
+    if int(row.get("step", 0)) <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if len(kept) == len(lines):
+    return
+  text = "".join(kept)
+  if fs.is_remote(path):
+    path.write_text(text)
+  else:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -98,9 +128,6 @@ def plot_losses(workdir: str | Path) -> Path:
   """
   # The object API (no pyplot): no global state, so plots can be drawn in a
   # background thread while training goes on.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   workdir = fs.as_path(workdir)
   rows = read_metrics(workdir / "metrics.jsonl")
   series: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "eval": {}}

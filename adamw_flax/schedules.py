@@ -28,7 +28,7 @@ SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "piecewise")
 
 def decay_steps(cfg: Any, num_steps: int | None) -> int:
   """Steps over which the schedule runs: ``cfg.decay_steps`` or, if 0, the run's length."""
-  steps = int(cfg.get("decay_steps", 0) or 0)
+  steps = int(cfg.decay_steps)
   if steps:
     return steps
   if num_steps is None:
@@ -61,9 +61,9 @@ def schedule_from_config(cfg: Any, num_steps: int | None = None) -> optax.Schedu
     [0.0, 0.0005, 0.001, 0.0001]
   """
   peak = float(cfg.learning_rate)
-  name = cfg.get("schedule", "constant")
-  warmup = int(cfg.get("warmup_steps", 0) or 0)
-  end = float(cfg.get("end_learning_rate", 0.0) or 0.0)
+  name = cfg.schedule
+  warmup = int(cfg.warmup_steps)
+  end = float(cfg.end_learning_rate)
 
   if name == "constant":
     if not warmup:
@@ -100,8 +100,8 @@ def schedule_from_config(cfg: Any, num_steps: int | None = None) -> optax.Schedu
 
     return rsqrt
   if name == "piecewise":
-    bounds = tuple(int(b) for b in cfg.get("piecewise_boundaries", ()))
-    scales = tuple(float(s) for s in cfg.get("piecewise_scales", ()))
+    bounds = tuple(int(b) for b in cfg.piecewise_boundaries)
+    scales = tuple(float(s) for s in cfg.piecewise_scales)
     if len(bounds) != len(scales):
       raise ValueError(
         f"optimizer.piecewise_boundaries ({len(bounds)} values) and optimizer.piecewise_scales "

@@ -43,17 +43,18 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from adamw_flax import masks
+from adamw_flax import masks, plan
 
 PyTree = Any
 
@@ -62,7 +63,9 @@ __all__ = [
   "batch_sharding",
   "data_shard_info",
   "global_batch",
-  "mesh_config_errors",
+  "named",
+  "opt_state_shardings",
+  "param_specs_of_groups",
   "mesh_from_config",
   "param_specs",
   "per_device_bytes",
@@ -130,6 +133,7 @@ def mesh_from_config(
     >>> dict(mesh.shape) == {"data": jax.device_count(), "model": 1}
     True
   """
+  mesh_cfg = plan.as_mesh_plan(mesh_cfg)
   devices = list(jax.devices() if devices is None else devices)
   axes = tuple(mesh_cfg.axes)
   shape = _resolve_shape(axes, mesh_cfg.shape, len(devices))
@@ -159,12 +163,13 @@ def abstract_mesh_from_config(
     >>> dict(abstract_mesh_from_config(cfg, 256).shape)
     {'data': 16, 'fsdp': 16}
   """
+  mesh_cfg = plan.as_mesh_plan(mesh_cfg)
   axes = tuple(mesh_cfg.axes)
   shape = _resolve_shape(axes, mesh_cfg.shape, num_devices)
   return AbstractMesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
-def _axis_sizes(mesh_cfg: ml_collections.ConfigDict, mesh: Mesh | None) -> dict[str, int]:
+def _axis_sizes(mesh_cfg: Any, mesh: Mesh | AbstractMesh | None) -> dict[str, int]:
   if mesh is not None:
     return {str(k): int(v) for k, v in mesh.shape.items()}
   shape = _resolve_shape(mesh_cfg.axes, mesh_cfg.shape, jax.device_count())
@@ -184,84 +189,6 @@ def _key_tuple(keypath: Sequence[Any]) -> tuple[str, ...]:
   return tuple(keys)
 
 
-def _spec_from_rule(raw: Any, where: str) -> PartitionSpec:
-  if isinstance(raw, PartitionSpec):
-    return raw
-  if raw is None:
-    return PartitionSpec()
-  if isinstance(raw, str):
-    return PartitionSpec(raw)
-  if not isinstance(raw, Sequence):
-    raise ValueError(
-      f"{where}: spec {raw!r} must be a PartitionSpec or a tuple of mesh axis names, "
-      "tuples of names, or None (one per dimension)"
-    )
-  entries = []
-  for e in raw:
-    if e is None or isinstance(e, str):
-      entries.append(e)
-    elif isinstance(e, Sequence) and all(isinstance(a, str) for a in e):
-      entries.append(tuple(e))
-    else:
-      raise ValueError(
-        f"{where}: spec entry {e!r} must be a mesh axis name, a tuple of names, or None"
-      )
-  return PartitionSpec(*entries)
-
-
-def _parse_partition_rules(rules: Any) -> list[tuple[str, re.Pattern[str], PartitionSpec]]:
-  out = []
-  for i, rule in enumerate(rules or ()):
-    where = f"mesh.partition_rules[{i}]"
-    if not (isinstance(rule, Sequence) and len(rule) == 2 and isinstance(rule[0], str)):
-      raise ValueError(f"{where}: must be a (regex, spec) pair, got {rule!r}")
-    try:
-      pattern = re.compile(rule[0])
-    except re.error as e:
-      raise ValueError(f"{where}: invalid regex {rule[0]!r}: {e}") from e
-    out.append((rule[0], pattern, _spec_from_rule(rule[1], f"{where} ({rule[0]!r})")))
-  return out
-
-
-def mesh_config_errors(mesh_cfg: ml_collections.ConfigDict) -> list[str]:
-  """The problems of a ``mesh`` section found without devices or a model, as ``"key: message"``.
-
-  For config validation: unique axis names, well-formed partition rules
-  (compiling regexes, specs of mesh axes, each used once), unique data axes.
-  What needs the devices or the parameters (sizes that divide) is checked by
-  :func:`mesh_from_config` and :func:`param_specs`.
-
-  Examples:
-    >>> from adamw_flax import config
-    >>> cfg = config.default_config().mesh
-    >>> cfg.partition_rules = ((".*kernel", (None, "model")),)
-    >>> mesh_config_errors(cfg)
-    ["mesh.partition_rules[0] ('.*kernel'): axis 'model' is not in mesh.axes ('data',)"]
-  """
-  errors = []
-  axes = tuple(mesh_cfg.axes)
-  if len(set(axes)) != len(axes):
-    errors.append(f"mesh.axes: {axes} names an axis twice")
-  try:
-    rules = _parse_partition_rules(mesh_cfg.get("partition_rules", ()))
-  except ValueError as e:
-    errors.append(str(e))
-    rules = []
-  for i, (text, _, spec) in enumerate(rules):
-    used = _spec_axes(spec)
-    for a in dict.fromkeys(used):
-      if a not in axes:
-        errors.append(
-          f"mesh.partition_rules[{i}] ({text!r}): axis {a!r} is not in mesh.axes {axes}"
-        )
-    if len(set(used)) != len(used):
-      errors.append(f"mesh.partition_rules[{i}] ({text!r}): {spec} uses a mesh axis twice")
-  data_axes = tuple(mesh_cfg.get("data_axes", ()) or ())
-  if len(set(data_axes)) != len(data_axes):
-    errors.append(f"mesh.data_axes: {data_axes} names an axis twice")
-  return errors
-
-
 def _spec_axes(spec: PartitionSpec) -> list[str]:
   axes: list[str] = []
   for e in spec:
@@ -279,7 +206,7 @@ def _check_spec(
     if a not in sizes:
       raise ValueError(
         f"{path} (shape {shape}): {source} {spec} names axis {a!r}, which is not a mesh axis; "
-        f"mesh.axes are {tuple(sizes)}"
+        f"mesh.axes are {tuple(sizes)}; map logical names with mesh.logical_axis_rules"
       )
   if len(set(axes)) != len(axes):
     raise ValueError(f"{path} (shape {shape}): {source} {spec} uses a mesh axis twice")
@@ -299,141 +226,199 @@ def _check_spec(
       )
 
 
-def _annotation(variable: Any) -> PartitionSpec | None:
-  from flax import nnx
+def _annotation(
+  variable: Any, sizes: Mapping[str, int], logical: Mapping[str, Any], unmapped: set[str]
+) -> PartitionSpec | None:
+  """The spec a Variable's own annotation asks for, its logical names mapped to mesh axes.
 
+  NNX ``out_sharding`` (``nnx.with_partitioning``, ``nnx.Param(...,
+  out_sharding=...)``) and Linen logical partitioning seen through
+  ``nnx.bridge`` (the same metadata) name either mesh axes or logical axes;
+  a name that is neither a mesh axis nor in ``mesh.logical_axis_rules``
+  replicates that dimension and is recorded in ``unmapped``.
+  """
   if not isinstance(variable, nnx.Variable):
     return None
-  # nnx.get_partition_spec also resolves logical axis names through the
-  # Variable's `sharding_rules` metadata and any flax logical-axis context.
-  spec = nnx.get_partition_spec(variable).get_value()
-  return spec if isinstance(spec, PartitionSpec) else None
+  meta = variable.get_metadata()
+  raw = meta.get("out_sharding", meta.get("sharding"))
+  if raw is None:
+    return None
+  if isinstance(raw, PartitionSpec):
+    raw = tuple(raw)
+  entries = []
+  for e in raw:
+    names = () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    axes: list[str] = []
+    for name in names:
+      if name in logical:
+        target = logical[name]
+        axes.extend(() if target is None else (target,) if isinstance(target, str) else target)
+      elif name in sizes:
+        axes.append(name)
+      else:
+        unmapped.add(name)
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return PartitionSpec(*entries)
 
 
-class _Entries:
-  """The leaves of one params-like tree: paths, shapes, annotations, and how to rebuild it."""
-
-  def __init__(self, tree: PyTree, template: Any = None):
-    from flax import nnx
-
-    leaves_with_path, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
-    self.paths = [_key_tuple(kp) for kp, _ in leaves_with_path]
-    self.shapes = [tuple(int(d) for d in np.shape(x)) for _, x in leaves_with_path]
-    self.annotations: list[PartitionSpec | None] = [None] * len(self.paths)
-    if template is not None:  # the nnx.State treedef of a TrainState field
-      state = jax.tree.unflatten(template, [x for _, x in leaves_with_path])
-      variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-      self.annotations = [_annotation(v) for v in variables]
-    elif isinstance(tree, nnx.State):
-      variables = jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
-      self.annotations = [_annotation(v) for v in variables]
-      self.treedef = jax.tree.structure(tree.to_pure_dict())
-
-  def unflatten(self, leaves: list[Any]) -> PyTree:
-    return jax.tree.unflatten(self.treedef, leaves)
+def _group_entries(tree: PyTree, template: Any) -> tuple[list[tuple[str, ...]], list, list, Any]:
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [_key_tuple(kp) for kp, _ in leaves_with_path]
+  shapes = [tuple(int(d) for d in np.shape(x)) for _, x in leaves_with_path]
+  variables: list[Any] = [None] * len(paths)
+  if template is not None:  # the nnx.State treedef of a TrainState field
+    state = jax.tree.unflatten(template, [x for _, x in leaves_with_path])
+    variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  elif isinstance(tree, nnx.State):
+    variables = jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    treedef = jax.tree.structure(tree.to_pure_dict())
+  return paths, shapes, variables, treedef
 
 
-def _specs_for(
-  groups: Sequence[_Entries],
-  rules: Sequence[tuple[str, re.Pattern[str], PartitionSpec]],
-  sizes: Mapping[str, int],
-) -> list[list[PartitionSpec]]:
-  used = [False] * len(rules)
+def param_specs_of_groups(
+  trees: Sequence[PyTree],
+  mesh_cfg: Any,
+  *,
+  mesh: Mesh | AbstractMesh | None = None,
+  templates: Sequence[Any] | None = None,
+  rules: bool = True,
+  target: Any = None,
+  unmapped: set[str] | None = None,
+) -> list[PyTree]:
+  """The ``PartitionSpec`` of every leaf of several params-like trees that one rule list covers.
+
+  For each leaf, the first partition rule whose selector matches its path
+  gives the spec; otherwise its own annotation (logical names mapped by
+  ``mesh.logical_axis_rules``); otherwise it is replicated. A rule that
+  matches no leaf of any of the trees is an error.
+
+  Args:
+    trees: params-like trees (pure dicts, ``nnx.State``), e.g. a train
+      state's trainable and frozen params.
+    mesh_cfg: the ``mesh`` section or its plan.
+    mesh: the mesh whose axis sizes the divisibility checks use; default:
+      ``mesh_cfg`` over ``jax.device_count()`` devices.
+    templates: per tree, the ``nnx.State`` treedef its leaves unflatten into
+      (a :class:`~adamw_flax.train_state.TrainState`'s ``spec.templates``),
+      to read the Variables' annotations.
+    rules: apply the partition rules (False: annotations only, for
+      non-parameter state).
+    target: the model (``nnx.Module`` or ``LinenTarget``) for ``type:`` rules.
+    unmapped: if given, collects the logical axis names no rule maps.
+
+  Returns:
+    Per tree, a tree of ``PartitionSpec`` shaped like its pure dict.
+  """
+  mp = plan.as_mesh_plan(mesh_cfg)
+  sizes = _axis_sizes(mp, mesh)
+  logical = dict(mp.logical_axis_rules)
+  unmapped = set() if unmapped is None else unmapped
+  groups = [
+    _group_entries(tree, None if templates is None else templates[i])
+    for i, tree in enumerate(trees)
+  ]
+  ruled: dict[str, Any] = {}
+  if rules and mp.partition_rules:
+    entries = [
+      ("/".join(p), jax.ShapeDtypeStruct(shape, np.float32))
+      for paths, shapes, _, _ in groups
+      for p, shape in zip(paths, shapes, strict=True)
+    ]
+    if target is not None and any(r.needs_types for r in mp.partition_rules):
+      known = masks.as_target(target)
+      view = masks.Target(entries, known.owners, known.kind, known.linen)
+    else:
+      view = masks.Target(entries, None, "model")
+    # Resolved to rule indices, so an error can name the rule that gave a spec.
+    indexed = [dataclasses.replace(r, value=i) for i, r in enumerate(mp.partition_rules)]
+    ruled = masks.resolve(view, indexed, None, "mesh.partition_rules")
   out = []
-  for group in groups:
+  for paths, shapes, variables, treedef in groups:
     specs = []
-    for path_t, shape, ann in zip(group.paths, group.shapes, group.annotations, strict=True):
+    for path_t, shape, var in zip(paths, shapes, variables, strict=True):
       path = "/".join(path_t)
-      spec, source = (ann if ann is not None else PartitionSpec()), "NNX annotation"
-      for i, (text, pattern, rule_spec) in enumerate(rules):
-        if pattern.fullmatch(path):
-          used[i] = True
-          spec, source = rule_spec, f"mesh.partition_rules[{i}] ({text!r})"
-          break
+      index = ruled.get(path)
+      spec = source = None
+      if index is not None:
+        rule = mp.partition_rules[index]
+        spec, source = rule.value, f"mesh.partition_rules[{index}] ({rule.selector!r})"
+      if spec is None:
+        spec = _annotation(var, sizes, logical, unmapped)
+        source = "the parameter's annotation"
+      if spec is None:
+        spec = PartitionSpec()
       _check_spec(spec, shape, path, sizes, source)
       specs.append(spec)
-    out.append(specs)
-  unused = [i for i, u in enumerate(used) if not u]
-  if unused:
-    i = unused[0]
-    paths = ["/".join(p) for g in groups for p in g.paths]
-    shown = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
-    raise ValueError(
-      f"mesh.partition_rules[{i}] ({rules[i][0]!r}) matches no parameter (or only ones an "
-      f"earlier rule took). Regexes are matched with re.fullmatch against '/'-joined paths "
-      f"such as {shown}; e.g. '.*kernel' rather than 'kernel'"
-    )
+    out.append(jax.tree.unflatten(treedef, specs))
   return out
 
 
-def _is_train_state(obj: Any) -> bool:
-  return all(hasattr(obj, a) for a in ("params", "frozen", "rest", "opt_state", "spec"))
-
-
 def param_specs(
-  abstract_params_or_state: Any,
-  mesh_cfg: ml_collections.ConfigDict,
+  params: Any,
+  mesh_cfg: Any,
   *,
-  mesh: Mesh | None = None,
+  mesh: Mesh | AbstractMesh | None = None,
 ) -> PyTree:
-  """The ``PartitionSpec`` of every parameter, from partition rules or NNX annotations.
+  """The ``PartitionSpec`` of every parameter, from partition rules or annotations.
 
   For each parameter, the first rule of ``mesh_cfg.partition_rules`` whose
-  regex fullmatches its path gives the spec; otherwise its NNX annotation
-  (``nnx.with_partitioning`` / ``out_sharding`` metadata); otherwise it is
-  replicated (``PartitionSpec()``).
+  selector (the mask rule language: glob, ``re:``, ``type:``, ``ndim``)
+  matches its path gives the spec; otherwise its own annotation
+  (``nnx.with_partitioning`` / ``out_sharding`` metadata, Linen logical
+  partitioning through the bridge, logical names mapped by
+  ``mesh.logical_axis_rules``); otherwise it is replicated (``PartitionSpec()``).
 
   Args:
-    abstract_params_or_state: a :class:`~adamw_flax.train_state.TrainState`
-      (abstract or concrete; annotations are read from its ``spec.templates``),
-      an ``nnx.Module`` (its ``nnx.Param`` variables), an ``nnx.State``, or a
-      plain tree of arrays / ``jax.ShapeDtypeStruct`` (rules only).
-    mesh_cfg: the config's ``mesh`` section (``axes``, ``shape``,
-      ``partition_rules``).
+    params: an ``nnx.Module`` (its ``nnx.Param`` variables; ``type:`` rules
+      work), an ``nnx.State``, or a plain tree of arrays /
+      ``jax.ShapeDtypeStruct`` (path rules only). A
+      :class:`~adamw_flax.train_state.TrainState`: use its ``shardings``.
+    mesh_cfg: the config's ``mesh`` section or its plan.
     mesh: the mesh whose axis sizes the divisibility checks use; default: the
       sizes of ``mesh_cfg`` over ``jax.device_count()`` devices.
 
   Returns:
-    For a TrainState, ``{"params": ..., "frozen": ..., "rest": ...}``, each a
-    nested dict of ``PartitionSpec`` shaped like that field (``rest`` follows
-    annotations only; rules name parameters). Otherwise a tree of
-    ``PartitionSpec`` shaped like the params' pure dict (for a module or
-    State) or like the tree itself.
+    A tree of ``PartitionSpec`` shaped like the params' pure dict (for a
+    module or State) or like the tree itself.
 
   Raises:
     ValueError: a rule that matches no parameter, an axis that is not a mesh
       axis, a spec longer than the parameter's rank, or a dimension its axes
       do not divide, naming the path, shape and rule.
   """
-  from flax import nnx
+  target = None
+  if isinstance(params, nnx.Module):
+    target, params = params, nnx.state(params, nnx.Param)
+  (specs,) = param_specs_of_groups([params], mesh_cfg, mesh=mesh, target=target)
+  return specs
 
-  sizes = _axis_sizes(mesh_cfg, mesh)
-  rules = _parse_partition_rules(mesh_cfg.get("partition_rules", ()))
-  tree = abstract_params_or_state
-  if _is_train_state(tree):
-    templates = tree.spec.templates
-    groups = [
-      _Entries(getattr(tree, f), t)
-      for f, t in zip(("params", "frozen"), templates[:2], strict=True)
-    ]
-    params, frozen = (
-      g.unflatten(s) for g, s in zip(groups, _specs_for(groups, rules, sizes), strict=True)
-    )
-    rest_group = _Entries(tree.rest, templates[2])
-    (rest,) = _specs_for([rest_group], (), sizes)
-    return {"params": params, "frozen": frozen, "rest": rest_group.unflatten(rest)}
-  if isinstance(tree, nnx.Module):
-    tree = nnx.state(tree, nnx.Param)
-  group = _Entries(tree)
-  (specs,) = _specs_for([group], rules, sizes)
-  return group.unflatten(specs)
+
+def named(mesh: Mesh | AbstractMesh) -> Callable[[Any], Any]:
+  """``spec tree -> NamedSharding tree`` on ``mesh`` (a single spec gives one sharding)."""
+  is_spec = lambda s: isinstance(s, PartitionSpec)
+  return lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+
+
+def unmapped_logical_axes(
+  templates: Sequence[Any],
+  trees: Sequence[PyTree],
+  mesh_cfg: Any,
+  *,
+  mesh: Mesh | AbstractMesh | None = None,
+) -> list[str]:
+  """Logical axis names in the annotations of ``trees`` that no mesh axis or rule maps (replicated)."""
+  unmapped: set[str] = set()
+  param_specs_of_groups(
+    trees, mesh_cfg, mesh=mesh, templates=templates, rules=False, unmapped=unmapped
+  )
+  return sorted(unmapped)
 
 
 # ------------------------------------------------------------ state shardings
 
 
-def _data_axes(mesh_cfg: ml_collections.ConfigDict, mesh: Mesh) -> tuple[str, ...]:
-  axes = tuple(mesh_cfg.get("data_axes", ()) or ())
+def _data_axes(mesh_cfg: Any, mesh: Mesh) -> tuple[str, ...]:
+  axes = plan.as_mesh_plan(mesh_cfg).data_axes
   for a in axes:
     if a not in mesh.axis_names:
       raise ValueError(f"mesh.data_axes names {a!r}, which is not a mesh axis {mesh.axis_names}")
@@ -457,42 +442,40 @@ def _zero1_spec(
   return spec
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> PyTree:
-  """A ``NamedSharding`` for every leaf of a train state, as ``jax.jit``'s in/out shardings.
+def opt_state_shardings(
+  opt_state: Any, params: PyTree, specs: PyTree, mesh: Mesh | AbstractMesh, mesh_cfg: Any
+) -> PyTree:
+  """A ``NamedSharding`` for every leaf of an optimizer state.
 
-  * ``params``, ``frozen``: by :func:`param_specs`.
-  * ``rest`` (RNG state, batch statistics, ...): by NNX annotations, else replicated.
-  * ``opt_state``: a leaf shaped like a parameter (``mu``, ``nu``, accumulated
-    gradients; found by the parameter's path being a suffix of the leaf's path,
-    because optax states embed the params tree) is sharded like it. With
-    ``mesh_cfg.shard_opt_state == "data"`` (ZeRO-1) it is also sharded over
-    the data axes it does not use yet, on the first unsharded dimension their
-    size divides (kept as is where none does); the params keep their own
-    specs. Other leaves (step counts) are replicated.
-  * ``step``: replicated.
+  A leaf shaped like a parameter (``mu``, ``nu``, accumulated gradients;
+  found by the parameter's path being a suffix of the leaf's path, because
+  optax states embed the params tree) is sharded like it. With
+  ``mesh.shard_opt_state == "data"`` (ZeRO-1) it is also sharded over the
+  data axes it does not use yet, on the first unsharded dimension their size
+  divides (kept as is where none does); the params keep their own specs.
+  Other leaves (step counts) are replicated.
 
   Args:
-    abstract_state: a :class:`~adamw_flax.train_state.TrainState`, usually
-      from ``jax.eval_shape`` (``create_train_state(..., abstract=True)``).
-    mesh: the device mesh (:func:`mesh_from_config`).
-    mesh_cfg: the config's ``mesh`` section.
+    opt_state: the (abstract) optimizer state.
+    params: the (abstract) params tree it was initialised from.
+    specs: the params' ``PartitionSpec`` tree.
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan.
 
   Returns:
-    A TrainState whose array leaves are ``jax.sharding.NamedSharding``.
+    A tree like ``opt_state`` of ``NamedSharding``.
   """
-  mode = mesh_cfg.get("shard_opt_state", "params")
-  if mode not in ("params", "data"):
+  mp = plan.as_mesh_plan(mesh_cfg)
+  if mp.shard_opt_state not in ("params", "data"):
     raise ValueError(
-      f"mesh.shard_opt_state must be 'params' (like the params) or 'data' (ZeRO-1), got {mode!r}"
+      "mesh.shard_opt_state must be 'params' (like the params) or 'data' (ZeRO-1), got "
+      f"{mp.shard_opt_state!r}"
     )
-  sizes = _axis_sizes(mesh_cfg, mesh)
-  specs = param_specs(abstract_state, mesh_cfg, mesh=mesh)
-  named = lambda spec: NamedSharding(mesh, spec)
-  data_axes = _data_axes(mesh_cfg, mesh) if mode == "data" else ()
-
+  sizes = _axis_sizes(mp, mesh)
+  data_axes = _data_axes(mp, mesh) if mp.shard_opt_state == "data" else ()
   by_path: dict[tuple[str, ...], tuple[tuple[int, ...], PartitionSpec]] = {}
-  flat_params = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
-  flat_specs = jax.tree.leaves(specs["params"], is_leaf=lambda s: isinstance(s, PartitionSpec))
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
   for (kp, leaf), spec in zip(flat_params, flat_specs, strict=True):
     by_path[_key_tuple(kp)] = (tuple(np.shape(leaf)), spec)
 
@@ -504,17 +487,19 @@ def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: ml_collections.Co
         spec = hit[1]
         if data_axes:
           spec = _zero1_spec(spec, shape, data_axes, sizes)
-        return named(spec)
-    return named(PartitionSpec())
+        return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, PartitionSpec())
 
-  is_spec = lambda s: isinstance(s, PartitionSpec)
-  return abstract_state.replace(
-    step=named(PartitionSpec()),
-    params=jax.tree.map(named, specs["params"], is_leaf=is_spec),
-    frozen=jax.tree.map(named, specs["frozen"], is_leaf=is_spec),
-    rest=jax.tree.map(named, specs["rest"], is_leaf=is_spec),
-    opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state),
-  )
+  return jax.tree_util.tree_map_with_path(opt_leaf, opt_state)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: Any) -> PyTree:
+  """The shardings of a train state: ``abstract_state.shardings(mesh, mesh_cfg)``.
+
+  Kept for callers of the first build; see
+  :meth:`adamw_flax.train_state.TrainState.shardings`.
+  """
+  return abstract_state.shardings(mesh, mesh_cfg)
 
 
 # --------------------------------------------------------------------- data
@@ -623,7 +608,7 @@ def global_batch(
     if global_rows % rows:
       raise ValueError(
         f"batch{name} has {x.shape[0]} rows in this process, {global_rows} in all {count} "
-        f"slices, which the data axes {tuple(mesh_cfg.data_axes)} (size {rows}) do not divide; "
+        f"slices, which the data axes {_data_axes(mesh_cfg, mesh)} (size {rows}) do not divide; "
         f"make the global batch size a multiple of {rows}"
       )
     return jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
@@ -634,12 +619,21 @@ def global_batch(
 # ------------------------------------------------------------------- memory
 
 
+def _itemsize(dtype: Any) -> int:
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    # A typed PRNG key (nnx.Rngs, nnx.Dropout, bridged Linen rngs): its bytes
+    # are the key data's (two uint32 for the default threefry).
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+    return math.prod(data.shape) * np.dtype(data.dtype).itemsize
+  return np.dtype(dtype).itemsize
+
+
 def _tree_device_bytes(tree: PyTree) -> int:
   per_device: dict[Any, int] = {}
   unplaced = 0
   for leaf in jax.tree.leaves(tree):
     shape = tuple(np.shape(leaf))
-    itemsize = np.dtype(leaf.dtype).itemsize
+    itemsize = _itemsize(leaf.dtype)
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
       unplaced += math.prod(shape) * itemsize
@@ -659,7 +653,7 @@ def _tree_device_bytes(tree: PyTree) -> int:
   return max(per_device.values(), default=0) + unplaced
 
 
-def per_device_bytes(state_or_tree: Any) -> dict[str, int]:
+def per_device_bytes(tree: Any, *, by_part: bool = False) -> dict[str, int]:
   """Bytes each device holds (the maximum over devices), from the leaves' shardings.
 
   Works on arrays and on abstract ``jax.ShapeDtypeStruct`` leaves that carry
@@ -668,20 +662,23 @@ def per_device_bytes(state_or_tree: Any) -> dict[str, int]:
   machine without those devices (shardings on a ``jax.sharding.AbstractMesh``).
 
   Args:
-    state_or_tree: a :class:`~adamw_flax.train_state.TrainState`, or any tree.
+    tree: any tree of arrays, or a :class:`~adamw_flax.train_state.TrainState`
+      (its ``device_bytes()``: one entry per field). Typed PRNG keys count
+      their key data's bytes.
+    by_part: ``tree`` is a mapping ``name -> tree``: count each part too.
 
   Returns:
-    For a TrainState: ``params``, ``frozen``, ``rest``, ``opt_state`` and
-    ``total``; for another tree: ``total``.
+    ``total``, and with ``by_part`` (or for a TrainState) one entry per part.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> per_device_bytes({"w": jnp.zeros((4, 8), jnp.float32)})
     {'total': 128}
   """
-  if _is_train_state(state_or_tree):
-    s = state_or_tree
-    out = {f: _tree_device_bytes(getattr(s, f)) for f in ("params", "frozen", "rest", "opt_state")}
-    out["total"] = _tree_device_bytes(s)
+  if hasattr(tree, "device_bytes"):
+    return tree.device_bytes()
+  if by_part:
+    out = {k: _tree_device_bytes(v) for k, v in tree.items()}
+    out["total"] = _tree_device_bytes(tree)
     return out
-  return {"total": _tree_device_bytes(state_or_tree)}
+  return {"total": _tree_device_bytes(tree)}

@@ -3,7 +3,9 @@
 :func:`create_train_state` splits a model once into its graph definition and
 three trees of plain arrays (trainable params, frozen params, the rest:
 batch statistics, RNG state, ...) and builds the optimizer state through
-:func:`adamw_flax.optimizer_from_config`. The :class:`TrainState` is a pytree
+:func:`adamw_flax.optimizer_from_config`. :func:`state_factory` is the same
+in steps (abstract state, shardings, jitted init with ``out_shardings``), for
+the trainer to compose. The :class:`TrainState` is a pytree
 of arrays only, so it jits, shards and checkpoints like any pytree; the
 graph definition, optimizer and learning-rate schedule are static fields.
 
@@ -16,17 +18,19 @@ graph traversal that ``nnx.jit`` pays on every call (flax PR 4399).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
 
-from adamw_flax import masks
+from adamw_flax import masks, optim, plan, registry, sharding
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -55,8 +59,9 @@ class TrainState(struct.PyTreeNode):
   """Everything a training run updates, as a pytree of arrays.
 
   Attributes:
-    step: int32 scalar, the number of train steps taken (the one step counter
-      of the run: schedules and logs read it).
+    step: int32 scalar, the number of optimizer updates applied (the one step
+      counter of the run: the schedule, logs and checkpoints read it; a
+      skipped non-finite update does not count).
     params: trainable parameters, a nested dict of arrays.
     frozen: parameters excluded from training by ``optimizer.freeze`` rules
       (no gradients, no optimizer state).
@@ -86,14 +91,56 @@ class TrainState(struct.PyTreeNode):
   def lr_fn(self) -> Callable[[Any], Any]:
     return self.spec.lr_fn
 
-  def merge(self, params: PyTree | None = None) -> nnx.Module:
-    """Returns the NNX module holding ``params`` (default: ``self.params``)."""
+  def merge(self, params: PyTree | None = None, rest: PyTree | None = None) -> nnx.Module:
+    """Returns the NNX module holding ``params`` and ``rest`` (default: the state's own)."""
     params = self.params if params is None else params
+    rest = self.rest if rest is None else rest
     states = [
       _from_pure(t, tree)
-      for t, tree in zip(self.spec.templates, (params, self.frozen, self.rest), strict=True)
+      for t, tree in zip(self.spec.templates, (params, self.frozen, rest), strict=True)
     ]
     return nnx.merge(self.graphdef, *states)
+
+  def shardings(self, mesh: jax.sharding.Mesh, mesh_cfg: Any) -> TrainState:
+    """A ``NamedSharding`` for every leaf, as ``jax.jit``'s in/out shardings.
+
+    * ``params``, ``frozen``: partition rules, else the model's own
+      annotations (logical names through ``mesh.logical_axis_rules``), else
+      replicated (:func:`adamw_flax.sharding.param_specs`);
+    * ``rest`` (RNG state, batch statistics): annotations, else replicated;
+    * ``opt_state``: like the parameter each leaf mirrors, further over the
+      data axes with ZeRO-1 (:func:`adamw_flax.sharding.opt_state_shardings`);
+    * ``step``: replicated.
+
+    Args:
+      mesh: the device mesh (or an ``AbstractMesh`` for planning).
+      mesh_cfg: the config's ``mesh`` section or its plan.
+
+    Returns:
+      A TrainState whose leaves are ``jax.sharding.NamedSharding``.
+    """
+    templates = self.spec.templates
+    params, frozen = sharding.param_specs_of_groups(
+      [self.params, self.frozen], mesh_cfg, mesh=mesh, templates=templates[:2]
+    )
+    (rest,) = sharding.param_specs_of_groups(
+      [self.rest], mesh_cfg, mesh=mesh, templates=templates[2:], rules=False
+    )
+    named = sharding.named(mesh)
+    return self.replace(
+      step=named(jax.sharding.PartitionSpec()),
+      params=named(params),
+      frozen=named(frozen),
+      rest=named(rest),
+      opt_state=sharding.opt_state_shardings(self.opt_state, self.params, params, mesh, mesh_cfg),
+    )
+
+  def device_bytes(self) -> dict[str, int]:
+    """Bytes each device holds, per field and ``total`` (see :func:`adamw_flax.sharding.per_device_bytes`)."""
+    parts = {f: getattr(self, f) for f in ("params", "frozen", "rest", "opt_state")}
+    out = sharding.per_device_bytes(parts, by_part=True)
+    out["total"] = sharding.per_device_bytes({**parts, "step": self.step})["total"]
+    return out
 
   @property
   def model(self) -> nnx.Module:
@@ -136,96 +183,138 @@ def split_model(
   return graphdef, treedefs, pures
 
 
-def _as_nnx(model: Any, example_inputs: tuple[Any, ...] | None, seed: int) -> nnx.Module:
-  from flax import linen
+@dataclasses.dataclass(frozen=True)
+class StateFactory:
+  """How to build a run's :class:`TrainState`, before building it.
 
-  if isinstance(model, linen.Module):
-    if example_inputs is None:
-      raise ValueError(
-        "a Linen module needs example_inputs=(x, ...) to initialise its variables; pass the "
-        "inputs of one call (a batch of the right shape and dtype)"
-      )
-    wrapped = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(seed))
-    nnx.bridge.lazy_init(wrapped, *example_inputs)
-    return wrapped
-  if not isinstance(model, nnx.Module):
-    raise TypeError(
-      f"create_train_state takes an nnx.Module, a factory rngs -> nnx.Module, or a Linen module; "
-      f"got {type(model).__name__}"
+  Made by :func:`state_factory`. The trainer composes start-up from it (the
+  big_vision / nanodo pattern): :meth:`abstract` gives shapes and dtypes
+  without allocating, :meth:`TrainState.shardings` the placement of each leaf,
+  and :meth:`create` runs the jitted ``init`` with those ``out_shardings``, so
+  every leaf is created directly in its shards.
+
+  Attributes:
+    init: ``() -> TrainState`` at step 0, pure (jit-able).
+    target: the abstract model that mask rules, the report and the sharding
+      annotations are read from (an ``nnx.Module`` of ``ShapeDtypeStruct``
+      leaves, or a :class:`~adamw_flax.masks.LinenTarget` for Linen models).
+    frozen_paths: the parameters that ``optimizer.freeze`` selects.
+    jit_init: whether :meth:`create` may jit ``init`` (False for a concrete
+      module passed in, whose arrays ``init`` only re-arranges).
+  """
+
+  init: Callable[[], TrainState]
+  target: Any
+  frozen_paths: frozenset[str]
+  jit_init: bool = True
+
+  def abstract(self) -> TrainState:
+    """The state's ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
+    return jax.eval_shape(self.init)
+
+  def create(self, shardings: Any = None) -> TrainState:
+    """The state at step 0, placed by ``shardings`` (a TrainState of Shardings) if given."""
+    if shardings is None:
+      return jax.jit(self.init)() if self.jit_init else self.init()
+    if self.jit_init:
+      return jax.jit(self.init, out_shardings=shardings)()
+    return jax.device_put(self.init(), shardings)
+
+
+def _is_linen(obj: Any) -> bool:
+  return isinstance(obj, linen.Module)
+
+
+def _bridge(module: linen.Module, example_inputs: Any, rngs: nnx.Rngs) -> nnx.Module:
+  if example_inputs is None:
+    raise ValueError(
+      f"the Linen module {type(module).__name__} needs example inputs to initialise its "
+      "variables: pass example_inputs=(x, ...) (one call's inputs), or register the model "
+      "with register_model(..., example_inputs=fn)"
     )
-  return model
+  wrapped = nnx.bridge.ToNNX(module, rngs=rngs)
+  nnx.bridge.lazy_init(wrapped, *example_inputs)
+  return wrapped
 
 
-def create_train_state(
-  model: nnx.Module | Callable[[nnx.Rngs], nnx.Module] | Any,
-  config: ml_collections.ConfigDict,
+def _linen_target(module: linen.Module, example_inputs: Any, seed: int) -> masks.LinenTarget:
+  # Module-type rules need the Linen layer classes, which ToNNX hides; this
+  # target carries them, under the same paths as the wrapped state.
+  return masks.linen_target(module, *example_inputs, rngs=jax.random.key(seed))
+
+
+def state_factory(
+  model: nnx.Module | Callable[[nnx.Rngs], Any] | linen.Module,
+  config: Any,
   *,
   example_inputs: tuple[Any, ...] | None = None,
-  mesh: jax.sharding.Mesh | None = None,
   tx: optax.GradientTransformation | None = None,
-  abstract: bool = False,
-) -> TrainState:
-  """Builds the train state of a model from a config.
+) -> StateFactory:
+  """The :class:`StateFactory` of a model under a config.
 
   Args:
-    model: an ``nnx.Module``; or a factory ``rngs -> nnx.Module`` (preferred:
-      with a mesh, the model is then created directly in its shards, never
-      whole on one device); or a Linen module (wrapped with
-      ``nnx.bridge.ToNNX``; pass ``example_inputs``).
-    config: a full config (``optimizer`` and ``trainer`` sections are read;
-      ``mesh`` when ``mesh`` is given).
-    example_inputs: positional inputs of one call, for Linen modules.
-    mesh: place the state on this mesh with the shardings of
-      :func:`adamw_flax.sharding.state_shardings`.
-    tx: an optimizer to use instead of the one ``config.optimizer`` describes.
-    abstract: return the state's shapes, dtypes (and, with a mesh,
-      shardings) as ``jax.ShapeDtypeStruct`` leaves without allocating it.
+    model: an ``nnx.Module``; a factory ``rngs -> module`` (preferred: the
+      state can then be created directly in its shards), whose module may be
+      NNX or Linen; or a Linen module.
+    config: a full config or its :class:`~adamw_flax.plan.RunPlan`
+      (``optimizer`` and ``trainer`` are read).
+    example_inputs: one call's positional inputs, for Linen modules.
+    tx: an optimizer to use instead of the one ``config.optimizer`` describes
+      (its schedule is still the config's, for the ``lr`` metric).
 
   Returns:
-    The :class:`TrainState` at step 0.
+    The factory; the abstract model is built once, here.
   """
-  from adamw_flax import schedules
-  from adamw_flax.config import _parse_rules, optimizer_from_config
-
-  seed = int(config.trainer.seed)
-  num_steps = int(config.trainer.num_steps)
-  freeze_rules = _parse_rules(config.optimizer.freeze, "freeze")
-
-  if callable(model) and not isinstance(model, nnx.Module) and not _is_linen(model):
+  run = plan.make_plan(config)
+  seed = run.trainer.seed
+  linen_module = model if _is_linen(model) else None
+  concrete = isinstance(model, nnx.Module)
+  if linen_module is not None or concrete:
+    if not concrete:
+      model = _bridge(linen_module, example_inputs, nnx.Rngs(seed))
+    module = model
+    build = lambda: module
+    target = module if linen_module is None else _linen_target(linen_module, example_inputs, seed)
+  elif callable(model):
     factory = model
+    holder: dict[str, Any] = {}
+
+    def build():
+      out = factory(nnx.Rngs(seed))
+      if _is_linen(out):
+        holder["linen"] = out
+        out = _bridge(out, example_inputs, nnx.Rngs(seed))
+      return out
+
+    # Placement comes from jit's out_shardings; eager sharding would need a
+    # mesh context for every annotated variable (flax 0.12).
     with nnx.use_eager_sharding(False):
-      abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
+      target = nnx.eval_shape(build)
+    if "linen" in holder:
+      target = _linen_target(holder["linen"], example_inputs, seed)
   else:
-    factory = None
-    linen_module = model if _is_linen(model) else None
-    model = _as_nnx(model, example_inputs, seed)
-    abstract_model = model
-    if linen_module is not None:
-      # Module-type rules need the Linen layer classes, which ToNNX hides;
-      # this target carries them, under the same paths as the wrapped state.
-      abstract_model = masks.linen_target(linen_module, *example_inputs)
+    raise TypeError(
+      "create_train_state takes an nnx.Module, a factory rngs -> module, or a Linen module; "
+      f"got {type(model).__name__}"
+    )
 
   frozen_paths: frozenset[str] = frozenset()
-  if freeze_rules:
-    values = masks.path_values(abstract_model, freeze_rules, default=False, what="freeze")
+  if run.optimizer.freeze:
+    values = masks.path_values(target, run.optimizer.freeze, default=False, what="freeze")
     frozen_paths = frozenset(p for p, v in values.items() if v)
     if len(frozen_paths) == len(values):
       raise ValueError("optimizer.freeze selects every parameter: nothing would be trained")
 
-  if tx is None:
-    tx = optimizer_from_config(config.optimizer, num_steps=num_steps, target=abstract_model)
-  lr_fn = schedules.schedule_from_config(config.optimizer, num_steps)
-  accumulate = int(config.optimizer.get("accumulate_steps", 1))
-  if accumulate > 1:
-    base_lr = lr_fn
-    lr_fn = lambda step: base_lr(step // accumulate)
-
+  opt = optim.optimizer_from_config(run.optimizer, target=target)
+  tx = opt.tx if tx is None else tx
   specs: list[StateSpec] = []
 
-  def build_from(module: nnx.Module) -> TrainState:
+  def init() -> TrainState:
+    with nnx.use_eager_sharding(False):
+      module = build()
     graphdef, treedefs, (params, frozen, rest) = split_model(module, frozen_paths)
     if not specs:  # one spec for every trace of init, so all states share it
-      specs.append(StateSpec(graphdef, treedefs, tx, lr_fn))
+      specs.append(StateSpec(graphdef, treedefs, tx, opt.schedule))
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -235,50 +324,74 @@ def create_train_state(
       spec=specs[0],
     )
 
-  if factory is not None:
+  return StateFactory(init=init, target=target, frozen_paths=frozen_paths, jit_init=not concrete)
 
-    def init():
-      # Placement comes from jit's out_shardings; eager sharding would need a
-      # mesh context for every annotated variable (flax 0.12).
-      with nnx.use_eager_sharding(False):
-        return build_from(factory(nnx.Rngs(seed)))
 
-  else:
-    init = lambda: build_from(model)
+def create_train_state(
+  model: nnx.Module | Callable[[nnx.Rngs], Any] | linen.Module,
+  config: Any,
+  *,
+  example_inputs: tuple[Any, ...] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  tx: optax.GradientTransformation | None = None,
+  abstract: bool = False,
+) -> TrainState:
+  """Builds the train state of a model from a config.
 
-  if abstract:
-    out = jax.eval_shape(init)
-    if mesh is not None:
-      from adamw_flax import sharding
+  Args:
+    model: an ``nnx.Module``; or a factory ``rngs -> module`` (preferred:
+      with a mesh, the model is then created directly in its shards, never
+      whole on one device), whose module may be NNX or Linen; or a Linen
+      module (wrapped with ``nnx.bridge.ToNNX``; pass ``example_inputs``).
+    config: a full config, or its :class:`~adamw_flax.plan.RunPlan`.
+    example_inputs: positional inputs of one call, for Linen modules.
+    mesh: place the state on this mesh with the shardings of
+      :meth:`TrainState.shardings` (partition rules, the model's own
+      annotations through ``mesh.logical_axis_rules``, ZeRO-1).
+    tx: an optimizer to use instead of the one ``config.optimizer`` describes.
+    abstract: return the state's shapes, dtypes (and, with a mesh,
+      shardings) as ``jax.ShapeDtypeStruct`` leaves without allocating it.
 
-      shardings = sharding.state_shardings(out, mesh, config.mesh)
-      out = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), out, shardings
-      )
-    return out
+  Returns:
+    The :class:`TrainState` at step 0.
+  """
+  run = plan.make_plan(config)
+  factory = state_factory(model, run, example_inputs=example_inputs, tx=tx)
   if mesh is None:
-    return jax.jit(init)() if factory is not None else init()
+    return factory.abstract() if abstract else factory.create()
+  shapes = factory.abstract()
+  shardings = shapes.shardings(mesh, run.mesh)
+  if abstract:
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+  return factory.create(shardings)
 
-  from adamw_flax import sharding
 
-  shardings = sharding.state_shardings(jax.eval_shape(init), mesh, config.mesh)
-  if factory is not None:
-    return jax.jit(init, out_shardings=shardings)()
-  return jax.device_put(init(), shardings)
-
-
-def model_factory(
-  config: ml_collections.ConfigDict, data_info: dict[str, Any]
-) -> Callable[[nnx.Rngs], nnx.Module]:
+def model_factory(config: Any, data_info: dict[str, Any]) -> Callable[[nnx.Rngs], Any]:
   """Returns ``rngs -> module`` for the registered model that ``config.model.name`` names."""
-  from adamw_flax import registry
-
   entry = registry.MODELS.get(config.model.name)
   return lambda rngs: entry.build(config.model, rngs=rngs, data_info=dict(data_info))
 
 
+def registered_state_factory(config: Any, data_info: dict[str, Any]) -> StateFactory:
+  """The :class:`StateFactory` of the registered model a config names.
+
+  Args:
+    config: a validated full config, or its :class:`~adamw_flax.plan.RunPlan`.
+    data_info: the dataset's ``info`` (e.g. ``vocab_size``), passed to the model builder.
+
+  Returns:
+    The factory (a Linen model gets its registered ``example_inputs``).
+  """
+  run = plan.make_plan(config)
+  entry = registry.MODELS.get(run.model.name)
+  inputs = entry.example_inputs(run.model, dict(data_info)) if entry.example_inputs else None
+  return state_factory(model_factory(run, data_info), run, example_inputs=inputs)
+
+
 def state_from_config(
-  config: ml_collections.ConfigDict,
+  config: Any,
   data_info: dict[str, Any],
   *,
   mesh: jax.sharding.Mesh | None = None,
@@ -297,13 +410,12 @@ def state_from_config(
   Returns:
     A :class:`TrainState` at step 0, or its abstract form.
   """
-  return create_train_state(model_factory(config, data_info), config, mesh=mesh, abstract=abstract)
-
-
-def _is_linen(obj: Any) -> bool:
-  from flax import linen
-
-  return isinstance(obj, linen.Module)
+  run = plan.make_plan(config)
+  entry = registry.MODELS.get(run.model.name)
+  inputs = entry.example_inputs(run.model, dict(data_info)) if entry.example_inputs else None
+  return create_train_state(
+    model_factory(run, data_info), run, example_inputs=inputs, mesh=mesh, abstract=abstract
+  )
 
 
 # Below this many scalars a tree's norm is taken over one concatenated vector:
@@ -321,14 +433,53 @@ def _tree_norm(tree: PyTree) -> jax.Array:
   return optax.global_norm(leaves)
 
 
-def _skipped_steps(opt_state: Any) -> jax.Array:
-  """Total non-finite steps skipped by ``optax.apply_if_finite`` inside ``opt_state``."""
-  found = [
-    s.total_notfinite
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
-    if isinstance(s, optax.ApplyIfFiniteState)
-  ]
-  return sum(found) if found else jnp.zeros((), jnp.int32)
+def _finite_states(opt_state: Any) -> list[optax.ApplyIfFiniteState]:
+  is_state = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
+
+
+def _accepts_rngs(fn: Callable[..., Any]) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == "rngs" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def step_key(seed: int, step: Any) -> jax.Array:
+  """The RNG key of optimizer update ``step``: ``fold_in(key(seed), step)``.
+
+  A pure function of the seed and the update count, so resuming, resharding
+  and changing the process count give every step the same key. The train
+  step passes ``nnx.Rngs(step_key(seed, step))`` (micro-batch ``i`` of an
+  accumulated step: folded once more with ``i``) to a loss function that has
+  an ``rngs`` parameter.
+  """
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def split_micro_batches(batch: Batch, k: int) -> Batch:
+  """``batch`` (leading dimension ``B``) as ``k`` micro-batches: leaves ``(k, B // k, ...)``.
+
+  Micro-batch ``i`` holds rows ``i, i + k, i + 2k, ...``: every device's
+  contiguous block of a data-sharded batch contributes rows to every
+  micro-batch, so each micro-batch stays sharded over all data devices.
+
+  Examples:
+    >>> import numpy as np
+    >>> split_micro_batches({"x": np.arange(6)}, 3)["x"].tolist()
+    [[0, 3], [1, 4], [2, 5]]
+  """
+
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(
+        f"a batch of {x.shape[0]} rows does not split into optimizer.accumulate_steps={k} "
+        "micro-batches; make data.batch_size a multiple of it"
+      )
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+  return jax.tree.map(one, batch)
 
 
 def make_train_step(
@@ -337,42 +488,106 @@ def make_train_step(
   donate: bool = True,
   batch_sharding: Any = None,
   state_sharding: Any = None,
+  accumulate_steps: int = 1,
+  seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the compiled train step ``step(state, batch) -> (state, metrics)``.
 
+  One call is one optimizer update: ``state.step`` counts updates, and the
+  schedule is read at that count. With ``accumulate_steps=k`` the batch is
+  split into ``k`` micro-batches (:func:`split_micro_batches`) whose gradients
+  are averaged inside the step (a ``jax.lax.scan``): the update, the schedule
+  and the data order are those of ``k=1`` up to float summation order, and
+  only the activations' peak memory shrinks (MaxText's and nanodo's
+  accumulation). A non-finite update skipped by ``optimizer.skip_nonfinite``
+  (``optax.apply_if_finite``) leaves the whole state as it was, ``step``
+  included, so ``step``, the optimizer's count and the logged ``lr`` agree.
+
   Args:
     loss_fn: ``loss_fn(model, batch, *, train) -> (loss, metrics)`` where
-      ``model`` is the NNX module (re-assembled inside the trace).
+      ``model`` is the NNX module (re-assembled inside the trace, in
+      ``model.train()`` mode). If it has an ``rngs`` parameter it gets
+      ``rngs=nnx.Rngs(key)`` with the key of :func:`step_key`, for dropout
+      (``nnx.Dropout(rate)(x, rngs=rngs)``). The loss must be a mean over the
+      batch's rows for accumulation to give the same update.
     donate: donate the input state's buffers to the output (the caller must
       not use the old state after the call).
     batch_sharding: sharding of the batch (a ``jax.sharding.Sharding``), if any.
     state_sharding: shardings of the state pytree, if any; the output keeps them.
+    accumulate_steps: micro-batches per update.
+    seed: the run's seed, for the loss's RNG keys.
 
   Returns:
-    A ``jax.jit``-compiled function. Metrics: ``loss``, ``lr`` (at this step),
-    ``grad_norm``, ``update_norm``, ``skipped`` (total non-finite steps
-    skipped so far) and the loss function's own metrics.
+    A ``jax.jit``-compiled function. Metrics: ``loss`` (mean over the
+    micro-batches), ``lr`` (applied at this update), ``grad_norm``,
+    ``update_norm``, ``applied`` (1, or 0 for a skipped non-finite update),
+    ``skipped`` (total non-finite updates skipped so far) and the loss
+    function's own metrics (means over the micro-batches).
   """
+  k = int(accumulate_steps)
+  if k < 1:
+    raise ValueError(f"accumulate_steps must be >= 1, got {k}")
+  wants_rngs = _accepts_rngs(loss_fn)
 
   def step(state: TrainState, batch: Batch):
-    def compute_loss(params):
-      model = state.merge(params)
-      loss, aux = loss_fn(model, batch, train=True)
-      rest = _to_pure(nnx.state(model, nnx.Not(nnx.Param)))
-      return loss, (aux, rest)
+    key = step_key(seed, state.step)
 
-    (loss, (aux, rest)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    def compute_loss(params, rest, batch, key):
+      model = state.merge(params, rest)
+      model.train()
+      extra = {"rngs": nnx.Rngs(key)} if wants_rngs else {}
+      loss, aux = loss_fn(model, batch, train=True, **extra)
+      new_rest = _to_pure(nnx.state(model, nnx.Not(nnx.Param)))
+      return loss, (aux, new_rest)
+
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    if k == 1:
+      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, key)
+    else:
+      micro = split_micro_batches(batch, k)
+
+      def body(carry, xs):
+        grads_sum, rest, loss_sum, aux_sum = carry
+        mb, i = xs
+        (loss, (aux, rest)), g = grad_fn(state.params, rest, mb, jax.random.fold_in(key, i))
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (add(grads_sum, g), rest, loss_sum + loss, add(aux_sum, aux)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(grad_fn, state.params, state.rest, first, key)
+      (loss_shape, (aux_shape, _)), _ = shapes
+      zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+      carry = (zeros(state.params), state.rest, zeros(loss_shape), zeros(aux_shape))
+      (grads, rest, loss, aux), _ = jax.lax.scan(body, carry, (micro, jnp.arange(k)))
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss = loss / k
+      aux = jax.tree.map(lambda a: a / k, aux)
+
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = _finite_states(opt_state)
+    if finite:
+      applied = jnp.logical_and.reduce(jnp.stack([s.last_finite for s in finite]))
+      skipped = sum(s.total_notfinite for s in finite)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
+      rest = keep(rest, state.rest)  # a skipped update leaves the model state as it was
+    else:
+      applied, skipped = jnp.ones((), jnp.bool_), jnp.zeros((), jnp.int32)
     metrics = {
       "loss": loss,
       "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
       "grad_norm": _tree_norm(grads),
       "update_norm": _tree_norm(updates),
-      "skipped": _skipped_steps(opt_state),
+      "applied": applied.astype(jnp.int32),
+      "skipped": jnp.asarray(skipped, jnp.int32),
       **aux,
     }
-    new_state = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + applied.astype(state.step.dtype),
+      params=params,
+      rest=rest,
+      opt_state=opt_state,
+    )
     return new_state, metrics
 
   kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
@@ -383,12 +598,20 @@ def make_train_step(
 
 
 def make_eval_step(
-  loss_fn: LossFn, *, batch_sharding: Any = None, state_sharding: Any = None
+  loss_fn: LossFn, *, batch_sharding: Any = None, state_sharding: Any = None, seed: int = 0
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-  """Returns the compiled ``eval_step(state, batch) -> metrics`` (``train=False``)."""
+  """Returns the compiled ``eval_step(state, batch) -> metrics``.
+
+  The model is in ``model.eval()`` mode and the loss gets ``train=False``
+  (and, if it takes ``rngs``, a fixed key from ``seed``).
+  """
+  wants_rngs = _accepts_rngs(loss_fn)
 
   def eval_step(state: TrainState, batch: Batch):
-    loss, aux = loss_fn(state.merge(), batch, train=False)
+    model = state.merge()
+    model.eval()
+    extra = {"rngs": nnx.Rngs(jax.random.key(seed))} if wants_rngs else {}
+    loss, aux = loss_fn(model, batch, train=False, **extra)
     return {"loss": loss, **aux}
 
   kwargs: dict[str, Any] = {}

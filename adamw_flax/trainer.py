@@ -1,22 +1,41 @@
 """The training loop: config in, trained and checkpointed model out.
 
 ``train_and_evaluate(config, workdir)`` joins the library's pieces and is the
-only place with the side effects of training (files, logs, signals). It reads
-top to bottom: resolve the run (config, mesh, data), create or restore the
-state, compile the steps, loop.
+only place with the side effects of training (files, the workdir lock, logs,
+signals). It reads top to bottom: plan the run (config, registered model and
+data), claim the workdir, build the mesh and data, build or restore the state
+(abstract state -> shardings -> jitted init with ``out_shardings``, or a
+restore into those shardings), write ``config.json``, compile the steps, loop.
 
 Workdir layout (a contract with users' scripts):
-``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object a
-logged step: ``step``, ``split``, ``loss``, ``lr``, throughput, wall time),
-``tensorboard/``, ``loss.png``, ``checkpoints/``.
+``config.json`` (the resolved config, written once the state is built or
+restored), ``metrics.jsonl`` (one JSON object a logged step: ``step``,
+``split``, ``loss``, ``lr``, throughput, wall time; each step once, also
+across resumes), ``tensorboard/``, ``loss.png``, ``checkpoints/``,
+``checkpoints.corrupt/`` (checkpoints that could not be read, moved aside,
+never deleted) and ``.lock`` (held by the running trainer).
+
+Steps: ``state.step`` counts optimizer updates; the data position (batches
+drawn) is saved beside it in every checkpoint and restored, so a skipped
+non-finite update draws a new batch, and a resumed run continues with the
+batch it would have drawn.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import fcntl
 import json
 import logging
+import os
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,68 +44,214 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from adamw_flax import checkpoint, fs, registry, reporting, sharding, train_state
-from adamw_flax.config import ConfigError, validate_config
+from adamw_flax import checkpoint, fs, masks, plan, registry, reporting, sharding, train_state
+from adamw_flax.config import (
+  ConfigError,
+  check_registered,
+  config_diff,
+  config_json,
+  user_errors,
+)
+from adamw_flax.errors import UserError, WorkdirError
 
 log = logging.getLogger("adamw_flax")
+
+# Keys whose change never needs allow_config_change: they say how to run, not what.
+_RUN_ONLY_KEYS = ("trainer.allow_config_change", "trainer.progress")
 
 
 class TrainingDiverged(RuntimeError):
   """The loss was non-finite for ``trainer.max_nonfinite_steps`` consecutive steps."""
 
 
-def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
+# ------------------------------------------------------------------ workdir
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-  if isinstance(old, dict) and isinstance(new, dict):
-    out = []
-    for key in sorted(set(old) | set(new)):
-      name = f"{prefix}{key}"
-      if key not in old:
-        out.append(f"{name}: added ({new[key]!r})")
-      elif key not in new:
-        out.append(f"{name}: removed (was {old[key]!r})")
-      else:
-        out.extend(_diff(old[key], new[key], name + "."))
-    return out
-  if isinstance(old, list | tuple) and isinstance(new, list | tuple):
-    old, new = list(old), list(new)
-  return (
-    [] if old == new else [f"{prefix[:-1] if prefix.endswith('.') else prefix}: {old!r} -> {new!r}"]
-  )
+class WorkdirLock:
+  """An exclusive lock on a workdir (``.lock``), so two trainers never write one run.
+
+  ``fcntl.flock`` is released by the kernel when the process exits, also
+  after a crash or ``kill -9``: a lock file left by a dead process is taken
+  over (with a message naming its pid). Object-store workdirs (``gs://``)
+  cannot be locked; there the lock is skipped with a warning.
+  """
+
+  def __init__(self, workdir: epath.Path):
+    self.workdir = workdir
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    if fs.is_remote(self.workdir):
+      log.warning("%s is an object store: no workdir lock; run one trainer on it", self.workdir)
+      return
+    path = os.fspath(self.workdir / ".lock")
+    while True:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+          raise WorkdirError(
+            f"workdir {str(self.workdir)!r} is in use by another trainer (pid {holder}); wait "
+            "for it to finish or stop it, or use another --workdir"
+          ) from None
+        raise
+      # The holder removes the file when it releases: a lock taken on a file
+      # that was unlinked meanwhile guards nothing, so take the new one.
+      try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if previous and previous != str(os.getpid()):
+      print(
+        f"taking over the lock of {self.workdir} left by process {previous} (no longer running)",
+        flush=True,
+      )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.fspath(self.workdir / ".lock"))  # while still holding it
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Refuses a workdir holding a run of another config (unless allowed); writes config.json.
+def _prepare_workdir(workdir: epath.Path) -> bool:
+  """Creates the workdir; a file in its place or a read-only one is a :class:`WorkdirError`.
+
+  Returns:
+    Whether the workdir was created here.
+  """
+  existed = workdir.exists()
+  if existed and not workdir.is_dir():
+    raise WorkdirError(f"workdir {str(workdir)!r} is a file; pass a directory as --workdir")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(
+      f"workdir {str(workdir)!r} cannot be created ({e.strerror or e}); pick a writable --workdir"
+    ) from None
+  if not fs.is_remote(workdir) and not os.access(os.fspath(workdir), os.W_OK | os.X_OK):
+    raise WorkdirError(f"workdir {str(workdir)!r} is not writable; pick a writable --workdir")
+  return not existed
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
+  """Refuses a workdir holding a run of another config (unless allowed).
+
+  Reads ``config.json`` only: nothing is written until the state is built.
+
+  Returns:
+    The changed keys (empty for the same config or a new workdir).
 
   Raises:
     ConfigError: listing the keys that differ, and how to proceed.
   """
   path = workdir / "config.json"
-  new = _config_dict(config)
-  if path.exists():
+  if not path.exists():
+    return []
+  try:
     old = json.loads(path.read_text())
-    ignore = {"trainer.allow_config_change"}
-    changes = [c for c in _diff(old, new) if c.split(":")[0] not in ignore]
-    if changes and not config.trainer.allow_config_change:
-      raise ConfigError(
-        f"workdir {str(workdir)!r} holds a run with a different config:\n  "
-        + "\n  ".join(changes)
-        + "\nUse another --workdir, or pass --config.trainer.allow_config_change=True to resume "
-        "this run with the new config."
+  except (OSError, json.JSONDecodeError) as e:
+    raise WorkdirError(
+      f"{path} is unreadable ({e}); move it away to start over in this workdir"
+    ) from None
+  changes = [
+    c for c in config_diff(old, config_json(config)) if c.split(":")[0] not in _RUN_ONLY_KEYS
+  ]
+  if changes and not config.trainer.allow_config_change:
+    shown = changes[:3] + ([f"... {len(changes) - 3} more"] if len(changes) > 3 else [])
+    raise ConfigError(
+      f"workdir {str(workdir)!r} holds a run with another config ({'; '.join(shown)}); use "
+      "another --workdir, or --config.trainer.allow_config_change=True to resume it"
+    )
+  if changes:
+    log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
+  return changes
+
+
+def write_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Writes ``config.json`` atomically (process 0)."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / "config.json"
+  text = json.dumps(config_json(config), indent=2, sort_keys=True) + "\n"
+  if fs.is_remote(path):
+    path.write_text(text)  # an object write is atomic
+  else:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------ signals
+
+
+class SigtermFlag:
+  """Turns SIGTERM into a flag the training loop polls at step boundaries.
+
+  Without ``jax.distributed`` there is no preemption notifier, and SIGTERM's
+  default action would kill the process mid-step, losing the work since the
+  last checkpoint. One process needs no agreement, so a flag is enough. A
+  second SIGTERM terminates the process as usual. With ``jax.distributed``,
+  JAX's preemption service handles SIGTERM (see
+  :meth:`adamw_flax.checkpoint.Checkpoints.reached_preemption`).
+  """
+
+  def __init__(self) -> None:
+    self.event = threading.Event()
+    self._previous: Any = None
+    self.installed = False
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      log.warning("trainer runs off the main thread: SIGTERM will not trigger a save")
+      return
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.installed = True
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.event.is_set():
+      self.uninstall()
+      os.kill(os.getpid(), signum)
+      return
+    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+    self.event.set()
+
+  def is_set(self) -> bool:
+    return self.event.is_set()
+
+  def uninstall(self) -> None:
+    if self.installed and threading.current_thread() is threading.main_thread():
+      signal.signal(
+        signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL
       )
-    if changes:
-      log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
-  if jax.process_index() == 0:
-    text = json.dumps(new, indent=2, sort_keys=True) + "\n"
-    if fs.is_remote(path):
-      path.write_text(text)  # an object write is atomic
-    else:
-      tmp = path.with_suffix(".json.tmp")
-      tmp.write_text(text)
-      tmp.replace(path)
+      self.installed = False
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[SigtermFlag]:
+  flag = SigtermFlag()
+  if not jax.distributed.is_initialized():
+    flag.install()
+  try:
+    yield flag
+  finally:
+    flag.uninstall()
+
+
+# ------------------------------------------------------------------ start-up
 
 
 def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dict[str, float]:
@@ -101,38 +266,94 @@ def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dic
   return {k: float(v) / max(count, 1) for k, v in jax.device_get(totals).items()}
 
 
-def _startup_report(config, state, mesh, abstract_model, main: bool) -> None:
-  if not main:
-    return
-  from adamw_flax import masks
-  from adamw_flax.config import _parse_rules
-
-  o = config.optimizer
+def _startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str]) -> str:
+  o = run.optimizer.section
+  per_device = state.device_bytes()
   lines = [
-    f"model {config.model.name}: {train_state.param_count(state.params):,} trainable params, "
+    f"model {run.model.name}: {train_state.param_count(state.params):,} trainable params, "
     f"{train_state.param_count(state.frozen):,} frozen",
     f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)",
     f"optimizer {o.name}: lr {o.learning_rate} ({o.schedule}, warmup {o.warmup_steps}), "
     f"b1 {o.b1}, b2 {o.b2}, eps {o.eps}, weight_decay {o.weight_decay} "
-    f"(mode {o.weight_decay_mode!r}), mu_dtype {o.mu_dtype}, nu_dtype {o.nu_dtype}",
+    f"(mode {o.weight_decay_mode!r}), mu_dtype {o.mu_dtype}, nu_dtype {o.nu_dtype}"
+    + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else ""),
+    "per-device bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per_device.items()),
   ]
-  per_device = sharding.per_device_bytes(state)
-  lines.append(
-    "per-device bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per_device.items())
-  )
-  print("\n".join(lines), flush=True)
-  try:
-    print(
-      masks.report(
-        abstract_model,
-        decay_rules=_parse_rules(o.weight_decay_mask, "weight_decay_mask") or "none",
-        lr_multipliers=_parse_rules(o.lr_multipliers, "lr_multipliers"),
-        frozen=_parse_rules(o.freeze, "freeze"),
-      ),
-      flush=True,
+  if unmapped:
+    lines.append(
+      "logical axes not mapped to a mesh axis (replicated; map them with "
+      f"mesh.logical_axis_rules): {', '.join(unmapped)}"
     )
-  except Exception as e:  # the report is informative only; never stop a run for it
-    log.warning("could not print the parameter report: %s", e)
+  lines.append(
+    masks.report(
+      factory.target,
+      decay_rules=run.optimizer.decay_rules or "none",
+      lr_multipliers=run.optimizer.lr_multipliers,
+      frozen=run.optimizer.freeze,
+    )
+  )
+  return "\n".join(lines)
+
+
+def _move_aside(ckpts: checkpoint.Checkpoints, workdir: epath.Path, step: int) -> epath.Path:
+  """Moves an unreadable checkpoint step out of ``checkpoints/`` (kept, never deleted)."""
+  dest_root = workdir / "checkpoints.corrupt"
+  dest_root.mkdir(parents=True, exist_ok=True)
+  dest = dest_root / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+  shutil.move(os.fspath(ckpts.directory / str(step)), os.fspath(dest))
+  ckpts.reload()
+  return dest
+
+
+def _restore_newest(ckpts, target, workdir: epath.Path, main: bool):
+  """Restores the newest checkpoint that reads; unreadable ones are moved aside.
+
+  Returns:
+    ``(state, data_state)``, or ``(None, None)`` without any checkpoint.
+
+  Raises:
+    CheckpointMismatchError: the newest readable one does not fit this run.
+    WorkdirError: checkpoints exist and none restores.
+  """
+  moved = []
+  while (step := ckpts.latest_step()) is not None:
+    try:
+      state, data_state = ckpts.restore(target, step=step)
+    except checkpoint.CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001 (any failure to read a step: TensorStore, JSON, I/O)
+      if not main or jax.process_count() > 1:
+        raise
+      dest = _move_aside(ckpts, workdir, step)
+      reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      print(f"checkpoint {step} is unreadable ({reason}); moved to {dest}", flush=True)
+      moved.append(step)
+      continue
+    if moved:
+      print(f"resumed from step {step}, the newest readable checkpoint", flush=True)
+    return state, data_state
+  if moved:
+    raise WorkdirError(
+      f"no checkpoint in {str(workdir / 'checkpoints')!r} restores (unreadable: "
+      f"{', '.join(map(str, moved))}, moved to checkpoints.corrupt/); remove "
+      "checkpoints.corrupt/ and config.json to start over"
+    )
+  return None, None
+
+
+@dataclasses.dataclass
+class _Counters:
+  """What the host knows of the run while steps are in flight."""
+
+  step: int  # optimizer updates confirmed (metrics read)
+  position: int  # batches drawn
+  nonfinite: int = 0
+  loss_sum: float = 0.0
+  loss_count: int = 0
+  train_loss: float = float("nan")
+
+
+# ------------------------------------------------------------------ the run
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -146,159 +367,235 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   Returns:
     A summary: ``step`` reached, last ``train_loss`` and ``eval_loss``,
-    ``wall_time`` and ``preempted``.
+    ``wall_time``, ``preempted`` and ``skipped`` (non-finite updates skipped).
 
   Raises:
-    ConfigError: invalid config, or a workdir of another run.
+    UserError: an invalid config, a workdir of another run or in use, a
+      checkpoint that does not fit (nothing in the workdir is changed).
     TrainingDiverged: the loss stayed non-finite; the last good checkpoint is kept.
   """
   t_start = time.perf_counter()
-  validate_config(config)
+  run = plan.make_plan(config)
+  check_registered(config)
   workdir = fs.as_path(workdir)
   main = jax.process_index() == 0
+  created = _prepare_workdir(workdir) if main else False
+  lock = WorkdirLock(workdir)
   if main:
-    workdir.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+  try:
+    with _sigterm_flag() as sigterm:
+      return _train(run, workdir, main, sigterm, t_start)
+  except UserError:
+    if created and main and not fs.is_remote(workdir):
+      lock.release()
+      # A refused start leaves no trace: the workdir this call made is removed if empty.
+      with contextlib.suppress(OSError):
+        os.rmdir(os.fspath(workdir))
+    raise
+  finally:
+    lock.release()
+
+
+def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start: float):
+  config, tc = run.config, run.trainer
   check_workdir_config(config, workdir)
-  tc = config.trainer
 
   # --- the run: mesh, data, model
-  mesh = sharding.mesh_from_config(config.mesh)
-  # Processes that hold replicas of the same batch rows (a model axis across
-  # processes) load the same slice: the mesh, not the process id, decides.
-  data_index, data_count = sharding.data_shard_info(mesh, config.mesh)
-  dataset = registry.DATASETS.get(config.data.name)(
-    config.data, seed=int(tc.seed), process_index=data_index, process_count=data_count
+  with user_errors("mesh"):
+    mesh = sharding.mesh_from_config(run.mesh)
+    # Processes that hold replicas of the same batch rows (a model axis across
+    # processes) load the same slice: the mesh, not the process id, decides.
+    data_index, data_count = sharding.data_shard_info(mesh, run.mesh)
+  with user_errors(f"data ({run.data.name})"):
+    dataset = registry.DATASETS.get(run.data.name)(
+      run.data, seed=tc.seed, process_index=data_index, process_count=data_count
+    )
+  model_entry = registry.MODELS.get(run.model.name)
+
+  # --- state: abstract -> shardings -> restored from the newest checkpoint, or created
+  with user_errors(f"model ({run.model.name})"):
+    factory = train_state.registered_state_factory(run, dataset.info)
+    abstract = factory.abstract()
+    shardings = abstract.shardings(mesh, run.mesh)
+    unmapped = sharding.unmapped_logical_axes(
+      abstract.spec.templates,
+      [abstract.params, abstract.frozen, abstract.rest],
+      run.mesh,
+      mesh=mesh,
+    )
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
   )
-  model_entry = registry.MODELS.get(config.model.name)
-  factory = train_state.model_factory(config, dataset.info)
-
-  # --- state: restored from the latest checkpoint, else created (directly sharded)
-  ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config, data_info=dataset.info, mesh=mesh)
-  if ckpts.latest_step() is not None:
-    target = train_state.create_train_state(factory, config, mesh=mesh, abstract=True)
-    state, _ = ckpts.restore(target)
-    if main:
+  try:
+    ckpts = checkpoint.Checkpoints(
+      workdir / "checkpoints", config, data_info=dataset.info, mesh=mesh
+    )
+  except (FileExistsError, PermissionError) as e:
+    raise WorkdirError(f"checkpoints: {e}") from None
+  try:
+    state, data_state = _restore_newest(ckpts, target, workdir, main)
+    if state is None:
+      state = factory.create(shardings)
+      data_state = {}
+    elif main:
       print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
-  else:
-    state = train_state.create_train_state(factory, config, mesh=mesh)
-  from flax import nnx
+    # Only now is this workdir this config's run.
+    write_workdir_config(config, workdir)
+    if main:
+      print(_startup_report(run, state, mesh, factory, unmapped), flush=True)
+    return _loop(
+      run,
+      workdir,
+      main,
+      sigterm,
+      t_start,
+      mesh,
+      dataset,
+      model_entry,
+      ckpts,
+      state,
+      shardings,
+      data_state,
+    )
+  finally:
+    ckpts.close()
 
-  abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(int(tc.seed))))
-  _startup_report(config, state, mesh, abstract_model, main)
 
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  batch_sharding = sharding.batch_sharding(mesh, config.mesh)
+def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpts, state,
+          state_sharding, data_state):  # fmt: skip
+  tc, cc = run.trainer, run.checkpoint
+  num_steps = tc.num_steps
+  batch_sharding = sharding.batch_sharding(mesh, run.mesh)
   train_step = train_state.make_train_step(
-    model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding
+    model_entry.loss,
+    state_sharding=state_sharding,
+    batch_sharding=batch_sharding,
+    accumulate_steps=run.optimizer.accumulate_steps,
+    seed=tc.seed,
   )
   eval_step = train_state.make_eval_step(
-    model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding
+    model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding, seed=tc.seed
   )
-
-  # --- the loop
-  writer = reporting.MetricsWriter(workdir) if main else None
+  start = int(state.step)
+  # A checkpoint of the first build has {"step": n} only: position == step then.
+  c = _Counters(step=start, position=int(data_state.get("position", data_state.get("step", start))))
+  writer = reporting.MetricsWriter(workdir, resume_step=start) if main else None
   # Plotting takes ~0.3 s: a background thread draws while training goes on.
   plots = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
-  num_steps = int(tc.num_steps)
-  start = int(state.step)
   progress = reporting.ProgressBar(num_steps, start=start, enabled=main and tc.progress)
   tokens_per_step = dataset.global_batch_size * getattr(dataset, "tokens_per_example", 1)
   unit = "tokens" if getattr(dataset, "tokens_per_example", 1) > 1 else "examples"
   eval_metrics: dict[str, float] = {}
-  train_loss = float("nan")
-  nonfinite = 0
   last_good_step = ckpts.latest_step()
+  skipped_total = 0
   preempted = False
-  pending = None  # (step, metrics) of the last dispatched step, read one step late
   t_log, step_log = time.perf_counter(), start
-  loss_sum = 0.0
 
-  def finish_step(step: int, metrics: dict[str, Any]) -> None:
-    """Reads a finished step's metrics: divergence check, logging."""
-    nonlocal nonfinite, train_loss, t_log, step_log, loss_sum
-    loss = float(metrics["loss"])
-    nonfinite = 0 if np.isfinite(loss) else nonfinite + 1
-    if tc.max_nonfinite_steps and nonfinite >= tc.max_nonfinite_steps:
+  def data_pos() -> dict[str, int]:
+    return {"step": c.step, "position": c.position}
+
+  def finish(metrics: dict[str, Any]) -> bool:
+    """Reads a dispatched step's metrics (one step late); True if its update was applied."""
+    nonlocal t_log, step_log, skipped_total
+    m = jax.device_get(metrics)
+    loss, applied = float(m["loss"]), bool(m["applied"])
+    skipped_total = int(m["skipped"])
+    c.nonfinite = 0 if np.isfinite(loss) else c.nonfinite + 1
+    if tc.max_nonfinite_steps and c.nonfinite >= tc.max_nonfinite_steps:
       where = (
         f"the last good checkpoint (step {last_good_step}) is kept in {workdir / 'checkpoints'}"
         if last_good_step is not None
         else "no checkpoint was written"
       )
+      fixes = "lower optimizer.learning_rate or set optimizer.grad_clip_norm"
+      if not run.optimizer.skip_nonfinite:
+        fixes += ", or set optimizer.skip_nonfinite=True"
       raise TrainingDiverged(
-        f"loss was non-finite for {nonfinite} consecutive steps (up to step {step}); "
-        f"stopped without saving; {where}. Lower optimizer.learning_rate, set "
-        "optimizer.grad_clip_norm, or optimizer.skip_nonfinite=True."
+        f"loss was non-finite for {c.nonfinite} consecutive steps (at step {c.step}); stopped "
+        f"without saving; {where}. To go on: {fixes}."
       )
-    train_loss = loss
-    loss_sum += loss
-    if step % tc.log_every == 0 or step == num_steps:
+    if not applied:
+      if writer:
+        writer.write(c.step, "skipped", {"loss": loss, "skipped": skipped_total,
+                                         "position": c.position})  # fmt: skip
+      return False
+    c.step += 1
+    c.train_loss = loss
+    c.loss_sum += loss
+    c.loss_count += 1
+    if c.step % tc.log_every == 0 or c.step == num_steps:
       now = time.perf_counter()
-      rate = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
-      row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      rate = (c.step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+      row = {k: float(v) for k, v in m.items()}
       # The mean over the steps since the last log line: one step's loss is
       # one batch's, too noisy to read a curve from.
-      row["loss"] = loss_sum / max(step - step_log, 1)
-      loss_sum = 0.0
+      row["loss"] = c.loss_sum / max(c.loss_count, 1)
+      c.loss_sum, c.loss_count = 0.0, 0
       row[f"{unit}_per_sec"] = rate
       row["wall_time"] = now - t_start
-      t_log, step_log = now, step
+      t_log, step_log = now, c.step
       if writer:
-        writer.write(step, "train", row)
-      progress.update(step, {"loss": row["loss"], "lr": row["lr"], f"{unit}/s": int(rate)})
+        writer.write(c.step, "train", row)
+      progress.update(c.step, {"loss": row["loss"], "lr": row["lr"], f"{unit}/s": int(rate)})
+    return True
 
+  def run_eval(step: int) -> None:
+    nonlocal eval_metrics, t_log
+    t_eval = time.perf_counter()
+    eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, run.mesh)
+    t_log += time.perf_counter() - t_eval  # throughput counts training time only
+    if writer:
+      writer.write(step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
+      plots.submit(reporting.plot_losses, workdir)
+    progress.update(step, {"eval_loss": eval_metrics["loss"]})
+
+  pending = None  # the metrics of the last dispatched step, read one step late
   try:
-    for step in range(start, num_steps):
+    while c.step + (pending is not None) < num_steps:
       batch = sharding.global_batch(
-        dataset.train_batch(step), mesh, config.mesh, global_batch_size=dataset.global_batch_size
+        dataset.train_batch(c.position), mesh, run.mesh, global_batch_size=dataset.global_batch_size
       )
       state, metrics = train_step(state, batch)
+      c.position += 1
       # Read the previous step's metrics only now, with this step already
       # dispatched, so the host never waits for the device in between.
       if pending is not None:
-        finish_step(*pending)
-      pending = (step + 1, metrics)
-      done = step + 1
-      is_eval = bool(tc.eval_every) and done % tc.eval_every == 0 and done < num_steps
-      if is_eval:
-        finish_step(*pending)
-        pending = None
-        t_eval = time.perf_counter()
-        eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, config.mesh)
-        t_log += time.perf_counter() - t_eval  # throughput counts training time only
-        if writer:
-          writer.write(done, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
-          plots.submit(reporting.plot_losses, workdir)
-        progress.update(done, {"eval_loss": eval_metrics["loss"]})
-      if ckpts.should_save(done) and done < num_steps:
-        if pending is not None:
-          finish_step(*pending)  # never save a state whose loss was not checked
-          pending = None
-        ckpts.save(state, data_state={"step": done}, metrics=eval_metrics or None)
-        last_good_step = done
-      if ckpts.reached_preemption(done):
-        if pending is not None:
-          finish_step(*pending)
-          pending = None
-        ckpts.save(state, data_state={"step": done}, metrics=eval_metrics or None, force=True)
+        finish(pending)
+      pending = metrics
+      due = c.step + 1  # the update count if this step is applied
+      is_eval = bool(tc.eval_every) and due % tc.eval_every == 0 and due < num_steps
+      is_save = bool(cc.every_steps) and due % cc.every_steps == 0 and due < num_steps
+      stop = sigterm.is_set() or ckpts.reached_preemption(c.position)
+      if not (is_eval or is_save or stop or due == num_steps):
+        continue
+      # A boundary: read this step now (never evaluate or save an unchecked state).
+      applied = finish(pending)
+      pending = None
+      if applied and is_eval:
+        run_eval(c.step)
+      if applied and is_save:
+        ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
+        last_good_step = c.step
+      if stop:
+        ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
         ckpts.wait()
         preempted = True
         if main:
-          print(f"\npreempted: saved step {done}; rerun the same command to resume", flush=True)
+          print(f"\npreempted: saved step {c.step}; rerun the same command to resume", flush=True)
         break
     if pending is not None:
-      finish_step(*pending)
+      finish(pending)
     if not preempted:
-      done = int(state.step)
       if tc.eval_batches:
-        eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, config.mesh)
+        eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, run.mesh)
         if writer:
-          writer.write(done, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
-      if ckpts.latest_step() != done:
-        ckpts.save(state, data_state={"step": done}, metrics=eval_metrics or None, force=True)
+          writer.write(c.step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
+      if ckpts.latest_step() != c.step:
+        ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
       ckpts.wait()
   finally:
     progress.close()
-    ckpts.close()
     plots.shutdown(wait=True)
     if writer:
       writer.close()
@@ -307,14 +604,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   summary = {
     "step": int(state.step),
-    "train_loss": train_loss,
+    "train_loss": c.train_loss,
     "eval_loss": eval_metrics.get("loss", float("nan")),
     "wall_time": time.perf_counter() - t_start,
     "preempted": preempted,
+    "skipped": skipped_total,
   }
   if main:
     print(
-      f"\nstep {summary['step']}: train loss {train_loss:.4f}, eval loss "
+      f"\nstep {summary['step']}: train loss {c.train_loss:.4f}, eval loss "
       f"{summary['eval_loss']:.4f}, {summary['wall_time']:.1f} s",
       flush=True,
     )

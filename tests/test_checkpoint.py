@@ -25,7 +25,7 @@ import optax
 import pytest
 from flax import nnx
 
-from adamw_flax import checkpoint, registry, train_state, transform
+from adamw_flax import checkpoint, registry, train_state, trainer, transform
 from tests import ckpt_worker as worker
 from tests.conftest import ROOT, subprocess_env
 
@@ -343,18 +343,22 @@ def test_wait_raises_the_error_of_a_background_save(tmp_path, trained):
       pytest.fail("no background save failed")
 
 
-def test_sigterm_sets_the_preemption_flag_in_one_process(tmp_path):
+def test_sigterm_sets_the_trainers_flag_in_one_process(tmp_path):
   if threading.current_thread() is not threading.main_thread():
     pytest.skip("signal handlers can only be installed from the main thread")
   before = signal.getsignal(signal.SIGTERM)
   with checkpoint.Checkpoints(tmp_path, worker.tiny_config(), data_info=INFO) as ckpts:
-    assert not ckpts.reached_preemption(1)
+    assert signal.getsignal(signal.SIGTERM) == before  # checkpoints install no handler
+    flag = trainer.SigtermFlag()
+    flag.install()
+    assert not flag.is_set() and not ckpts.reached_preemption(1)
     os.kill(os.getpid(), signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while not ckpts.reached_preemption(2) and time.monotonic() < deadline:
+    while not flag.is_set() and time.monotonic() < deadline:
       time.sleep(0.01)  # the handler runs between bytecodes of the main thread
-    assert ckpts.reached_preemption(2)
-  assert signal.getsignal(signal.SIGTERM) == before  # close() hands SIGTERM back
+    assert flag.is_set()
+    flag.uninstall()
+  assert signal.getsignal(signal.SIGTERM) == before  # uninstall() hands SIGTERM back
 
 
 # ------------------------------------------------------------------ processes

@@ -1,4 +1,4 @@
-"""Tests for adamw_flax.masks (path rules) and adamw_flax.inspect (the report CLI)."""
+"""Tests for adamw_flax.masks (path rules) and train.inspect (the report CLI)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 from flax.training import train_state
 
-from adamw_flax import masks
+from adamw_flax import masks, plan
+from adamw_flax import train_state as ts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -546,18 +547,15 @@ if "tiny" not in registry.MODELS.names():
 """
 
 TINY_CONFIG = """
-import ml_collections
+from adamw_flax.config import default_config
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict({"name": "mymod:tiny"})
-  c.data = ml_collections.ConfigDict({"name": "mymod:tinyds"})
-  c.trainer = ml_collections.ConfigDict({"seed": 0})
-  c.optimizer = ml_collections.ConfigDict({
-    "name": "adamw", "weight_decay": 0.1, "weight_decay_mask": "default",
-    "lr_multipliers": "embed/*=0.5", "freeze": "",
-  })
+  c = default_config()
+  c.model.name = "mymod:tiny"
+  c.data.name = "mymod:tinyds"
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.lr_multipliers = "embed/*=0.5"
   return c
 """
 
@@ -577,7 +575,7 @@ def test_inspect_cli(tiny_config):
   cmd = [
     sys.executable,
     "-m",
-    "adamw_flax.inspect",
+    "train.inspect",
     f"--config={tiny_config / 'cfg.py'}",
     "--config.optimizer.weight_decay_mask=bias=false, type:LayerNorm=false, *=true",
     "--config.optimizer.freeze=norm/*=true",
@@ -604,7 +602,7 @@ def test_inspect_cli(tiny_config):
     text=True,
     timeout=120,
   )
-  assert bad.returncode != 0
+  assert bad.returncode == 2
   assert "rule #1 '*/bais' matches no parameter" in bad.stderr
   assert "Traceback" not in bad.stderr
 
@@ -612,13 +610,14 @@ def test_inspect_cli(tiny_config):
 def test_inspect_config_report_in_process(tiny_config):
   import importlib.util
 
-  from adamw_flax import inspect as inspect_cli
+  from train import inspect as inspect_cli
 
   spec = importlib.util.spec_from_file_location("cfg", tiny_config / "cfg.py")
   cfg_module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg_module)
   config = cfg_module.get_config()
-  model = inspect_cli.abstract_model(config)
+  run = plan.make_plan(config)
+  model = ts.registered_state_factory(run, inspect_cli.data_info(run)).target
   assert isinstance(model.dense.kernel.get_value(), jax.ShapeDtypeStruct)  # nothing allocated
   text = inspect_cli.config_report(config)
   assert re.search(r"^dense/kernel\s+Linear\s+\(8, 13\)\s+float32\s+yes\s+1\s+no$", text, re.M)

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from adamw_flax import config as C
 from adamw_flax import distributed, sharding
 from adamw_flax.train_state import state_from_config
 from tests import sharding_models, sharding_workers
@@ -82,18 +83,24 @@ def test_rules_first_match_wins_unmatched_replicated():
   }
 
 
+def state_specs(state, mesh_section, mesh):
+  shardings = state.shardings(mesh, mesh_section)
+  spec = lambda tree: jax.tree.map(lambda s: s.spec, tree)
+  return {f: spec(getattr(shardings, f)) for f in ("params", "frozen", "rest")}
+
+
 def test_nnx_annotations_read_from_train_state_and_overridden_by_rules():
   cfg = mesh_cfg(("data", "model"), (2, 4))
   cfg.model.shard_axis = "model"
   mesh = AbstractMesh((2, 4), ("data", "model"))
-  specs = sharding.param_specs(abstract_state(cfg), cfg.mesh, mesh=mesh)
+  specs = state_specs(abstract_state(cfg), cfg.mesh, mesh)
   assert specs["params"]["l1"]["kernel"] == P(None, "model")
   assert specs["params"]["l2"]["kernel"] == P("model", None)
   assert specs["params"]["l1"]["bias"] == P()
   assert specs["frozen"] == {} and specs["rest"] == {}
 
   cfg.mesh.partition_rules = ((".*l1/kernel", ("model", None)),)
-  specs = sharding.param_specs(abstract_state(cfg), cfg.mesh, mesh=mesh)
+  specs = state_specs(abstract_state(cfg), cfg.mesh, mesh)
   assert specs["params"]["l1"]["kernel"] == P("model", None)  # the rule
   assert specs["params"]["l2"]["kernel"] == P("model", None)  # the annotation
 
@@ -117,27 +124,25 @@ def test_annotations_of_module_and_state():
     (
       ((".*l1/kernel", (None, "model")), ("encoder/.*", ("data",))),
       "",
-      "mesh.partition_rules[1] ('encoder/.*') matches no parameter",
+      "mesh.partition_rules rule #2 're:encoder/.*' matches no parameter",
     ),
     (
       ((".*l1/kernel", ("tensor", None)),),
       "",
-      "l1/kernel (shape (16, 32)): mesh.partition_rules[0] ('.*l1/kernel') P('tensor', None) "
-      "names axis 'tensor', which is not a mesh axis; mesh.axes are ('data', 'model')",
+      "mesh.partition_rules[0] ('.*l1/kernel'): axis 'tensor' is not in mesh.axes ('data', 'model')",
     ),
     (
       ((".*l2/kernel", (None, "model")),),
       "",
-      "l2/kernel (shape (32, 4)): mesh.partition_rules[0] ('.*l2/kernel') P(None, 'model') "
+      "l2/kernel (shape (32, 4)): mesh.partition_rules[0] ('re:.*l2/kernel') P(None, 'model') "
       "shards dimension 1 (size 4) over 'model' of size 8",
     ),
     (
       ((".*l2/bias", (None, "data")),),
       "",
-      "l2/bias (shape (4,)): mesh.partition_rules[0] ('.*l2/bias') P(None, 'data') has 2 "
+      "l2/bias (shape (4,)): mesh.partition_rules[0] ('re:.*l2/bias') P(None, 'data') has 2 "
       "entries for a 1-dimensional parameter",
     ),
-    ((), "tensor", "l1/kernel (shape (16, 32)): NNX annotation P(None, 'tensor') names axis"),
   ],
 )
 def test_spec_errors_name_rule_path_and_shape(rules, shard_axis, message):
@@ -145,7 +150,30 @@ def test_spec_errors_name_rule_path_and_shape(rules, shard_axis, message):
   cfg.model.shard_axis = shard_axis
   mesh = AbstractMesh((1, 8), ("data", "model"))
   with pytest.raises(ValueError, match=re.escape(message)):
-    sharding.param_specs(abstract_state(cfg), cfg.mesh, mesh=mesh)
+    state_specs(abstract_state(cfg), cfg.mesh, mesh)
+
+
+def test_logical_names_map_through_rules_and_unmapped_ones_replicate():
+  cfg = mesh_cfg(("data", "model"), (2, 4))
+  cfg.model.shard_axis = "hidden"  # a logical name, not a mesh axis
+  mesh = AbstractMesh((2, 4), ("data", "model"))
+  state = abstract_state(cfg)
+  assert state_specs(state, cfg.mesh, mesh)["params"]["l1"]["kernel"] == P(None, None)
+  templates, trees = state.spec.templates, [state.params, state.frozen, state.rest]
+  assert sharding.unmapped_logical_axes(templates, trees, cfg.mesh, mesh=mesh) == ["hidden"]
+  cfg.mesh.logical_axis_rules = (("hidden", "model"),)
+  assert state_specs(state, cfg.mesh, mesh)["params"]["l1"]["kernel"] == P(None, "model")
+  assert sharding.unmapped_logical_axes(templates, trees, cfg.mesh, mesh=mesh) == []
+
+
+def test_partition_rules_take_mask_selectors():
+  from flax import nnx
+
+  cfg = mesh_cfg(("data", "model"), (2, 4))
+  cfg.mesh.partition_rules = (("type:Linear & kernel", (None, "model")), ("ndim>=1", ()))
+  model = sharding_models.build_mlp(cfg.model, rngs=nnx.Rngs(0), data_info=DATA_INFO)
+  specs = sharding.param_specs(model, cfg.mesh, mesh=AbstractMesh((2, 4), ("data", "model")))
+  assert specs["l1"]["kernel"] == P(None, "model") and specs["l1"]["bias"] == P()
 
 
 def test_rules_see_plain_paths_of_an_nnx_state():
@@ -164,7 +192,7 @@ def test_rules_see_plain_paths_of_an_nnx_state():
     ({}, []),
     (
       {"partition_rules": ((".*kernel", ("fsdp", None)), ("(", ("data",)))},
-      ["mesh.partition_rules[1]: invalid regex '('"],
+      ["mesh.partition_rules[1]: rule 're:(': invalid regular expression"],
     ),
     (
       {"partition_rules": ((".*kernel", ("fsdp", ("data", "fsdp"))),)},
@@ -173,14 +201,14 @@ def test_rules_see_plain_paths_of_an_nnx_state():
         "mesh.partition_rules[0] ('.*kernel'): P('fsdp', ('data', 'fsdp')) uses a mesh axis twice",
       ],
     ),
-    ({"partition_rules": (("kernel",),)}, ["mesh.partition_rules[0]: must be a (regex, spec)"]),
+    ({"partition_rules": (("kernel",),)}, ["mesh.partition_rules[0]: must be a (selector, spec)"]),
     ({"axes": ("data", "data"), "shape": (2, 2)}, ["mesh.axes: ('data', 'data') names an axis"]),
   ],
 )
 def test_mesh_config_errors(fields, errors):
   cfg = mesh_cfg(("data", "model"), (-1, 1)).mesh
   cfg.update(fields)
-  got = sharding.mesh_config_errors(cfg)
+  got = C.mesh_config_errors(cfg)
   assert len(got) == len(errors) and all(g.startswith(e) for g, e in zip(got, errors, strict=True))
 
 
@@ -205,10 +233,11 @@ def _by_suffix(tree, suffix: str):
 
 @pytest.mark.parametrize("accumulate_steps", [1, 2])
 def test_zero1_shards_opt_state_over_data_axes(accumulate_steps):
+  # Accumulation lives in the step (micro-batches), so the state is the same for both.
   cfg = mesh_cfg(("data", "model"), (2, 4), shard_opt_state="data")
   cfg.model.shard_axis = "model"
   cfg.model.batch_norm = True
-  cfg.optimizer.accumulate_steps = accumulate_steps  # optax.MultiSteps: acc_grads too
+  cfg.optimizer.accumulate_steps = accumulate_steps
   mesh = AbstractMesh((2, 4), ("data", "model"))
   state = abstract_state(cfg)
   s = sharding.state_shardings(state, mesh, cfg.mesh)
@@ -220,7 +249,7 @@ def test_zero1_shards_opt_state_over_data_axes(accumulate_steps):
   assert s.step.spec == P()
   assert all(x.spec == P() for x in jax.tree.leaves(s.rest))  # batch statistics
   # Moments (and accumulated gradients) add "data" on the first free dimension it divides.
-  for field in ("mu", "nu") + (("acc_grads",) if accumulate_steps > 1 else ()):
+  for field in ("mu", "nu"):
     assert [x.spec for x in _by_suffix(s.opt_state, f"{field}['l1']['kernel']")] == [
       P("data", "model")
     ]

@@ -94,12 +94,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_unknown_model_dataset_optimizer(tmp_path):
   cfg = regression_config()
   cfg.model.name = "tests.trainer_models:regresor"
-  with pytest.raises(KeyError, match="Did you mean 'regressor'"):
+  with pytest.raises(C.ConfigError, match="model.name: .*Did you mean 'regressor'"):
     trainer.train_and_evaluate(cfg, tmp_path / "a")
   cfg = regression_config()
   cfg.data.name = "nope"
-  with pytest.raises(KeyError, match="unknown dataset 'nope'"):
+  with pytest.raises(C.ConfigError, match="data.name: unknown dataset 'nope'"):
     trainer.train_and_evaluate(cfg, tmp_path / "b")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing created
   cfg = regression_config()
   cfg.optimizer.name = "adamv"
   with pytest.raises(C.ConfigError, match="did you mean 'adamw'"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 # glibc returns every freed block above 128 KiB to the OS, so each XLA:CPU step
 # maps its buffers afresh: ~12k page faults a step, 25% of a small model's
@@ -27,9 +26,10 @@ if (
   os.execv(sys.executable, [sys.executable, "-m", "train", *sys.argv[1:]])
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).")
+from train import cli  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file (get_config()); path or path:arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
@@ -42,15 +42,14 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], overrides: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
+  verbose = flags.FLAGS["verbosity"].present
+  if not verbose:
     # Orbax logs every save step at INFO; the trainer prints what users need.
     logging.set_verbosity(logging.WARNING)
-  from adamw_flax import distributed, trainer
-  from adamw_flax.config import ConfigError
-  from adamw_flax.registry import RegistryError
+  from adamw_flax import distributed, trainer  # after absl parsed flags: JAX reads them
 
   multi = distributed.initialize(
     _COORDINATOR.value,
@@ -58,19 +57,13 @@ def main(argv: list[str]) -> int:
     _PROCESS_ID.value,
     initialization_timeout=_INIT_TIMEOUT.value,
   )
-  try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, RegistryError, trainer.TrainingDiverged) as e:
-    print(f"error: {e}", file=sys.stderr)
-    code = 1 if isinstance(e, trainer.TrainingDiverged) else 2
-  except BaseException:
-    if not multi:
-      raise
-    traceback.print_exc()
-    code = 1
-  else:
-    return 0
-  if multi:
+  code = cli.run_reporting_errors(
+    lambda: trainer.train_and_evaluate(cli.load_config(_CONFIG.value, overrides), _WORKDIR.value),
+    verbose=verbose,
+    fatal=(trainer.TrainingDiverged,),
+    reraise=not multi,
+  )
+  if multi and code:
     # A failing process would otherwise wait at JAX's shutdown barrier for the
     # others, which wait for it until their heartbeat times out.
     sys.stderr.flush()
@@ -79,4 +72,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  argv, overrides = cli.split_config_overrides(sys.argv)
+  app.run(lambda args: sys.exit(main(args, overrides)), argv=argv)

@@ -10,7 +10,6 @@ saved with it), so sampling needs neither the text nor the network.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from adamw_flax import checkpoint
 from examples.tiny_shakespeare.data import CharVocab
 from examples.tiny_shakespeare.model import generate
 
@@ -98,22 +98,17 @@ def sample_from_workdir(
   Raises:
     FileNotFoundError: ``workdir`` is not a run or has no complete checkpoint.
   """
-  from adamw_flax import checkpoint
-
   workdir = Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
+  if not (workdir / "config.json").is_file():
     raise FileNotFoundError(f"{workdir} has no config.json: not a training run directory")
-  config = checkpoint.config_from_json(json.loads(config_path.read_text()))
-  # Opened only to read; data_info matters to saves alone.
-  with checkpoint.Checkpoints(workdir / "checkpoints", config, data_info={}) as ckpts:
+  with checkpoint.CheckpointReader(workdir) as reader:
     if best:
-      step = ckpts.best_step()
+      step = reader.best_step("loss")
     elif step is None:
-      step = ckpts.latest_step()
+      step = reader.latest_step()
     if step is None:
       raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no complete checkpoint")
-    chars = ckpts.meta(step)["data_info"]["chars"]
+    chars = reader.meta(step)["data_info"]["chars"]
   model = checkpoint.restore_params(workdir, step=step)
   return sample_text(
     model, CharVocab(chars), prompt, num_tokens, seed=seed, temperature=temperature, top_k=top_k

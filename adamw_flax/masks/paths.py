@@ -1,0 +1,206 @@
+"""Parameter paths, and targets: a model's parameters as the rules see them.
+
+A target is what rules are applied to: an ``nnx.Module`` (module types known),
+a :class:`LinenTarget` (a Linen model's params and module classes), or a plain
+params tree (paths only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+
+PyTree = Any
+
+
+def key_str(key: Any) -> str:
+  """One key of a JAX key path as text: a dict key, attribute name or index."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+  """A key path as the "/"-joined text that rules match (``blocks/0/attn/qkv/kernel``)."""
+  keys = list(keypath)
+  # An NNX Variable (or a Linen Partitioned box) flattens to its `.value`; the
+  # path names the parameter, not the box.
+  while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys.pop()
+  return "/".join(key_str(k) for k in keys)
+
+
+def flatten_paths(tree: PyTree) -> tuple[list[tuple[str, Any]], Any]:
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  entries = [(path_str(kp), leaf) for kp, leaf in keyed]
+  seen: set[str] = set()
+  for path, _ in entries:
+    if path in seen:
+      raise ValueError(
+        f"two leaves share the path {path!r} (a key containing '/' or a "
+        "non-array leaf inside a parameter); rename the key"
+      )
+    seen.add(path)
+  return entries, treedef
+
+
+def tree_paths(tree: PyTree) -> list[str]:
+  """Returns the ``"/"``-joined paths of the leaves of ``tree``, in leaf order.
+
+  NNX ``Variable`` boxes and their ``.value`` do not appear in the path; dict
+  keys, attribute names and sequence indices do. For an ``nnx.Module`` the
+  paths of its ``nnx.Param`` variables are returned.
+
+  Examples:
+    >>> tree_paths({"a": [1.0, 2.0], "b": {"c": 3.0}})
+    ['a/0', 'a/1', 'b/c']
+  """
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree, nnx.Param)
+  elif isinstance(tree, LinenTarget):
+    tree = tree.params
+  return [path for path, _ in flatten_paths(tree)[0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenTarget:
+  """A Linen model's parameters together with the classes of its modules.
+
+  Build it with :func:`linen_target`; pass it as ``target`` so that type rules
+  work for Linen. Paths are those of ``params`` (the inner ``'params'``
+  collection); callables built from it also accept trees that keep the outer
+  ``{'params': ...}`` level.
+
+  Attributes:
+    params: the ``'params'`` collection (arrays or ``jax.ShapeDtypeStruct``).
+    module_types: ``"/"``-joined module path (``""`` for the root) -> class.
+  """
+
+  params: Mapping[str, Any]
+  module_types: Mapping[str, type]
+
+
+def linen_target(
+  module: Any, *example_inputs: Any, rngs: Any = None, **init_kwargs: Any
+) -> LinenTarget:
+  """Records a Linen module's parameter shapes and module classes, without allocating.
+
+  Runs ``jax.eval_shape(module.init, rngs, *example_inputs, **init_kwargs)``
+  under ``flax.linen.intercept_methods`` and records the class of every module
+  that runs. Modules inside lifted transforms (``nn.scan``, ``nn.remat``) are
+  recorded at their own path with their own class.
+
+  Args:
+    module: a ``flax.linen.Module``.
+    *example_inputs: inputs for ``module.init`` (arrays or ``ShapeDtypeStruct``).
+    rngs: a key or a dict of keys for ``init``; defaults to ``jax.random.key(0)``.
+    **init_kwargs: keyword arguments for ``module.init``.
+
+  Returns:
+    A :class:`LinenTarget`.
+
+  Examples:
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> target = linen_target(nn.Sequential([nn.Dense(3), nn.LayerNorm()]), jnp.ones((1, 2)))
+    >>> from adamw_flax.masks import path_values
+    >>> path_values(target, "default")
+    {'layers_0/bias': False, 'layers_0/kernel': True, 'layers_1/bias': False, 'layers_1/scale': False}
+  """
+
+  types: dict[str, type] = {}
+
+  def record(next_fun, args, kwargs, context):
+    # Inside lifted transforms a module is also seen at a relative path; the
+    # first sighting of a path is the one in the outer tree.
+    types.setdefault("/".join(str(k) for k in context.module.path), type(context.module))
+    return next_fun(*args, **kwargs)
+
+  if rngs is None:
+    rngs = jax.random.key(0)
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(module.init, rngs, *example_inputs, **init_kwargs)
+  if "params" not in variables:
+    raise ValueError(
+      f"{type(module).__name__}.init made no 'params' collection (got "
+      f"{sorted(variables)}); nothing to select"
+    )
+  return LinenTarget(params=variables["params"], module_types=types)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A target as the rules see it."""
+
+  entries: list[tuple[str, Any]]
+  owners: dict[str, type] | None  # param path -> owning module class; None: no type info
+  kind: str
+  linen: bool = False
+
+
+def _nearest_owner(path: str, modules: Mapping[str, type]) -> type | None:
+  parts = path.split("/")[:-1]
+  for i in range(len(parts), -1, -1):
+    owner = modules.get("/".join(parts[:i]))
+    if owner is not None:
+      return owner
+  return None
+
+
+def _nnx_module_types(model: nnx.Module) -> dict[str, type]:
+  # nnx.List / nnx.Dict are containers, not layers: a Param in a list belongs to
+  # the module holding the list.
+  containers = (nnx.List, nnx.Dict)
+  return {
+    "/".join(str(k) for k in path): type(node)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Module) and not isinstance(node, containers)
+  }
+
+
+def as_target(target: Any) -> Target:
+  if isinstance(target, Target):
+    return target
+  if isinstance(target, nnx.Module):
+    entries, _ = flatten_paths(nnx.state(target, nnx.Param))
+    types = _nnx_module_types(target)
+    owners = {path: _nearest_owner(path, types) for path, _ in entries}
+    if any(owner is not None and issubclass(owner, nnx.bridge.ToNNX) for owner in owners.values()):
+      # The Linen modules inside nnx.bridge.ToNNX are not NNX graph nodes: their
+      # classes are unknown here (linen_target records them).
+      return Target(
+        entries,
+        None,
+        f"NNX model {type(target).__name__} wrapping Linen via "
+        "nnx.bridge.ToNNX, whose Linen module types NNX does not see; pass "
+        "linen_target(linen_module, *example_inputs) instead, its paths are the same",
+      )
+    return Target(entries, owners, f"NNX model {type(target).__name__}")
+  if isinstance(target, LinenTarget):
+    entries, _ = flatten_paths(target.params)
+    owners = {path: _nearest_owner(path, target.module_types) for path, _ in entries}
+    root = target.module_types.get("")
+    return Target(entries, owners, f"Linen model {getattr(root, '__name__', '?')}", linen=True)
+  entries, _ = flatten_paths(target)
+  kind = "nnx.State" if isinstance(target, nnx.State) else type(target).__name__
+  return Target(entries, None, kind)
+
+
+def leaf_ndim(leaf: Any) -> int:
+  shape = getattr(leaf, "shape", None)
+  return len(shape) if shape is not None else np.ndim(leaf)
+
+
+def mro_names(cls: type | None) -> tuple[str, ...] | None:
+  return None if cls is None else tuple(c.__name__ for c in cls.__mro__)

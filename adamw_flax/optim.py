@@ -1,0 +1,119 @@
+"""The optimizer a run plan describes: the optax chain and its learning-rate schedule.
+
+:func:`optimizer_from_config` builds, in order: gradient clipping
+(``grad_clip_norm``), the registered optimizer (``name``) with its schedule and
+weight-decay mask, per-group learning-rate multipliers (``lr_multipliers``),
+and skipping of non-finite updates (``skip_nonfinite``, ``optax.apply_if_finite``).
+Gradient accumulation is not an optimizer wrapper here: the train step splits
+its batch into ``accumulate_steps`` micro-batches (see
+:func:`adamw_flax.train_state.make_train_step`), so one optimizer update is one
+step of the run, and the schedule counts updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamw_flax import masks, plan, registry, schedules
+
+
+class Optimizer(NamedTuple):
+  """What :func:`optimizer_from_config` returns.
+
+  Attributes:
+    tx: the optax transformation (``init``/``update``).
+    schedule: step -> learning rate applied at that optimizer update (also
+      for a constant rate), read by the train step for its ``lr`` metric.
+  """
+
+  tx: optax.GradientTransformationExtraArgs
+  schedule: optax.Schedule
+
+
+def scale_by_multipliers(multipliers: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Multiplies each update leaf by its scalar from ``multipliers(updates)``.
+
+  optax has no per-leaf constant scaling (``optax.multi_transform`` would
+  split the optimizer state by group, changing its tree); this keeps the
+  state of the wrapped optimizer as it is.
+
+  Args:
+    multipliers: ``updates tree -> tree of floats`` of the same structure
+      (e.g. :func:`adamw_flax.masks.lr_multiplier_fn`).
+
+  Returns:
+    A stateless ``optax.GradientTransformation``.
+  """
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    factors = multipliers(updates)
+    updates = jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors)
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
+def optimizer_from_config(
+  cfg: Any, *, num_steps: int | None = None, target: Any = None
+) -> Optimizer:
+  """Builds the optimizer chain and schedule that ``config.optimizer`` describes.
+
+  Frozen parameters (``freeze``) are removed from the trained tree by
+  :func:`adamw_flax.create_train_state`, so they never reach this optimizer.
+
+  Args:
+    cfg: the ``optimizer`` section of a validated config, or its
+      :class:`~adamw_flax.plan.OptimizerPlan`.
+    num_steps: the run's optimizer updates, for schedules whose
+      ``decay_steps`` is 0 (ignored for a plan, which carries it).
+    target: the model (NNX module, :class:`~adamw_flax.masks.LinenTarget`, or a
+      params tree) that mask and multiplier rules are resolved against;
+      needed for rules on module types.
+
+  Returns:
+    An :class:`Optimizer` ``(tx, schedule)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adamw_flax import config
+    >>> cfg = config.default_config().optimizer
+    >>> cfg.weight_decay_mask = "all"
+    >>> tx, schedule = optimizer_from_config(cfg)
+    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> float(schedule(10))
+    0.001
+  """
+  p = plan.as_optimizer_plan(cfg, num_steps)
+  section = p.section
+  lr_fn = schedules.schedule_from_config(section, p.num_steps or None)
+  lr: Any = lr_fn
+  if section.schedule == "constant" and not section.warmup_steps:
+    lr = float(section.learning_rate)  # a scalar keeps the state tree of optax.adamw(lr)
+  mask = None
+  # No decay, or decay of everything, needs no mask: the optimizer state is
+  # then exactly plain optax.adamw's (no MaskedState), and no model is needed.
+  if p.decay_rules and section.weight_decay and p.decay_rules != masks.PRESETS["all"]:
+    mask = masks.weight_decay_mask(p.decay_rules, target)
+  factory = registry.OPTIMIZERS.get(p.name)
+  tx = factory(section, learning_rate=lr, weight_decay_mask=mask)
+
+  parts = []
+  if p.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(p.grad_clip_norm))
+  parts.append(tx)
+  if p.lr_multipliers:
+    parts.append(scale_by_multipliers(masks.lr_multiplier_fn(p.lr_multipliers, target)))
+  tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
+  if p.skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+  return Optimizer(optax.with_extra_args_support(tx), lr_fn)

@@ -1,0 +1,204 @@
+"""The run plan: a validated config, parsed once into plain typed objects.
+
+:func:`make_plan` validates a launch config (:func:`adamw_flax.config.validate_config`)
+and reads every string the rest of the code would otherwise parse again:
+mask, learning-rate multiplier, freeze and partition rules become
+:class:`~adamw_flax.masks.Rule` tuples, dtype names stay names checked against
+the schema, the mesh section becomes tuples. The library's consumers
+(:mod:`adamw_flax.optim`, :mod:`adamw_flax.sharding`,
+:mod:`adamw_flax.checkpoint`, :mod:`adamw_flax.train_state`, the trainer) take
+these objects; they accept the matching config section too, and turn it into
+its plan at the door with the ``as_*`` functions below, so a user calling
+``sharding.mesh_from_config(cfg.mesh)`` keeps working.
+
+Examples:
+  >>> from adamw_flax import config, plan
+  >>> cfg = config.default_config()
+  >>> cfg.model.name, cfg.data.name = "m", "d"
+  >>> cfg.optimizer.weight_decay_mask = "*/bias=false, *=true"
+  >>> p = plan.make_plan(cfg)
+  >>> [r.selector for r in p.optimizer.decay_rules], p.mesh.axes, p.trainer.num_steps
+  (['*/bias', '*'], ('data',), 1000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from adamw_flax import masks
+from adamw_flax.config import rule_field, validate_config
+
+Rules = tuple[masks.Rule, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerPlan:
+  """The ``optimizer`` section, parsed.
+
+  Attributes:
+    section: the validated section itself (registered optimizer factories read it).
+    num_steps: optimizer updates of the run (the schedule's length when
+      ``decay_steps`` is 0).
+    decay_rules / lr_multipliers / freeze: the parsed rules (``()``: none).
+    accumulate_steps: micro-batches per optimizer update.
+    skip_nonfinite: skip updates whose gradients are not finite.
+    grad_clip_norm: global-norm clipping (0: off).
+  """
+
+  section: ml_collections.ConfigDict
+  num_steps: int
+  decay_rules: Rules
+  lr_multipliers: Rules
+  freeze: Rules
+  accumulate_steps: int
+  skip_nonfinite: bool
+  grad_clip_norm: float
+
+  @property
+  def name(self) -> str:
+    return str(self.section.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+  """The ``mesh`` section, parsed (see :mod:`adamw_flax.sharding`)."""
+
+  axes: tuple[str, ...]
+  shape: tuple[int, ...]
+  partition_rules: Rules
+  data_axes: tuple[str, ...]
+  shard_opt_state: str
+  logical_axis_rules: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerPlan:
+  """The ``trainer`` section."""
+
+  num_steps: int
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  seed: int
+  max_nonfinite_steps: int
+  allow_config_change: bool
+  progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPlan:
+  """The ``checkpoint`` section."""
+
+  every_steps: int
+  keep: int
+  keep_best_by: str
+  best_mode: str
+  keep_period: int
+  async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """A whole launch: the validated config and its parsed sections.
+
+  ``model`` and ``data`` stay ``ConfigDict`` sections: their fields belong to
+  the registered model and dataset.
+  """
+
+  config: ml_collections.ConfigDict
+  model: ml_collections.ConfigDict
+  data: ml_collections.ConfigDict
+  optimizer: OptimizerPlan
+  trainer: TrainerPlan
+  checkpoint: CheckpointPlan
+  mesh: MeshPlan
+
+
+def _fields(cls: type, section: Any) -> dict[str, Any]:
+  return {f.name: section[f.name] for f in dataclasses.fields(cls)}
+
+
+def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPlan:
+  """The plan of an ``optimizer`` section (returned as is if it already is one).
+
+  Args:
+    section: a validated ``config.optimizer`` (every schema field present) or
+      an :class:`OptimizerPlan`.
+    num_steps: the run's optimizer updates (``trainer.num_steps``); needed by
+      schedules whose ``decay_steps`` is 0.
+  """
+  if isinstance(section, OptimizerPlan):
+    return section
+  if num_steps is None:
+    num_steps = int(section.decay_steps) or 0
+  return OptimizerPlan(
+    section=section,
+    num_steps=int(num_steps),
+    decay_rules=rule_field(section.weight_decay_mask, "weight_decay_mask"),
+    lr_multipliers=rule_field(section.lr_multipliers, "lr_multipliers"),
+    freeze=rule_field(section.freeze, "freeze"),
+    accumulate_steps=int(section.accumulate_steps),
+    skip_nonfinite=bool(section.skip_nonfinite),
+    grad_clip_norm=float(section.grad_clip_norm),
+  )
+
+
+def as_mesh_plan(section: Any) -> MeshPlan:
+  """The plan of a ``mesh`` section (returned as is if it already is one)."""
+  if isinstance(section, MeshPlan):
+    return section
+  return MeshPlan(
+    axes=tuple(str(a) for a in section.axes),
+    shape=tuple(int(s) for s in section.shape),
+    partition_rules=masks.parse_partition_rules(section.partition_rules),
+    data_axes=tuple(str(a) for a in section.data_axes),
+    shard_opt_state=str(section.shard_opt_state),
+    logical_axis_rules=tuple(
+      (str(name), None if axes is None else axes if isinstance(axes, str) else tuple(axes))
+      for name, axes in section.logical_axis_rules
+    ),
+  )
+
+
+def as_trainer_plan(section: Any) -> TrainerPlan:
+  """The plan of a ``trainer`` section."""
+  if isinstance(section, TrainerPlan):
+    return section
+  return TrainerPlan(**_fields(TrainerPlan, section))
+
+
+def as_checkpoint_plan(section: Any) -> CheckpointPlan:
+  """The plan of a ``checkpoint`` section."""
+  if isinstance(section, CheckpointPlan):
+    return section
+  return CheckpointPlan(**_fields(CheckpointPlan, section))
+
+
+def make_plan(config: ml_collections.ConfigDict) -> RunPlan:
+  """Validates a launch config and parses it once.
+
+  Args:
+    config: a full launch config.
+
+  Returns:
+    The :class:`RunPlan`.
+
+  Raises:
+    adamw_flax.config.ConfigError: naming every invalid key.
+  """
+  if isinstance(config, RunPlan):
+    return config
+  validate_config(config)
+  trainer = as_trainer_plan(config.trainer)
+  return RunPlan(
+    config=config,
+    model=config.model,
+    data=config.data,
+    optimizer=as_optimizer_plan(config.optimizer, trainer.num_steps),
+    trainer=trainer,
+    checkpoint=as_checkpoint_plan(config.checkpoint),
+    mesh=as_mesh_plan(config.mesh),
+  )

@@ -1,0 +1,105 @@
+"""What ``python -m train`` and ``python -m train.inspect`` share: config overrides, errors.
+
+``--config.section.key=value`` arguments are taken out of the command line
+before absl parses it and applied by :func:`adamw_flax.config.apply_overrides`
+(the one override parser, also behind :func:`adamw_flax.config.load_config`),
+so a typo is a one-line error with a "did you mean" instead of absl's usage
+dump. A :class:`~adamw_flax.errors.UserError` exits with status 2 and its
+message; ``--verbosity`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from adamw_flax import config as config_lib
+from adamw_flax.errors import UserError
+
+USER_ERROR = 2
+
+
+def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Splits ``argv`` into (the other arguments, the ``section.key=value`` overrides).
+
+  Both ``--config.a.b=v`` and ``--config.a.b v`` are overrides.
+
+  Examples:
+    >>> split_config_overrides(["prog", "--config=c.py", "--config.trainer.seed=3",
+    ...                         "--config.trainer.num_steps", "6", "--workdir=w"])
+    (['prog', '--config=c.py', '--workdir=w'], ['trainer.seed=3', 'trainer.num_steps=6'])
+  """
+  rest: list[str] = []
+  overrides: list[str] = []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config.") :]
+      if "=" not in body and i + 1 < len(args):
+        body = f"{body}={args[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def load_config(path: str, overrides: Sequence[str]) -> Any:
+  """``--config`` (``path`` or ``path:arg``) with the overrides applied, validated."""
+  if not path:
+    raise config_lib.ConfigError("--config: missing; pass --config=configs/NAME.py")
+  return config_lib.load_config(path, overrides)
+
+
+def _short(message: str, limit: int = 3) -> str:
+  lines = [line for line in str(message).splitlines() if line.strip()]
+  if lines and lines[0].strip() == "invalid config:" and len(lines) > 1:
+    lines = lines[1:]  # the keys themselves are the message
+  lines = [line.strip() for line in lines]
+  if len(lines) > limit:
+    lines = [*lines[: limit - 1], f"... and {len(lines) - limit + 1} more"]
+  return "\n".join(lines)
+
+
+def run_reporting_errors(
+  fn: Callable[[], Any],
+  *,
+  verbose: bool,
+  fatal: tuple[type[BaseException], ...] = (),
+  reraise: bool = True,
+) -> int:
+  """Runs ``fn``; a user error prints one to three lines and gives status 2.
+
+  Args:
+    fn: the command's work.
+    verbose: print the traceback of a user error too.
+    fatal: exceptions printed as one line with status 1 (e.g. a diverged run).
+    reraise: re-raise other exceptions (False: print them, status 1, for
+      multi-process jobs that must not hang at shutdown).
+
+  Returns:
+    The exit status.
+  """
+  try:
+    fn()
+  except UserError as e:
+    if verbose:
+      traceback.print_exc()
+    print(f"error: {_short(str(e))}", file=sys.stderr)
+    return USER_ERROR
+  except fatal as e:
+    if verbose:
+      traceback.print_exc()
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except BaseException:
+    if reraise:
+      raise
+    traceback.print_exc()
+    return 1
+  return 0
