@@ -495,9 +495,10 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
   def data_pos() -> dict[str, int]:
     return {"step": c.step, "position": c.position}
 
-  def finish(metrics: dict[str, Any]) -> bool:
+  def finish(dispatched: tuple[dict[str, Any], int]) -> bool:
     """Reads a dispatched step's metrics (one step late); True if its update was applied."""
     nonlocal t_log, step_log, skipped_total
+    metrics, position = dispatched
     m = jax.device_get(metrics)
     loss, applied = float(m["loss"]), bool(m["applied"])
     skipped_total = int(m["skipped"])
@@ -518,7 +519,7 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     if not applied:
       if writer:
         writer.write(c.step, "skipped", {"loss": loss, "skipped": skipped_total,
-                                         "position": c.position})  # fmt: skip
+                                         "position": position})  # fmt: skip
       return False
     c.step += 1
     c.train_loss = loss
@@ -557,12 +558,13 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
         dataset.train_batch(c.position), mesh, run.mesh, global_batch_size=dataset.global_batch_size
       )
       state, metrics = train_step(state, batch)
+      dispatched = (metrics, c.position)
       c.position += 1
       # Read the previous step's metrics only now, with this step already
       # dispatched, so the host never waits for the device in between.
       if pending is not None:
         finish(pending)
-      pending = metrics
+      pending = dispatched
       due = c.step + 1  # the update count if this step is applied
       is_eval = bool(tc.eval_every) and due % tc.eval_every == 0 and due < num_steps
       is_save = bool(cc.every_steps) and due % cc.every_steps == 0 and due < num_steps

@@ -35,6 +35,7 @@ class RegressionData:
     self.global_batch_size = cfg.batch_size
     self.tokens_per_example = 1
     self.nan_from_step = cfg.get("nan_from_step", -1)
+    self.nan_at = set(cfg.get("nan_at", ()))  # batch positions whose inputs are NaN
     self.info = {"features": self.features}
     self.seed = seed
     self.rows = slice(
@@ -51,7 +52,7 @@ class RegressionData:
 
   def train_batch(self, step):
     batch = self._batch((self.seed, step))
-    if 0 <= self.nan_from_step <= step:
+    if 0 <= self.nan_from_step <= step or step in self.nan_at:
       batch["x"] = np.full_like(batch["x"], np.nan)
     return batch
 
