@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 # glibc returns every freed block above 128 KiB to the OS, so each XLA:CPU step
 # maps its buffers afresh: ~12k page faults a step, 25% of a small model's
@@ -39,7 +40,7 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
   None,
   "Seconds to wait for all processes to join (default: JAX_INITIALIZATION_TIMEOUT or 300).",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # a missing --workdir is a one-line error
 
 
 def main(argv: list[str], overrides: list[str]) -> int:
@@ -49,7 +50,7 @@ def main(argv: list[str], overrides: list[str]) -> int:
   if not verbose:
     # Orbax logs every save step at INFO; the trainer prints what users need.
     logging.set_verbosity(logging.WARNING)
-  from adamw_flax import distributed, trainer  # after absl parsed flags: JAX reads them
+  from adamw_flax import distributed  # noqa: PLC0415 (after absl parsed the flags)
 
   multi = distributed.initialize(
     _COORDINATOR.value,
@@ -57,12 +58,13 @@ def main(argv: list[str], overrides: list[str]) -> int:
     _PROCESS_ID.value,
     initialization_timeout=_INIT_TIMEOUT.value,
   )
-  code = cli.run_reporting_errors(
-    lambda: trainer.train_and_evaluate(cli.load_config(_CONFIG.value, overrides), _WORKDIR.value),
-    verbose=verbose,
-    fatal=(trainer.TrainingDiverged,),
-    reraise=not multi,
-  )
+  try:
+    code = cli.train(_CONFIG.value, _WORKDIR.value, overrides, verbose=verbose)
+  except BaseException:
+    if not multi:
+      raise
+    traceback.print_exc()
+    code = 1
   if multi and code:
     # A failing process would otherwise wait at JAX's shutdown barrier for the
     # others, which wait for it until their heartbeat times out.

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from adamw_flax import config as config_lib
+from adamw_flax import trainer
 from adamw_flax.errors import UserError
 
 USER_ERROR = 2
@@ -47,6 +48,24 @@ def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
       rest.append(arg)
     i += 1
   return rest, overrides
+
+
+def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose: bool) -> int:
+  """What ``python -m train`` runs after flags and ``jax.distributed``: returns the exit status.
+
+  Args:
+    config: the ``--config`` value (``path`` or ``path:arg``).
+    workdir: the ``--workdir`` value.
+    overrides: ``section.key=value`` strings.
+    verbose: print tracebacks of user errors too.
+  """
+
+  def run() -> None:
+    if not workdir:
+      raise config_lib.ConfigError("--workdir: missing; pass --workdir=DIR (created if missing)")
+    trainer.train_and_evaluate(load_config(config, overrides), workdir)
+
+  return run_reporting_errors(run, verbose=verbose, fatal=(trainer.TrainingDiverged,))
 
 
 def load_config(path: str, overrides: Sequence[str]) -> Any:
