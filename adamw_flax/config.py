@@ -21,6 +21,7 @@ import difflib
 import importlib.util
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,15 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     "optimizer.accumulate_steps",
     f"must be >= 1, got {o.accumulate_steps}",
   )
+  batch = c.data.get("batch_size")
+  if isinstance(batch, int):
+    need(batch >= 1, "data.batch_size", f"must be >= 1, got {batch}")
+    need(
+      o.accumulate_steps < 1 or batch % o.accumulate_steps == 0,
+      "data.batch_size",
+      f"({batch}) must be a multiple of optimizer.accumulate_steps ({o.accumulate_steps}): "
+      "each step's batch is split into that many micro-batches",
+    )
   need(
     len(o.piecewise_boundaries) == len(o.piecewise_scales),
     "optimizer.piecewise_scales",
@@ -398,7 +408,9 @@ def user_errors(what: str) -> Iterator[None]:
   except UserError:
     raise
   except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-    raise ConfigError(f"{what}: {e}") from e
+    text = str(e)
+    named = re.match(rf"({'|'.join(SECTIONS)})\.\w", text)  # the message names its key
+    raise ConfigError(text if named else f"{what}: {text}") from e
 
 
 def check_registered(config: ml_collections.ConfigDict) -> None:

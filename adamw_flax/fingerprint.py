@@ -195,22 +195,22 @@ def mismatch_message(
 ) -> str:
   path, theirs, ours = first
   lines = [
-    f"checkpoint {where} does not fit the state this run builds.",
-    f"First difference at '{path}': the checkpoint has {theirs}, this run expects {ours}.",
+    f"checkpoint {where} does not fit the state this run builds: first difference at "
+    f"'{path}': the checkpoint has {theirs}, this run expects {ours}."
   ]
-  what = config_diff(saved_meta["fingerprint"]["optimizer"], wanted_fp["optimizer"])
-  if what:
-    lines.append("What changed in the optimizer: " + "; ".join(what) + ".")
+  changes: list[str] = []
   if config is not None and "config" in saved_meta:
-    cfg_changes = config_diff(saved_meta["config"], config_json(config))
-    cfg_changes = [c for c in cfg_changes if not c.startswith("checkpoint.")]
-    if cfg_changes:
-      shown = cfg_changes[:12] + (
-        [f"... {len(cfg_changes) - 12} more"] if len(cfg_changes) > 12 else []
-      )
-      lines.append("Config changes since the checkpoint: " + "; ".join(shown) + ".")
+    changes = config_diff(saved_meta["config"], config_json(config))
+    changes = [c for c in changes if not c.startswith(("checkpoint.", "trainer."))]
+  # The state's own summary says what the config does not (a schedule's counter):
+  keys = {c.split(":")[0].rsplit(".", 1)[-1] for c in changes}
+  summary = config_diff(saved_meta["fingerprint"]["optimizer"], wanted_fp["optimizer"])
+  changes += [c for c in summary if c.split(":")[0] not in keys and not c.startswith("opt_state")]
+  if changes:
+    shown = changes[:6] + ([f"... {len(changes) - 6} more"] if len(changes) > 6 else [])
+    lines.append("Changed since it was written: " + "; ".join(shown) + ".")
   lines.append(
-    "Restore with the config the checkpoint was written with (restore_state(directory) reads "
-    "it from the checkpoint), or start a new run in another directory."
+    "Resume with the config it was written with (restore_state(directory) reads it from the "
+    "checkpoint), or use another --workdir."
   )
   return "\n".join(lines)

@@ -12,7 +12,8 @@ step of the run, and the schedule counts updates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +21,15 @@ import jax.numpy as jnp
 import optax
 
 from adamw_flax import masks, plan, registry, schedules
+
+
+@contextlib.contextmanager
+def _naming(key: str) -> Iterator[None]:
+  # Rules are checked against the model here: the error names the config key.
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(f"{key}: {e}") from None
 
 
 class Optimizer(NamedTuple):
@@ -103,7 +113,8 @@ def optimizer_from_config(
   # No decay, or decay of everything, needs no mask: the optimizer state is
   # then exactly plain optax.adamw's (no MaskedState), and no model is needed.
   if p.decay_rules and section.weight_decay and p.decay_rules != masks.PRESETS["all"]:
-    mask = masks.weight_decay_mask(p.decay_rules, target)
+    with _naming("optimizer.weight_decay_mask"):
+      mask = masks.weight_decay_mask(p.decay_rules, target)
   factory = registry.OPTIMIZERS.get(p.name)
   tx = factory(section, learning_rate=lr, weight_decay_mask=mask)
 
@@ -112,7 +123,9 @@ def optimizer_from_config(
     parts.append(optax.clip_by_global_norm(p.grad_clip_norm))
   parts.append(tx)
   if p.lr_multipliers:
-    parts.append(scale_by_multipliers(masks.lr_multiplier_fn(p.lr_multipliers, target)))
+    with _naming("optimizer.lr_multipliers"):
+      multipliers = masks.lr_multiplier_fn(p.lr_multipliers, target)
+    parts.append(scale_by_multipliers(multipliers))
   tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
   if p.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)

@@ -300,10 +300,13 @@ def state_factory(
 
   frozen_paths: frozenset[str] = frozenset()
   if run.optimizer.freeze:
-    values = masks.path_values(target, run.optimizer.freeze, default=False, what="freeze")
+    try:
+      values = masks.path_values(target, run.optimizer.freeze, default=False, what="freeze")
+    except ValueError as e:
+      raise ValueError(f"optimizer.freeze: {e}") from None
     frozen_paths = frozenset(p for p, v in values.items() if v)
     if len(frozen_paths) == len(values):
-      raise ValueError("optimizer.freeze selects every parameter: nothing would be trained")
+      raise ValueError("optimizer.freeze: selects every parameter; nothing would be trained")
 
   opt = optim.optimizer_from_config(run.optimizer, target=target)
   tx = opt.tx if tx is None else tx

@@ -175,8 +175,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
       f"workdir {str(workdir)!r} holds a run with another config ({'; '.join(shown)}); use "
       "another --workdir, or --config.trainer.allow_config_change=True to resume it"
     )
-  if changes:
-    log.warning("resuming %s with a changed config: %s", workdir, "; ".join(changes))
+  if changes and jax.process_index() == 0:
+    print(f"resuming {workdir} with a changed config: {'; '.join(changes)}", flush=True)
   return changes
 
 
