@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -648,7 +649,17 @@ def load_config(
     raise ConfigError(f"--config: file {str(path)!r} does not exist; pass a configs/*.py file")
   spec = importlib.util.spec_from_file_location(f"_adamw_flax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  # A config may import its siblings ("from configs import base"): while it
+  # loads, the directory holding its folder is importable, from any cwd.
+  root = str(path.resolve().parent.parent)
+  added = root not in sys.path
+  if added:
+    sys.path.insert(0, root)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    if added:
+      sys.path.remove(root)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config: {str(path)!r} defines no get_config()")
   config = module.get_config(arg) if arg is not None else module.get_config()

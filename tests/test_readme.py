@@ -25,3 +25,13 @@ def test_readme_starts_with_the_two_commands():
   ci = (README.parent / ".ci" / "run").read_text()
   test_cmd = commands[1].split("&&", 1)[1].strip()
   assert test_cmd in ci
+
+
+def test_every_adamw_flax_name_the_readme_uses_exists():
+  import adamw_flax
+
+  text = README.read_text() + (README.parent / "train" / "README.md").read_text()
+  names = set(re.findall(r"adamw_flax\.([A-Za-z_][A-Za-z0-9_]*)", text))
+  assert names >= {"weight_decay_mask", "save_state", "restore_state", "restore_params"}
+  for name in sorted(names):
+    assert hasattr(adamw_flax, name), name

@@ -20,6 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
+from adamw_flax import reporting
 from adamw_flax.registry import DATASETS, MODELS
 from examples.tiny_shakespeare import data, model, sample
 
@@ -464,3 +465,25 @@ def test_sample_from_a_trained_run(tmp_path):
   assert out.startswith("ROMEO:") and len(out) == 36 and set(out) <= set(text.read_text())
   with pytest.raises(FileNotFoundError, match="config.json"):
     sample.sample_from_workdir(tmp_path, "ROMEO:", 3)
+
+
+@pytest.mark.slow
+def test_gpu_config_trains_a_few_steps_on_cpu(tmp_path):
+  """The GPU config (dropout 0.2, bf16) as it is, only shorter and with a small batch."""
+  from train import cli
+
+  text = tmp_path / "text.txt"
+  text.write_text("ROMEO:\nO, she doth teach the torches to burn bright!\n\n" * 400)
+  overrides = [
+    f"data.path={text}",
+    "data.batch_size=2",
+    "trainer.num_steps=2",
+    "optimizer.warmup_steps=1",
+    "trainer.eval_batches=1",
+    "checkpoint.every_steps=2",
+  ]
+  config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_shakespeare_gpu.py")
+  assert cli.train(config, str(tmp_path / "run"), overrides, verbose=True) == 0
+  rows = [r for r in reporting.read_metrics(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if r["split"] == "train"] == [2]
+  assert np.isfinite(rows[-1]["loss"])

@@ -250,5 +250,5 @@ class Tokens(_Data):
 
 
 register_dataset("images", config_fields=("batch_size",))(Images)
-register_dataset("regression", config_fields=("batch_size",))(Regression)
+register_dataset("user_regression", config_fields=("batch_size",))(Regression)
 register_dataset("tokens", config_fields=("batch_size", "length"))(Tokens)

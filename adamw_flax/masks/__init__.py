@@ -12,7 +12,7 @@ Parameter paths
   model is ``"Dense_0/kernel"`` (``"params/Dense_0/kernel"`` when the tree
   still holds the ``'params'`` collection level). The ``.value`` of NNX
   Variables (and of Linen ``Partitioned`` boxes) is not part of the path.
-  ``python -m adamw_flax.inspect --config=...`` or :func:`report` prints every
+  ``python -m train.inspect --config=...`` or :func:`report` prints every
   path with the module that owns it.
 
 Selectors

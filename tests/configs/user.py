@@ -30,7 +30,7 @@ def get_config(name: str = "cnn"):
   elif name == "mlp":
     c.model.name = "tests.user_models:annotated_mlp"
     c.model.hidden = 16
-    c.data.name = "tests.user_models:regression"
+    c.data.name = "tests.user_models:user_regression"
     c.optimizer.weight_decay_mask = "ndim>=2=true, *=false"
     c.mesh.axes = ("data", "model")
     c.mesh.shape = (-1, 2)
