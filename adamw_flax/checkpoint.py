@@ -66,8 +66,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from adamw_flax import fingerprint, fs, train_state
-from adamw_flax.config import config_diff, config_json, validate_config
+from adamw_flax import fingerprint, fs, plan, train_state
+from adamw_flax.config import config_diff, config_json, config_with_defaults, validate_config
 from adamw_flax.errors import UserError
 from adamw_flax.fingerprint import state_fingerprint
 from adamw_flax.train_state import TrainState
@@ -102,18 +102,13 @@ class CheckpointMismatchError(UserError, ValueError):
 # ----------------------------------------------------------- config and meta
 
 
-def _tuples(value: Any) -> Any:
-  # JSON has no tuples; the config schema uses tuples throughout.
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Rebuilds a config saved in a checkpoint's ``meta`` (lists become tuples) and validates it."""
-  return validate_config(ml_collections.ConfigDict(_tuples(data)))
+  """Rebuilds a config saved in a checkpoint's ``meta`` or ``config.json`` and validates it.
+
+  Lists become tuples, and fields the schema gained since it was written get
+  their defaults (see :func:`adamw_flax.config.config_with_defaults`).
+  """
+  return validate_config(config_with_defaults(data))
 
 
 @functools.cache
@@ -237,22 +232,22 @@ def _no_checkpoint_error(
   )
 
 
-def _preservation_policy(k: ml_collections.ConfigDict) -> Any:
+def _preservation_policy(k: plan.CheckpointPlan) -> Any:
   pp = checkpoint_managers.preservation_policy
-  keep = int(k.get("keep", 3))
+  keep = int(k.keep)
   policies: list[Any] = [pp.LatestN(n=keep)]
-  if k.get("keep_best_by"):
+  if k.keep_best_by:
     policies.append(
       pp.BestN(
         get_metric_fn=_metric_fn(k.keep_best_by),
-        reverse=k.get("best_mode", "min") == "min",
+        reverse=k.best_mode == "min",
         n=keep,
         # Checkpoints saved without metrics are the latest ones' business
         # (LatestN above); kept forever, they would fill the disk.
         keep_checkpoints_without_metrics=False,
       )
     )
-  if k.get("keep_period"):
+  if k.keep_period:
     policies.append(pp.EveryNSteps(interval_steps=int(k.keep_period)))
   return pp.AnyPreservationPolicy(policies)
 
@@ -316,9 +311,9 @@ class Checkpoints:
     self.config = config
     self.data_info = _jsonable(dict(data_info), "data_info")
     self.mesh = mesh
-    k = config.checkpoint
-    self._every_steps = int(k.get("every_steps", 0))
-    self._best_by = str(k.get("keep_best_by", "") or "")
+    k = plan.as_checkpoint_plan(config.checkpoint)
+    self._every_steps = int(k.every_steps)
+    self._best_by = str(k.keep_best_by or "")
 
     stale = _tmp_dirs(self.directory)
     if stale and jax.process_index() == 0:
@@ -338,8 +333,8 @@ class Checkpoints:
       # preservation policy; best_fn is still what makes Orbax write metrics.
       preservation_policy=_preservation_policy(k),
       best_fn=_metric_fn(self._best_by) if self._best_by else None,
-      best_mode=str(k.get("best_mode", "min")),
-      enable_async_checkpointing=bool(k.get("async_save", True)),
+      best_mode=str(k.best_mode),
+      enable_async_checkpointing=bool(k.async_save),
       cleanup_tmp_directories=True,
       create=True,
     )

@@ -491,6 +491,32 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def _tuples(value: Any) -> Any:
+  # JSON has no tuples; the config schema uses tuples throughout.
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def config_with_defaults(data: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config saved as JSON, on top of :func:`default_config` (not validated).
+
+  A ``config.json`` or checkpoint written before the schema gained a field
+  (e.g. ``mesh.logical_axis_rules``) reads with that field at its default,
+  so an old run resumes and compares equal to today's config of it.
+
+  Examples:
+    >>> cfg = config_with_defaults({"mesh": {"axes": ["data"], "shape": [-1]}})
+    >>> cfg.mesh.axes, cfg.mesh.logical_axis_rules
+    (('data',), ())
+  """
+  config = default_config()
+  config.update(_tuples(data))
+  return config
+
+
 def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
   """A nested dict as ``{"section.key": value}`` (sequences as lists)."""
   if isinstance(tree, dict):

@@ -50,6 +50,7 @@ from adamw_flax.config import (
   check_registered,
   config_diff,
   config_json,
+  config_with_defaults,
   user_errors,
 )
 from adamw_flax.errors import UserError, WorkdirError
@@ -166,6 +167,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
     raise WorkdirError(
       f"{path} is unreadable ({e}); move it away to start over in this workdir"
     ) from None
+  old = config_json(config_with_defaults(old))  # fields added to the schema since: defaults
   changes = [
     c for c in config_diff(old, config_json(config)) if c.split(":")[0] not in _RUN_ONLY_KEYS
   ]

@@ -143,3 +143,20 @@ def test_resume_restores_the_data_position(tmp_path):
   rows = reporting.read_metrics(tmp_path / "split" / "metrics.jsonl")
   train_steps = [r["step"] for r in rows if r["split"] == "train"]
   assert train_steps == sorted(set(train_steps))  # no row of a replayed step twice
+
+
+def test_an_old_config_json_still_resumes(tmp_path):
+  import json
+
+  cfg = regression_config(num_steps=10)
+  trainer.train_and_evaluate(cfg, tmp_path)
+  path = tmp_path / "config.json"
+  old = json.loads(path.read_text())
+  del old["mesh"]["logical_axis_rules"]  # written before the schema had the field
+  path.write_text(json.dumps(old))
+  assert trainer.check_workdir_config(cfg, tmp_path) == []  # the same run, not "another config"
+  assert trainer.train_and_evaluate(cfg, tmp_path)["step"] == 10  # the same command: no refusal
+  cfg.trainer.num_steps = 20
+  cfg.trainer.allow_config_change = True
+  assert trainer.train_and_evaluate(cfg, tmp_path)["step"] == 20
+  assert checkpoint.restore_state(tmp_path).step == 20
