@@ -107,6 +107,12 @@ def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
 
   Lists become tuples, and fields the schema gained since it was written get
   their defaults (see :func:`adamw_flax.config.config_with_defaults`).
+
+  Args:
+    data: the saved config (JSON types).
+
+  Returns:
+    The validated config.
   """
   return validate_config(config_with_defaults(data))
 

@@ -298,6 +298,12 @@ def mesh_config_errors(mesh_cfg: ml_collections.ConfigDict) -> list[str]:
     >>> cfg.partition_rules = ((".*kernel", (None, "model")),)
     >>> mesh_config_errors(cfg)
     ["mesh.partition_rules[0] ('.*kernel'): axis 'model' is not in mesh.axes ('data',)"]
+
+  Args:
+    mesh_cfg: the ``mesh`` section.
+
+  Returns:
+    ``"key: message"`` lines, empty for a good section.
   """
   errors = []
   axes = tuple(mesh_cfg.axes)
@@ -403,6 +409,12 @@ def user_errors(what: str) -> Iterator[None]:
   For the boundaries where a config meets code that checks it (mask rules
   against the model, the mesh against the devices, the data path): the
   message is prefixed with ``what`` and the original stays as the cause.
+
+  Args:
+    what: the part of the config the wrapped code checks (``"mesh"``, ``"data (name)"``).
+
+  Returns:
+    A context manager.
   """
   try:
     yield
@@ -423,6 +435,9 @@ def check_registered(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ConfigError: naming each bad key.
+
+  Args:
+    config: a full launch config.
   """
   errors = []
   for section, reg in (("model", registry.MODELS), ("data", registry.DATASETS)):
@@ -487,6 +502,12 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   ``to_json_best_effort`` writes what JSON cannot hold as its repr, so a
   config with an odd value still saves (its restore then names the key).
+
+  Args:
+    config: the config.
+
+  Returns:
+    A dict of JSON types (sequences as lists).
   """
   return json.loads(config.to_json_best_effort())
 
@@ -511,6 +532,12 @@ def config_with_defaults(data: dict[str, Any]) -> ml_collections.ConfigDict:
     >>> cfg = config_with_defaults({"mesh": {"axes": ["data"], "shape": [-1]}})
     >>> cfg.mesh.axes, cfg.mesh.logical_axis_rules
     (('data',), ())
+
+  Args:
+    data: the saved config (JSON types).
+
+  Returns:
+    The config, lists as tuples, missing fields at their defaults.
   """
   config = default_config()
   config.update(_tuples(data))
@@ -518,7 +545,15 @@ def config_with_defaults(data: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """A nested dict as ``{"section.key": value}`` (sequences as lists)."""
+  """A nested dict as ``{"section.key": value}`` (sequences as lists).
+
+  Args:
+    tree: a nested dict (a config as :func:`config_json` gives it).
+    prefix: prepended to every key.
+
+  Returns:
+    The flat dict.
+  """
   if isinstance(tree, dict):
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -586,7 +621,14 @@ def _parse_value(raw: str, current: Any, field_type: type | None, key: str) -> A
 
 
 def parse_override(text: str) -> tuple[str, str]:
-  """Splits ``"section.key=value"`` (``--config.`` prefix allowed) into (key, raw value)."""
+  """Splits ``"section.key=value"`` (``--config.`` prefix allowed) into (key, raw value).
+
+  Args:
+    text: one override.
+
+  Returns:
+    ``(key, raw value text)``.
+  """
   text = text.removeprefix("--").removeprefix("config.")
   if "=" not in text:
     raise ConfigError(f"override {text!r}: expected 'section.key=value'")

@@ -250,5 +250,8 @@ def is_main_process() -> bool:
   Examples:
     >>> is_main_process()
     True
+
+  Returns:
+    Whether this is process 0 (True without ``jax.distributed``).
   """
   return jax.process_index() == 0

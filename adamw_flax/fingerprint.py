@@ -25,7 +25,14 @@ ARRAY_FIELDS = ("step", "params", "frozen", "rest", "opt_state")
 
 
 def state_arrays(state: Any) -> dict[str, Any]:
-  """The array fields of a TrainState (or of a dict holding them) as a plain dict."""
+  """The array fields of a TrainState (or of a dict holding them) as a plain dict.
+
+  Args:
+    state: a TrainState, or a dict with some of its fields.
+
+  Returns:
+    ``field -> tree`` for the fields present.
+  """
   if isinstance(state, dict):
     return {k: state[k] for k in ARRAY_FIELDS if k in state}
   return {k: getattr(state, k) for k in ARRAY_FIELDS}
@@ -170,7 +177,15 @@ def state_fingerprint(
 def first_difference(
   saved: Sequence[Sequence[str]], wanted: Sequence[Sequence[str]]
 ) -> tuple[str, str, str] | None:
-  """(path, checkpoint's side, this run's side) of the first differing node, or None."""
+  """(path, checkpoint's side, this run's side) of the first differing node, or None.
+
+  Args:
+    saved: the checkpoint's fingerprint ``entries``.
+    wanted: the restore target's.
+
+  Returns:
+    ``(path, checkpoint's side, this run's side)``, or None when they agree.
+  """
   saved_map = {p: d for p, d in saved}
   wanted_map = {p: d for p, d in wanted}
   for (ps, ds), (pw, dw) in zip(saved, wanted, strict=False):

@@ -14,7 +14,14 @@ from etils import epath
 
 
 def is_remote(path: str | os.PathLike) -> bool:
-  """True for a URL-like path (``gs://...``, ``s3://...``)."""
+  """True for a URL-like path (``gs://...``, ``s3://...``).
+
+  Args:
+    path: a path or URL.
+
+  Returns:
+    Whether it names an object store.
+  """
   return "://" in os.fspath(path)
 
 
@@ -26,6 +33,12 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     'gs://bucket/run'
     >>> as_path("~/x").is_absolute()
     True
+
+  Args:
+    path: a local path (``~`` expanded) or a URL.
+
+  Returns:
+    The ``epath.Path``.
   """
   if is_remote(path):
     return epath.Path(os.fspath(path))

@@ -129,6 +129,9 @@ def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPl
       an :class:`OptimizerPlan`.
     num_steps: the run's optimizer updates (``trainer.num_steps``); needed by
       schedules whose ``decay_steps`` is 0.
+
+  Returns:
+    The :class:`OptimizerPlan`.
   """
   if isinstance(section, OptimizerPlan):
     return section
@@ -147,7 +150,14 @@ def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPl
 
 
 def as_mesh_plan(section: Any) -> MeshPlan:
-  """The plan of a ``mesh`` section (returned as is if it already is one)."""
+  """The plan of a ``mesh`` section (returned as is if it already is one).
+
+  Args:
+    section: a validated ``config.mesh``, or a :class:`MeshPlan`.
+
+  Returns:
+    The :class:`MeshPlan`.
+  """
   if isinstance(section, MeshPlan):
     return section
   return MeshPlan(
@@ -164,14 +174,28 @@ def as_mesh_plan(section: Any) -> MeshPlan:
 
 
 def as_trainer_plan(section: Any) -> TrainerPlan:
-  """The plan of a ``trainer`` section."""
+  """The plan of a ``trainer`` section.
+
+  Args:
+    section: a validated ``config.trainer``, or a :class:`TrainerPlan`.
+
+  Returns:
+    The :class:`TrainerPlan`.
+  """
   if isinstance(section, TrainerPlan):
     return section
   return TrainerPlan(**_fields(TrainerPlan, section))
 
 
 def as_checkpoint_plan(section: Any) -> CheckpointPlan:
-  """The plan of a ``checkpoint`` section."""
+  """The plan of a ``checkpoint`` section.
+
+  Args:
+    section: a validated ``config.checkpoint``, or a :class:`CheckpointPlan`.
+
+  Returns:
+    The :class:`CheckpointPlan`.
+  """
   if isinstance(section, CheckpointPlan):
     return section
   return CheckpointPlan(**_fields(CheckpointPlan, section))

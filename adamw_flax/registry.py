@@ -160,6 +160,12 @@ def register_optimizer(name: str) -> Callable[[Callable[..., Any]], Callable[...
     ...   return optax.sgd(learning_rate, momentum=cfg.b1)
     >>> "my_sgd_doc" in adamw_flax.registry.OPTIMIZERS.names()
     True
+
+  Args:
+    name: the name configs use in ``config.optimizer.name``.
+
+  Returns:
+    A decorator that registers the factory and returns it.
   """
 
   def deco(factory):
@@ -217,6 +223,14 @@ def register_dataset(
       and changing the process count reproduce the same global batches;
     * ``eval_batches(num) -> Iterable[dict]``: this process's slices of a
       fixed set of ``num`` validation batches.
+
+  Args:
+    name: the name configs use in ``config.data.name``.
+    config_fields: the fields of ``config.data`` the builder reads (beside
+      ``name``); when given, an unknown field is a config error.
+
+  Returns:
+    A decorator that registers the builder and returns it.
   """
 
   def deco(build):

@@ -104,7 +104,14 @@ def _drop_rows_after(path: Any, step: int) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-  """Reads ``metrics.jsonl``; a partly written last line (a killed run) is skipped."""
+  """Reads ``metrics.jsonl``; a partly written last line (a killed run) is skipped.
+
+  Args:
+    path: the ``metrics.jsonl`` file (local or remote).
+
+  Returns:
+    The rows, in file order (none for a missing file).
+  """
   rows = []
   path = fs.as_path(path)
   if not path.exists():
@@ -125,6 +132,9 @@ def plot_losses(workdir: str | Path) -> Path:
 
   Returns:
     The path of the written PNG.
+
+  Args:
+    workdir: the run's directory (reads ``metrics.jsonl``, writes ``loss.png``).
   """
   # The object API (no pyplot): no global state, so plots can be drawn in a
   # background thread while training goes on.

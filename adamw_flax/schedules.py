@@ -27,7 +27,15 @@ SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "piecewise")
 
 
 def decay_steps(cfg: Any, num_steps: int | None) -> int:
-  """Steps over which the schedule runs: ``cfg.decay_steps`` or, if 0, the run's length."""
+  """Steps over which the schedule runs: ``cfg.decay_steps`` or, if 0, the run's length.
+
+  Args:
+    cfg: the optimizer section.
+    num_steps: the run's optimizer updates.
+
+  Returns:
+    The schedule's length in updates.
+  """
   steps = int(cfg.decay_steps)
   if steps:
     return steps

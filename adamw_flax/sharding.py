@@ -162,6 +162,13 @@ def abstract_mesh_from_config(
     >>> cfg.axes, cfg.shape = ("data", "fsdp"), (-1, 16)
     >>> dict(abstract_mesh_from_config(cfg, 256).shape)
     {'data': 16, 'fsdp': 16}
+
+  Args:
+    mesh_cfg: the ``mesh`` section or its plan.
+    num_devices: the devices the mesh would span.
+
+  Returns:
+    A ``jax.sharding.AbstractMesh``.
   """
   mesh_cfg = plan.as_mesh_plan(mesh_cfg)
   axes = tuple(mesh_cfg.axes)
@@ -394,7 +401,14 @@ def param_specs(
 
 
 def named(mesh: Mesh | AbstractMesh) -> Callable[[Any], Any]:
-  """``spec tree -> NamedSharding tree`` on ``mesh`` (a single spec gives one sharding)."""
+  """``spec tree -> NamedSharding tree`` on ``mesh`` (a single spec gives one sharding).
+
+  Args:
+    mesh: the mesh the shardings place on.
+
+  Returns:
+    The function.
+  """
   is_spec = lambda s: isinstance(s, PartitionSpec)
   return lambda specs: jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
 
@@ -406,7 +420,17 @@ def unmapped_logical_axes(
   *,
   mesh: Mesh | AbstractMesh | None = None,
 ) -> list[str]:
-  """Logical axis names in the annotations of ``trees`` that no mesh axis or rule maps (replicated)."""
+  """Logical axis names in the annotations of ``trees`` that no mesh axis or rule maps (replicated).
+
+  Args:
+    templates: per tree, the ``nnx.State`` treedef (a TrainState's ``spec.templates``).
+    trees: the trees whose Variables' annotations are read.
+    mesh_cfg: the ``mesh`` section or its plan.
+    mesh: the mesh (default: ``mesh_cfg`` over the visible devices).
+
+  Returns:
+    The names, sorted.
+  """
   unmapped: set[str] = set()
   param_specs_of_groups(
     trees, mesh_cfg, mesh=mesh, templates=templates, rules=False, unmapped=unmapped
@@ -498,6 +522,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: Any) -> PyTree:
 
   Kept for callers of the first build; see
   :meth:`adamw_flax.train_state.TrainState.shardings`.
+
+  Args:
+    abstract_state: a TrainState (abstract or concrete).
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan.
+
+  Returns:
+    A TrainState of ``NamedSharding``.
   """
   return abstract_state.shardings(mesh, mesh_cfg)
 
@@ -513,6 +545,13 @@ def batch_sharding(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> NamedShar
     >>> cfg = config.default_config().mesh
     >>> batch_sharding(mesh_from_config(cfg), cfg).spec
     P('data',)
+
+  Args:
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan (``data_axes``).
+
+  Returns:
+    The batch's ``NamedSharding``.
   """
   axes = _data_axes(mesh_cfg, mesh)
   if not axes:
@@ -535,6 +574,13 @@ def data_shard_info(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> tuple[in
     >>> cfg = config.default_config().mesh
     >>> data_shard_info(mesh_from_config(cfg), cfg)
     (0, 1)
+
+  Args:
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan.
+
+  Returns:
+    ``(index, count)`` of this process's slice.
   """
   sharding = batch_sharding(mesh, mesh_cfg)
   rows = math.prod(mesh.shape[a] for a in _data_axes(mesh_cfg, mesh))

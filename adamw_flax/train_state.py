@@ -169,7 +169,15 @@ def _frozen_filter(frozen_paths: frozenset[str]) -> Callable[[Any, Any], bool]:
 def split_model(
   model: nnx.Module, frozen_paths: frozenset[str] = frozenset()
 ) -> tuple[Any, tuple[Any, Any, Any], tuple[PyTree, PyTree, PyTree]]:
-  """Splits ``model`` into (graphdef, state treedefs, (params, frozen, rest) pure dicts)."""
+  """Splits ``model`` into (graphdef, state treedefs, (params, frozen, rest) pure dicts).
+
+  Args:
+    model: the NNX module.
+    frozen_paths: parameter paths that go to the frozen tree.
+
+  Returns:
+    ``(graphdef, (params, frozen, rest) State treedefs, (params, frozen, rest) pure dicts)``.
+  """
   is_frozen = _frozen_filter(frozen_paths)
   graphdef, frozen, params, rest = nnx.split(model, is_frozen, nnx.Param, ...)
   states = (params, frozen, rest)
@@ -372,7 +380,15 @@ def create_train_state(
 
 
 def model_factory(config: Any, data_info: dict[str, Any]) -> Callable[[nnx.Rngs], Any]:
-  """Returns ``rngs -> module`` for the registered model that ``config.model.name`` names."""
+  """Returns ``rngs -> module`` for the registered model that ``config.model.name`` names.
+
+  Args:
+    config: a validated config or its plan.
+    data_info: the dataset's ``info``.
+
+  Returns:
+    The factory.
+  """
   entry = registry.MODELS.get(config.model.name)
   return lambda rngs: entry.build(config.model, rngs=rngs, data_info=dict(data_info))
 
@@ -457,6 +473,13 @@ def step_key(seed: int, step: Any) -> jax.Array:
   step passes ``nnx.Rngs(step_key(seed, step))`` (micro-batch ``i`` of an
   accumulated step: folded once more with ``i``) to a loss function that has
   an ``rngs`` parameter.
+
+  Args:
+    seed: ``trainer.seed``.
+    step: the update count (an int or a traced scalar).
+
+  Returns:
+    A typed PRNG key.
   """
   return jax.random.fold_in(jax.random.key(seed), step)
 
@@ -472,6 +495,13 @@ def split_micro_batches(batch: Batch, k: int) -> Batch:
     >>> import numpy as np
     >>> split_micro_batches({"x": np.arange(6)}, 3)["x"].tolist()
     [[0, 3], [1, 4], [2, 5]]
+
+  Args:
+    batch: a dict of arrays with a leading batch dimension.
+    k: the number of micro-batches; must divide ``B``.
+
+  Returns:
+    The same dict, each leaf ``(k, B // k, ...)``.
   """
 
   def one(x):
@@ -607,6 +637,15 @@ def make_eval_step(
 
   The model is in ``model.eval()`` mode and the loss gets ``train=False``
   (and, if it takes ``rngs``, a fixed key from ``seed``).
+
+  Args:
+    loss_fn: as for :func:`make_train_step`.
+    batch_sharding: sharding of the batch, if any.
+    state_sharding: shardings of the state, if any.
+    seed: the run's seed, for a loss that takes ``rngs``.
+
+  Returns:
+    A ``jax.jit``-compiled function ``(state, batch) -> metrics``.
   """
   wants_rngs = _accepts_rngs(loss_fn)
 
@@ -624,5 +663,12 @@ def make_eval_step(
 
 
 def param_count(tree: PyTree) -> int:
-  """Number of scalars in a tree of arrays."""
+  """Number of scalars in a tree of arrays.
+
+  Args:
+    tree: a tree of arrays or ``ShapeDtypeStruct``.
+
+  Returns:
+    The count.
+  """
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

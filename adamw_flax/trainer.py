@@ -157,6 +157,10 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
 
   Raises:
     ConfigError: listing the keys that differ, and how to proceed.
+
+  Args:
+    config: this run's config.
+    workdir: the run's directory.
   """
   path = workdir / "config.json"
   if not path.exists():
@@ -183,7 +187,12 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
 
 
 def write_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Writes ``config.json`` atomically (process 0)."""
+  """Writes ``config.json`` atomically (process 0).
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+  """
   if jax.process_index() != 0:
     return
   path = workdir / "config.json"
@@ -257,7 +266,19 @@ def _sigterm_flag() -> Iterator[SigtermFlag]:
 
 
 def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dict[str, float]:
-  """Mean of ``eval_step``'s metrics over ``num_batches`` validation batches."""
+  """Mean of ``eval_step``'s metrics over ``num_batches`` validation batches.
+
+  Args:
+    eval_step: the compiled eval step.
+    state: the train state.
+    dataset: the run's dataset (``eval_batches``).
+    num_batches: how many validation batches.
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan.
+
+  Returns:
+    ``metric -> mean``.
+  """
   totals: dict[str, Any] = {}
   count = 0
   for batch in dataset.eval_batches(num_batches):

@@ -20,7 +20,14 @@ PyTree = Any
 
 
 def key_str(key: Any) -> str:
-  """One key of a JAX key path as text: a dict key, attribute name or index."""
+  """One key of a JAX key path as text: a dict key, attribute name or index.
+
+  Args:
+    key: a ``DictKey``, ``GetAttrKey``, ``SequenceKey`` or ``FlattenedIndexKey``.
+
+  Returns:
+    The key as text.
+  """
   if isinstance(key, jax.tree_util.DictKey):
     return str(key.key)
   if isinstance(key, jax.tree_util.GetAttrKey):
@@ -33,7 +40,14 @@ def key_str(key: Any) -> str:
 
 
 def path_str(keypath: Sequence[Any]) -> str:
-  """A key path as the "/"-joined text that rules match (``blocks/0/attn/qkv/kernel``)."""
+  """A key path as the "/"-joined text that rules match (``blocks/0/attn/qkv/kernel``).
+
+  Args:
+    keypath: a JAX key path (from ``tree_flatten_with_path``).
+
+  Returns:
+    The path, without a trailing ``value`` of a Variable box.
+  """
   keys = list(keypath)
   # An NNX Variable (or a Linen Partitioned box) flattens to its `.value`; the
   # path names the parameter, not the box.
@@ -66,6 +80,12 @@ def tree_paths(tree: PyTree) -> list[str]:
   Examples:
     >>> tree_paths({"a": [1.0, 2.0], "b": {"c": 3.0}})
     ['a/0', 'a/1', 'b/c']
+
+  Args:
+    tree: any pytree, an ``nnx.Module`` or a :class:`LinenTarget`.
+
+  Returns:
+    The paths, in leaf order.
   """
   if isinstance(tree, nnx.Module):
     tree = nnx.state(tree, nnx.Param)

@@ -193,6 +193,14 @@ def to_partition_spec(raw: Any, where: str) -> PartitionSpec:
     P('data', None)
     >>> to_partition_spec(None, "rule")
     P()
+
+  Args:
+    raw: a ``PartitionSpec``, ``None`` (replicated), one axis name, or a
+      sequence of axis names, tuples of names and ``None``.
+    where: the rule, for error messages.
+
+  Returns:
+    The ``PartitionSpec``.
   """
   if isinstance(raw, PartitionSpec):
     return raw
@@ -352,6 +360,12 @@ def partition_selector(selector: str) -> str:
   Examples:
     >>> partition_selector(".*kernel"), partition_selector("*/kernel")
     ('re:.*kernel', '*/kernel')
+
+  Args:
+    selector: a partition rule's selector as the config gives it.
+
+  Returns:
+    The selector in the mask language.
   """
   text = selector.strip()
   if re.match(r"(re|type):", text) or text.startswith("ndim") or " & " in text:
