@@ -81,13 +81,16 @@ def default_config() -> ml_collections.ConfigDict:
   o.end_learning_rate = 0.0  # final value of warmup_cosine / warmup_linear
   o.piecewise_boundaries = ()  # steps at which "piecewise" scales the rate
   o.piecewise_scales = ()  # multiplicative scale at each boundary
+  o.wsd_decay_fraction = 0.1  # "wsd": share of the schedule's steps that decay (the rest stable)
+  o.wsd_decay_shape = "linear"  # "wsd": "linear", "cosine" or "1-sqrt"
   o.b1 = 0.9  # decay of the first moment
   o.b2 = 0.999  # decay of the second moment
   o.eps = 1e-8  # added to sqrt(nu_hat)
   o.eps_root = 0.0  # added to nu_hat inside the sqrt
   o.weight_decay = 1e-4  # decoupled weight decay strength (optax's default)
-  o.weight_decay_mode = "lr"  # "lr": decay * lr(t) (optax, PyTorch); "paper": decay * lr(t)/peak
-  o.weight_decay_mask = "default"  # rules on module paths (adamw_flax.masks): which params decay
+  o.weight_decay_mode = "lr"  # "lr": decay*lr(t) (optax); "paper": decay*lr(t)/peak; "adamc"
+  o.weight_decay_mask = "default"  # rules (adamw_flax.masks): which params decay, or how much
+  o.decay_to_init = False  # decay towards the initial params instead of 0 (fine-tuning)
   o.lr_multipliers = ""  # rules "selector=multiplier, ..." scaling the update per parameter group
   o.freeze = ""  # rules "selector=true, ..." selecting parameters that are not trained
   o.mu_dtype = _optional(str)  # dtype of the first moment; None = the params' dtype
@@ -182,10 +185,10 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     "optimizer.decay_steps, or trainer.num_steps when that is 0)",
   )
   need(
-    o.weight_decay_mode in ("lr", "paper"),
+    o.weight_decay_mode in ("lr", "paper", "adamc"),
     "optimizer.weight_decay_mode",
-    f"must be 'lr' (decay * lr(t), as optax) or 'paper' (decay * lr(t)/peak), got "
-    f"{o.weight_decay_mode!r}",
+    f"must be 'lr' (decay * lr(t), as optax), 'paper' (decay * lr(t)/peak) or 'adamc' "
+    f"(decay * lr(t)^2/peak), got {o.weight_decay_mode!r}",
   )
   for key in ("mu_dtype", "nu_dtype"):
     need(
@@ -206,6 +209,25 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
       "data.batch_size",
       f"({batch}) must be a multiple of optimizer.accumulate_steps ({o.accumulate_steps}): "
       "each step's batch is split into that many micro-batches",
+    )
+  need(
+    0.0 <= o.wsd_decay_fraction <= 1.0,
+    "optimizer.wsd_decay_fraction",
+    f"must be in [0, 1], got {o.wsd_decay_fraction}",
+  )
+  need(
+    o.wsd_decay_shape in schedules.WSD_SHAPES,
+    "optimizer.wsd_decay_shape",
+    f"must be one of {', '.join(schedules.WSD_SHAPES)}, got {o.wsd_decay_shape!r}",
+  )
+  if o.schedule == "wsd" and o.wsd_decay_shape in schedules.WSD_SHAPES:
+    length = round(o.wsd_decay_fraction * total)
+    length = max(length, 1) if o.wsd_decay_fraction > 0 else 0
+    need(
+      total - length >= o.warmup_steps,
+      "optimizer.wsd_decay_fraction",
+      f"the decay (last {length} of {total} steps) overlaps the warmup ({o.warmup_steps}); "
+      "lower it or optimizer.warmup_steps",
     )
   need(
     len(o.piecewise_boundaries) == len(o.piecewise_scales),
@@ -279,9 +301,8 @@ def rule_field(spec: Any, key: str) -> tuple[masks.Rule, ...]:
   if spec in ("", None, ()):
     return ()
   what = {"weight_decay_mask": "weight decay", "lr_multipliers": "learning-rate multiplier"}
-  return masks.parse_rules(
-    spec, value_type=float if key == "lr_multipliers" else bool, what=what.get(key, key)
-  )
+  value_type = {"lr_multipliers": float, "weight_decay_mask": masks.DECAY}.get(key, bool)
+  return masks.parse_rules(spec, value_type=value_type, what=what.get(key, key))
 
 
 def mesh_config_errors(mesh_cfg: ml_collections.ConfigDict) -> list[str]:

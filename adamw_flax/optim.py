@@ -114,7 +114,10 @@ def optimizer_from_config(
   # then exactly plain optax.adamw's (no MaskedState), and no model is needed.
   if p.decay_rules and section.weight_decay and p.decay_rules != masks.PRESETS["all"]:
     with _naming("optimizer.weight_decay_mask"):
-      mask = masks.weight_decay_mask(p.decay_rules, target)
+      if masks.is_boolean(r.value for r in p.decay_rules):
+        mask = masks.weight_decay_mask(p.decay_rules, target)
+      else:  # numbers: a strength per group (mask.strengths tells the factory)
+        mask = masks.weight_decay_strengths(p.decay_rules, target)
   factory = registry.OPTIMIZERS.get(p.name)
   tx = factory(section, learning_rate=lr, weight_decay_mask=mask)
 

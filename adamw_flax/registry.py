@@ -249,11 +249,13 @@ def _dtype(name: str | None) -> Any:
 
 
 def _peak(cfg) -> float | None:
-  # `learning_rate` is the schedule's peak; the transform takes it in "paper" mode only.
-  return cfg.learning_rate if cfg.weight_decay_mode == "paper" else None
+  # `learning_rate` is the schedule's peak; the transform takes it in "paper"/"adamc" only.
+  return cfg.learning_rate if cfg.weight_decay_mode in ("paper", "adamc") else None
 
 
 def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
+  # A mask of decay multipliers (rules with numbers) is a strength per leaf.
+  strengths = getattr(weight_decay_mask, "strengths", False)
   return transform.adamw(
     learning_rate,
     b1=cfg.b1,
@@ -262,7 +264,9 @@ def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
     eps_root=cfg.eps_root,
     mu_dtype=_dtype(cfg.mu_dtype),
     weight_decay=cfg.weight_decay,
-    mask=weight_decay_mask,
+    mask=None if strengths else weight_decay_mask,
+    weight_decay_multipliers=weight_decay_mask if strengths else None,
+    decay_to_init=cfg.decay_to_init,
     nesterov=nesterov,
     nu_dtype=_dtype(cfg.nu_dtype),
     weight_decay_mode=cfg.weight_decay_mode,

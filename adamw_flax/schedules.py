@@ -13,7 +13,19 @@ warmup_linear   linear warmup, linear decay to ``end_learning_rate``
 rsqrt           linear warmup, then ``peak * sqrt(warmup / step)``
 piecewise       ``peak`` scaled by ``piecewise_scales`` at
                 ``piecewise_boundaries`` (optax's piecewise constant)
+wsd             warmup-stable-decay: linear warmup, ``peak`` until the
+                last ``wsd_decay_fraction`` of the schedule, then a
+                decay to ``end_learning_rate`` shaped ``wsd_decay_shape``
+                (``linear``, ``cosine`` or ``1-sqrt``, Hägele et al. 2024)
 ============== =====================================================
+
+A cooldown from any stable-phase checkpoint of a ``wsd`` run (MaxText's and
+Levanter's use of WSD): resume it with ``trainer.num_steps`` set to
+``S + D`` (``S`` the checkpoint's step, ``D`` the cooldown's length) and
+``optimizer.wsd_decay_fraction = D / (S + D)``, with
+``--config.trainer.allow_config_change=True``. Up to ``S`` that schedule is
+the one the checkpoint was trained with (warmup, then ``peak``), so the
+resumed run continues it exactly and decays over the last ``D`` steps.
 """
 
 from __future__ import annotations
@@ -23,7 +35,8 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "piecewise")
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "piecewise", "wsd")
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def decay_steps(cfg: Any, num_steps: int | None) -> int:
@@ -116,4 +129,72 @@ def schedule_from_config(cfg: Any, num_steps: int | None = None) -> optax.Schedu
         f"({len(scales)} values) must have the same length"
       )
     return optax.piecewise_constant_schedule(peak, dict(zip(bounds, scales, strict=True)))
+  if name == "wsd":
+    return wsd_schedule(
+      peak,
+      total=decay_steps(cfg, num_steps),
+      warmup=warmup,
+      decay_fraction=float(cfg.wsd_decay_fraction),
+      shape=str(cfg.wsd_decay_shape),
+      end=end,
+    )
   raise ValueError(f"unknown optimizer.schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def wsd_schedule(
+  peak: float, *, total: int, warmup: int, decay_fraction: float, shape: str, end: float = 0.0
+) -> optax.Schedule:
+  """Warmup-stable-decay: ``0 -> peak`` linearly, ``peak``, then ``peak -> end`` over the last part.
+
+  optax has no WSD schedule. The decay runs over the last
+  ``round(decay_fraction * total)`` steps (at least 1 when the fraction is
+  positive), reaching ``end`` at step ``total``:
+
+  * ``linear``: ``end + (peak - end) * (1 - x)``;
+  * ``cosine``: ``end + (peak - end) * (1 + cos(pi x)) / 2``;
+  * ``1-sqrt``: ``end + (peak - end) * (1 - sqrt(x))``;
+
+  with ``x`` the fraction of the decay done.
+
+  Args:
+    peak: the stable learning rate.
+    total: the schedule's length (steps); the rate stays ``end`` after it.
+    warmup: linear warmup steps from 0.
+    decay_fraction: the share of ``total`` the decay takes, in ``[0, 1]``.
+    shape: ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+    end: the final rate.
+
+  Returns:
+    A schedule ``step -> learning rate``.
+
+  Examples:
+    >>> lr = wsd_schedule(1.0, total=100, warmup=10, decay_fraction=0.2, shape="linear")
+    >>> [round(float(lr(s)), 3) for s in (0, 5, 10, 50, 80, 90, 100, 120)]
+    [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0, 0.0]
+  """
+  if shape not in WSD_SHAPES:
+    raise ValueError(f"wsd decay shape must be one of {', '.join(WSD_SHAPES)}, got {shape!r}")
+  length = round(decay_fraction * total)
+  if decay_fraction > 0:
+    length = max(length, 1)
+  start = total - length
+  if start < warmup:
+    raise ValueError(
+      f"wsd: the decay (last {length} of {total} steps) would start at step {start}, inside "
+      f"the warmup ({warmup} steps); lower optimizer.wsd_decay_fraction or warmup_steps"
+    )
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * step / max(warmup, 1)
+    x = jnp.clip((step - start) / max(length, 1), 0.0, 1.0)
+    if shape == "linear":
+      factor = 1.0 - x
+    elif shape == "cosine":
+      factor = 0.5 * (1.0 + jnp.cos(jnp.pi * x))
+    else:
+      factor = 1.0 - jnp.sqrt(x)
+    decayed = end + (peak - end) * factor
+    return jnp.where(step < warmup, warm, jnp.where(step < start, peak, decayed))
+
+  return schedule

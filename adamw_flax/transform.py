@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["adamw", "nadamw", "scale_by_adam"]
+__all__ = ["DecayedWeightsState", "adamw", "add_decayed_weights", "nadamw", "scale_by_adam"]
 
-WeightDecayMode = Literal["lr", "paper"]
-_WEIGHT_DECAY_MODES = ("lr", "paper")
+WeightDecayMode = Literal["lr", "paper", "adamc"]
+_WEIGHT_DECAY_MODES = ("lr", "paper", "adamc")
 
 
 def _canonical_dtype(dtype: Any, name: str) -> jnp.dtype | None:
@@ -299,7 +299,7 @@ def _decoupled_weight_decay(
     if peak_learning_rate is not None:
       raise ValueError(
         f"peak_learning_rate={peak_learning_rate!r} is only used with "
-        f"weight_decay_mode='paper'; drop it or set weight_decay_mode='paper'."
+        f"weight_decay_mode='paper' or 'adamc'; drop it or set one of those modes."
       )
     return weight_decay
   if peak_learning_rate is None:
@@ -320,9 +320,102 @@ def _decoupled_weight_decay(
   # -lr(t) * (u + (wd / peak) * p) == -lr(t) * u - (lr(t) / peak) * wd * p: the
   # paper's decay is optax's chain with a rescaled strength, so the state tree
   # (empty, or a counter for a schedule) stays optax's.
+  if mode == "adamc":
+    # AdamC (Defazio et al. 2025): the decay's strength follows lr(t) / peak, so
+    # the applied decay is lr(t)^2 / peak * wd: the weights' equilibrium norm
+    # stays balanced as the schedule decays. A constant lr at its peak is "lr".
+    wd_at = weight_decay if callable(weight_decay) else (lambda count: weight_decay)
+    if not callable(learning_rate):
+      ratio = learning_rate / peak_learning_rate
+      return (
+        (lambda count: wd_at(count) * ratio) if callable(weight_decay) else weight_decay * ratio
+      )
+    return lambda count: wd_at(count) * learning_rate(count) / peak_learning_rate
   if callable(weight_decay):
     return lambda count: weight_decay(count) / peak_learning_rate
   return weight_decay / peak_learning_rate
+
+
+class DecayedWeightsState(NamedTuple):
+  """State of :func:`add_decayed_weights`.
+
+  Attributes:
+    count: updates so far (reads a schedule strength at it).
+    init_params: the params at ``init`` for ``decay_to_init`` (their own
+      dtypes), else an empty tuple.
+  """
+
+  count: jax.Array
+  init_params: Any
+
+
+def add_decayed_weights(
+  weight_decay: optax.ScalarOrSchedule,
+  mask: Any = None,
+  *,
+  multipliers: Any = None,
+  decay_to_init: bool = False,
+) -> optax.GradientTransformation:
+  r"""``u + s_t m (	heta - 	heta_0)``: decoupled weight decay with per-leaf strengths or towards init.
+
+  optax's ``add_decayed_weights`` takes an on/off mask and decays towards 0;
+  this adds per-leaf multipliers :math:`m` (big_vision's ``wd_mults``,
+  axlearn's ``per_param_scale``) and the decay towards the initial params
+  :math:`	heta_0` (Kauldron's ``decay_to_init``, for fine-tuning), kept in the
+  state in the params' dtypes. With neither, :func:`adamw` uses optax's.
+
+  Args:
+    weight_decay: the strength :math:`s`, a constant or a schedule of the update count.
+    mask: booleans (a tree, or a callable ``params -> tree``) of the leaves to
+      decay; None: all.
+    multipliers: floats (a tree or callable) multiplying each leaf's strength;
+      None: 1.
+    decay_to_init: decay towards the params given to ``init`` instead of 0.
+
+  Returns:
+    An ``optax.GradientTransformation`` with a :class:`DecayedWeightsState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = add_decayed_weights(0.5, multipliers={"a": 0.0, "b": 2.0}, decay_to_init=True)
+    >>> state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
+    >>> params = {"a": jnp.full(2, 3.0), "b": jnp.full(2, 3.0)}
+    >>> updates, _ = tx.update({"a": jnp.zeros(2), "b": jnp.zeros(2)}, state, params)
+    >>> updates["a"].tolist(), updates["b"].tolist()
+    ([0.0, 0.0], [2.0, 2.0])
+  """
+
+  def tree_of(spec, params, default):
+    if spec is None:
+      return jax.tree.map(lambda _: default, params)
+    return spec(params) if callable(spec) else spec
+
+  def init(params):
+    init_params = jax.tree.map(jnp.asarray, params) if decay_to_init else ()
+    return DecayedWeightsState(jnp.zeros((), jnp.int32), init_params)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+        "add_decayed_weights reads the current parameters: call update(grads, state, params)"
+      )
+    strength = weight_decay(state.count) if callable(weight_decay) else weight_decay
+    on = tree_of(mask, params, True)
+    scale = tree_of(multipliers, params, 1.0)
+    origin = state.init_params if decay_to_init else jax.tree.map(jnp.zeros_like, params)
+
+    def leaf(u, p, p0, m, f):
+      if isinstance(m, bool) and not m:
+        return u
+      factor = jnp.asarray(strength, jnp.float32) * jnp.asarray(f, jnp.float32)
+      decay = factor * (p.astype(jnp.float32) - p0.astype(jnp.float32))
+      out = u + decay.astype(u.dtype)
+      return out if isinstance(m, bool) else jnp.where(m, out, u)
+
+    updates = jax.tree.map(leaf, updates, params, origin, on, scale)
+    return updates, DecayedWeightsState(optax.safe_increment(state.count), state.init_params)
+
+  return optax.GradientTransformation(init, update)
 
 
 def _check_mask(mask: Any) -> None:
@@ -382,6 +475,8 @@ def adamw(
   peak_learning_rate: jax.typing.ArrayLike | None = None,
   weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
   update_from_stored_moments: bool = False,
+  weight_decay_multipliers: Any | Callable[[optax.Params], Any] | None = None,
+  decay_to_init: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay; a drop-in for :func:`optax.adamw`.
 
@@ -469,9 +564,12 @@ def adamw(
       params lets the second moment follow ``b2=0.999``'s 0.1% steps, which a
       bfloat16 one cannot (half its ulp is 0.2%), at 2 more bytes per param.
     weight_decay_mode: ``"lr"`` (default, optax's and PyTorch's: decay scaled
-      by the learning rate) or ``"paper"`` (scaled by the schedule multiplier
-      only, as in Loshchilov et al.; see above).
-    peak_learning_rate: :math:`\alpha_{\text{peak}}` for ``"paper"`` mode;
+      by the learning rate), ``"paper"`` (scaled by the schedule multiplier
+      only, as in Loshchilov et al.; see above) or ``"adamc"`` (Defazio et
+      al. 2025: the strength :math:`\lambda \alpha_t / \alpha_{\text{peak}}`,
+      then scaled by :math:`\alpha_t` as in "lr": the decay stays balanced
+      with the update as the schedule decays; Levanter's ``adamc_weight_decay``).
+    peak_learning_rate: :math:`\alpha_{\text{peak}}` for ``"paper"`` and ``"adamc"``;
       required when ``learning_rate`` is a schedule, defaults to the constant
       learning rate otherwise; an error in ``"lr"`` mode.
     weight_decay_mask: Another name for ``mask`` (optax PR 1635); give one
@@ -480,6 +578,12 @@ def adamw(
       to their bfloat16 storage instead of their unrounded values (default
       False: optax's numbers). Faster with float32 params and
       ``mu_dtype=bfloat16``; see :func:`scale_by_adam`.
+    weight_decay_multipliers: Per-leaf multipliers of ``weight_decay`` (a
+      tree of floats or a callable ``params -> tree``), e.g. 0.1 for
+      embeddings; not in optax. Replaces optax's decay by
+      :func:`add_decayed_weights` (another state node).
+    decay_to_init: Decay towards the params given to ``init`` (kept in the
+      state, in their dtypes) instead of towards 0; not in optax.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is optax's:
@@ -543,6 +647,12 @@ def adamw(
   strength = _decoupled_weight_decay(
     weight_decay, learning_rate, weight_decay_mode, peak_learning_rate
   )
+  if weight_decay_multipliers is not None or decay_to_init:
+    decay = add_decayed_weights(
+      strength, mask, multipliers=weight_decay_multipliers, decay_to_init=decay_to_init
+    )
+  else:  # optax's own: its state and numbers
+    decay = optax.add_decayed_weights(strength, mask)
   inner = optax.chain(
     scale_by_adam(
       b1=b1,
@@ -554,7 +664,7 @@ def adamw(
       nu_dtype=nu_dtype,
       update_from_stored_moments=update_from_stored_moments,
     ),
-    optax.add_decayed_weights(strength, mask),
+    decay,
     optax.scale_by_learning_rate(learning_rate),
   )
   return _require_params(inner, weight_decay)

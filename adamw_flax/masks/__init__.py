@@ -112,11 +112,14 @@ from adamw_flax.masks.resolve import (
   path_values,
   resolve,
   weight_decay_mask,
+  weight_decay_strengths,
 )
 from adamw_flax.masks.rules import (
+  DECAY,
   DEFAULT_DECAY_TYPES,
   PRESETS,
   Rule,
+  is_boolean,
   parse_partition_rules,
   parse_rules,
   partition_selector,
@@ -147,4 +150,7 @@ __all__ = [
   "to_partition_spec",
   "tree_paths",
   "weight_decay_mask",
+  "weight_decay_strengths",
+  "DECAY",
+  "is_boolean",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from adamw_flax.masks.paths import as_target, path_str
 from adamw_flax.masks.resolve import examples_str, resolve
-from adamw_flax.masks.rules import REQUIRED, parse_rules
+from adamw_flax.masks.rules import DECAY, REQUIRED, parse_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ReportRow:
   dtype: str
   size: int
   bytes: int
-  decay: bool
+  decay: bool | float
   lr_multiplier: float
   frozen: bool
   per_device_bytes: int | None = None
@@ -90,7 +90,8 @@ def report_rows(
     The rows.
   """
   params = as_target(target)
-  decay = resolve(params, parse_rules(decay_rules, what="weight decay"), REQUIRED, "weight decay")
+  decay_rules = parse_rules(decay_rules, value_type=DECAY, what="weight decay")
+  decay = resolve(params, decay_rules, REQUIRED, "weight decay")
   lr = resolve(
     params,
     parse_rules(lr_multipliers, value_type=float, what="learning-rate multiplier"),
@@ -204,7 +205,7 @@ def report(
     cells += [
       str(r.shape),
       r.dtype,
-      "yes" if r.decay else "no",
+      ("yes" if r.decay else "no") if isinstance(r.decay, bool) else f"x{r.decay:g}",
       f"{r.lr_multiplier:g}",
       "yes" if r.frozen else "no",
     ]

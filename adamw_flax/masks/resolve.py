@@ -9,7 +9,16 @@ from typing import Any
 import jax
 
 from adamw_flax.masks.paths import Target, as_target, flatten_paths, leaf_ndim, mro_names
-from adamw_flax.masks.rules import CATCH_ALL, PRESETS, REQUIRED, ParamInfo, Rule, parse_rules
+from adamw_flax.masks.rules import (
+  CATCH_ALL,
+  DECAY,
+  PRESETS,
+  REQUIRED,
+  ParamInfo,
+  Rule,
+  is_boolean,
+  parse_rules,
+)
 
 PyTree = Any
 
@@ -177,6 +186,8 @@ class RuleFn:
 
   def __init__(self, rules: Any, target: Any, *, default: Any, what: str, value_type: type):
     self.rules = parse_rules(rules, value_type=value_type, what=what)
+    self.convert: Any = None  # applied to each value returned (e.g. bool, float)
+    self.strengths = False  # values are weight-decay multipliers, not on/off
     self.what = what
     self.default = default
     self.value_type = value_type
@@ -211,6 +222,8 @@ class RuleFn:
       values = [table[path] for path, _ in entries]
     else:
       values = [self._lookup(path) for path, _ in entries]
+    if self.convert is not None:
+      values = [self.convert(v) for v in values]
     return jax.tree_util.tree_unflatten(treedef, values)
 
   def __repr__(self) -> str:
@@ -245,7 +258,39 @@ def weight_decay_mask(rules: Any = "default", target: Any = None) -> RuleFn:
     >>> mask({"dense": {"kernel": np.ones((2, 3)), "bias": np.zeros(3)}})
     {'dense': {'bias': False, 'kernel': True}}
   """
-  return RuleFn(rules, target, default=REQUIRED, what="weight decay", value_type=bool)
+  fn = RuleFn(rules, target, default=REQUIRED, what="weight decay", value_type=DECAY)
+  if not is_boolean(r.value for r in fn.rules):
+    raise ValueError(
+      "weight decay rules with multipliers other than 0 and 1 are strengths, not a mask: use "
+      "adamw_flax.masks.weight_decay_strengths (adamw's weight_decay_multipliers)"
+    )
+  fn.convert = bool
+  return fn
+
+
+def weight_decay_strengths(rules: Any, target: Any = None) -> RuleFn:
+  """Per-parameter multipliers of ``weight_decay``, for adamw's ``weight_decay_multipliers``.
+
+  Rules as for :func:`weight_decay_mask`, whose values may be numbers >= 0
+  (``"type:Embed=0.1, */bias=0, *=1"``; ``true``/``false`` count as 1/0).
+
+  Args:
+    rules: the rules (or a preset).
+    target: as for :func:`weight_decay_mask`.
+
+  Returns:
+    A callable ``params tree -> float tree`` of the same structure.
+
+  Examples:
+    >>> import numpy as np
+    >>> fn = weight_decay_strengths("embed/*=0.1, bias=false, *=1")
+    >>> fn({"embed": {"table": np.ones(2)}, "dense": {"bias": np.ones(2), "kernel": np.ones(2)}})
+    {'dense': {'bias': 0.0, 'kernel': 1.0}, 'embed': {'table': 0.1}}
+  """
+  fn = RuleFn(rules, target, default=REQUIRED, what="weight decay", value_type=DECAY)
+  fn.convert = float
+  fn.strengths = True  # what optimizer factories read to pass it as multipliers
+  return fn
 
 
 def lr_multiplier_fn(rules: Any, target: Any = None) -> RuleFn:

@@ -226,7 +226,36 @@ def to_partition_spec(raw: Any, where: str) -> PartitionSpec:
   return PartitionSpec(*entries)
 
 
+class _Decay:
+  """The value type of weight-decay rules: a boolean (on/off) or a number >= 0 (a multiplier)."""
+
+  def __repr__(self) -> str:
+    return "DECAY"
+
+
+#: ``value_type`` of weight-decay rules: ``true``/``false``, or a multiplier of
+#: ``weight_decay`` (``"type:Embed=0.1, */bias=0, *=1"``; big_vision's wd_mults).
+DECAY: Any = _Decay()
+
+
+def is_boolean(values: Any) -> bool:
+  """Whether weight-decay values are all on/off (``True``/``False``, or the numbers 0 and 1)."""
+  return all(isinstance(v, bool) or v in (0, 1) for v in values)
+
+
 def _convert(value: Any, value_type: type, selector: str, what: str) -> Any:
+  if value_type is DECAY:
+    if isinstance(value, bool | np.bool_) or (
+      isinstance(value, str) and value.strip().lower() in _BOOL_WORDS
+    ):
+      return _convert(value, bool, selector, what)
+    try:
+      return _convert(value, float, selector, what)
+    except ValueError:
+      raise ValueError(
+        f"{what} rule {selector!r}: value {value!r} is neither a boolean (true/false) nor a "
+        "decay multiplier (a number >= 0)"
+      ) from None
   if value_type is PartitionSpec:
     return to_partition_spec(value, f"{what} rule {selector!r}")
   if value_type is bool:
@@ -307,7 +336,7 @@ def parse_rules(
   if isinstance(spec, str):
     stripped = spec.strip()
     if stripped in PRESETS:
-      if value_type is not bool:
+      if value_type not in (bool, DECAY):
         raise ValueError(
           f"{what} rules: preset {stripped!r} holds booleans; write "
           "'selector=number' items, e.g. 'embed/*=0.1'"
