@@ -663,7 +663,11 @@ def restore_state(
 
 
 def restore_params(
-  directory: str | Path, *, step: int | None = None, config: ml_collections.ConfigDict | None = None
+  directory: str | Path,
+  *,
+  step: int | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  ema: bool = False,
 ) -> Any:
   """Restores just the model (parameters and module state, no optimizer state), for inference.
 
@@ -671,18 +675,27 @@ def restore_params(
     directory: a checkpoint root, or a workdir holding ``checkpoints/``.
     step: the step; default the latest complete one.
     config: default the one saved in the checkpoint.
+    ema: the EMA of the parameters instead (a run with ``trainer.ema_decay``).
 
   Returns:
     The ``nnx.Module`` with the checkpoint's parameters, on one device.
   """
   path = _resolve_directory(directory)
-  fields = ("params", "frozen", "rest")
+  fields = ("params", "frozen", "rest") + (("extra",) if ema else ())
   with _reader(path) as manager:
     step, meta, config, target = _load_target(manager, path, step, config, None, None)
     _check_fits(meta, target, config, f"{path}/{step}", fields=fields)
     wanted = {k: getattr(target, k) for k in fields}
+    if ema and "ema" not in wanted["extra"]:
+      raise ValueError(
+        f"checkpoint {path}/{step} holds no EMA weights: its run had trainer.ema_decay=0"
+      )
     arrays = _restore_arrays(manager, step, wanted, with_data=False, partial=True)
-  return target.replace(opt_state=None, **arrays).merge()
+  state = target.replace(opt_state=None, **arrays)
+  if ema:
+    cast = lambda e, p: e.astype(p.dtype)
+    return state.merge(jax.tree.map(cast, state.extra["ema"], state.params))
+  return state.merge()
 
 
 class CheckpointReader:

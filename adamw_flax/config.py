@@ -100,6 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   o.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off
   o.accumulate_steps = 1  # split each step's batch into this many micro-batches (same updates)
   o.skip_nonfinite = False  # skip steps whose gradients hold NaN/inf (optax.apply_if_finite)
+  o.skip_spikes = False  # skip updates whose loss or grad norm is a spike (z-score, below)
+  o.spike_window = 128  # skip_spikes: applied updates in the rolling mean and std
+  o.spike_threshold = 6.0  # skip_spikes: z-score of a spike (MaxText/OLMo-core: 6)
+  o.spike_warmup = 128  # skip_spikes: applied updates before any is skipped
+  o.update_rms_clip = 0.0  # clip each tensor's update RMS to this times lr(t); 0 = off
 
   t = c.trainer = ml_collections.ConfigDict()
   t.num_steps = 1000  # optimizer steps to train
@@ -110,6 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.max_nonfinite_steps = 10  # stop after this many consecutive non-finite losses
   t.allow_config_change = False  # resume a workdir whose saved config differs
   t.progress = True  # show a progress bar on stderr
+  t.ema_decay = 0.0  # EMA of the params (e.g. 0.999), evaluated beside them; 0 = off
+  t.ema_dtype = "float32"  # dtype of the EMA params
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every_steps = 1000  # steps between saves; 0 = only at the end
@@ -252,6 +259,18 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     need(t[key] > 0, f"trainer.{key}", f"must be > 0, got {t[key]}")
   for key in ("eval_every", "eval_batches", "max_nonfinite_steps"):
     need(t[key] >= 0, f"trainer.{key}", f"must be >= 0, got {t[key]}")
+  need(0.0 <= t.ema_decay < 1.0, "trainer.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+  need(
+    t.ema_dtype in DTYPES,
+    "trainer.ema_dtype",
+    f"must be one of {', '.join(DTYPES)}, got {t.ema_dtype!r}",
+  )
+  need(o.spike_window >= 2, "optimizer.spike_window", f"must be >= 2, got {o.spike_window}")
+  need(o.spike_threshold > 0, "optimizer.spike_threshold", f"must be > 0, got {o.spike_threshold}")
+  need(o.spike_warmup >= 2, "optimizer.spike_warmup", f"must be >= 2, got {o.spike_warmup}")
+  need(
+    o.update_rms_clip >= 0, "optimizer.update_rms_clip", f"must be >= 0, got {o.update_rms_clip}"
+  )
 
   need(k.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {k.every_steps}")
   need(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")

@@ -21,7 +21,7 @@ from adamw_flax import masks
 from adamw_flax.config import config_diff, config_json
 
 PyTree = Any
-ARRAY_FIELDS = ("step", "params", "frozen", "rest", "opt_state")
+ARRAY_FIELDS = ("step", "params", "frozen", "rest", "opt_state", "extra")
 
 
 def state_arrays(state: Any) -> dict[str, Any]:
@@ -34,8 +34,14 @@ def state_arrays(state: Any) -> dict[str, Any]:
     ``field -> tree`` for the fields present.
   """
   if isinstance(state, dict):
-    return {k: state[k] for k in ARRAY_FIELDS if k in state}
-  return {k: getattr(state, k) for k in ARRAY_FIELDS}
+    out = {k: state[k] for k in ARRAY_FIELDS if k in state}
+  else:
+    out = {k: getattr(state, k) for k in ARRAY_FIELDS if hasattr(state, k)}
+  if not out.get("extra", True):
+    # No EMA or spike statistics: the state (and its checkpoints) are the
+    # first build's, whose checkpoints have no "extra" item.
+    del out["extra"]
+  return out
 
 
 def _is_leaf(node: Any) -> bool:

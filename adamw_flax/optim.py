@@ -2,7 +2,8 @@
 
 :func:`optimizer_from_config` builds, in order: gradient clipping
 (``grad_clip_norm``), the registered optimizer (``name``) with its schedule and
-weight-decay mask, per-group learning-rate multipliers (``lr_multipliers``),
+weight-decay mask, update-RMS clipping (``update_rms_clip``), per-group
+learning-rate multipliers (``lr_multipliers``),
 and skipping of non-finite updates (``skip_nonfinite``, ``optax.apply_if_finite``).
 Gradient accumulation is not an optimizer wrapper here: the train step splits
 its batch into ``accumulate_steps`` micro-batches (see
@@ -73,6 +74,46 @@ def scale_by_multipliers(multipliers: Callable[[Any], Any]) -> optax.GradientTra
   return optax.GradientTransformation(init, update)
 
 
+class ClipUpdateRmsState(NamedTuple):
+  """State of :func:`clip_update_rms`: the update count (reads the schedule)."""
+
+  count: jax.Array
+
+
+def clip_update_rms(max_rms: float, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Scales each tensor's update down to an RMS of at most ``max_rms * lr(t)``.
+
+  optax clips gradients, not updates. Adam's update is about ``lr(t)`` per
+  element; a tensor whose update RMS exceeds ``max_rms`` times that (a rare
+  gradient of a tensor whose second moment is still small) is scaled back,
+  as Levanter's ``update_rms_clipping`` and StableAdamW do.
+
+  Args:
+    max_rms: the bound, in units of the learning rate.
+    schedule: the learning-rate schedule the updates were scaled by.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+
+  def init(params):
+    del params
+    return ClipUpdateRmsState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    bound = max_rms * jnp.asarray(schedule(state.count), jnp.float32)
+
+    def leaf(u):
+      rms = jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32))))
+      scale = jnp.where(rms > bound, bound / jnp.maximum(rms, 1e-30), 1.0)
+      return (u * scale).astype(u.dtype)
+
+    return jax.tree.map(leaf, updates), ClipUpdateRmsState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
 def optimizer_from_config(
   cfg: Any, *, num_steps: int | None = None, target: Any = None
 ) -> Optimizer:
@@ -125,6 +166,8 @@ def optimizer_from_config(
   if p.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(p.grad_clip_norm))
   parts.append(tx)
+  if p.update_rms_clip:
+    parts.append(clip_update_rms(p.update_rms_clip, lr_fn))
   if p.lr_multipliers:
     with _naming("optimizer.lr_multipliers"):
       multipliers = masks.lr_multiplier_fn(p.lr_multipliers, target)

@@ -35,6 +35,26 @@ Rules = tuple[masks.Rule, ...]
 
 
 @dataclasses.dataclass(frozen=True)
+class SpikeRule:
+  """When the train step skips an update as a loss or gradient-norm spike (``optimizer.skip_spikes``).
+
+  An update is skipped when its loss or gradient norm exceeds the mean of the
+  last ``window`` applied updates by more than ``threshold`` standard
+  deviations, once ``warmup`` updates have been seen (MaxText's
+  ``skip_step_on_spikes``, after OLMo-core: a window of 128, 6 sigma).
+
+  Attributes:
+    window: updates in the rolling statistics.
+    threshold: the z-score beyond which an update is a spike.
+    warmup: applied updates before any is skipped.
+  """
+
+  window: int = 128
+  threshold: float = 6.0
+  warmup: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerPlan:
   """The ``optimizer`` section, parsed.
 
@@ -56,6 +76,8 @@ class OptimizerPlan:
   accumulate_steps: int
   skip_nonfinite: bool
   grad_clip_norm: float
+  spikes: SpikeRule | None = None
+  update_rms_clip: float = 0.0
 
   @property
   def name(self) -> str:
@@ -86,6 +108,8 @@ class TrainerPlan:
   max_nonfinite_steps: int
   allow_config_change: bool
   progress: bool
+  ema_decay: float
+  ema_dtype: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +170,12 @@ def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPl
     accumulate_steps=int(section.accumulate_steps),
     skip_nonfinite=bool(section.skip_nonfinite),
     grad_clip_norm=float(section.grad_clip_norm),
+    spikes=SpikeRule(
+      int(section.spike_window), float(section.spike_threshold), int(section.spike_warmup)
+    )
+    if section.skip_spikes
+    else None,
+    update_rms_clip=float(section.update_rms_clip),
   )
 
 

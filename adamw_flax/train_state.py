@@ -68,6 +68,10 @@ class TrainState(struct.PyTreeNode):
     rest: the module's non-parameter state (batch statistics, RNG keys and
       counters, ...), updated by the forward pass.
     opt_state: the optimizer state of ``params``.
+    extra: what the train step keeps beside the optimizer, when configured:
+      ``ema`` (the EMA of ``params``, ``trainer.ema_decay``) and ``spikes``
+      (rolling loss and gradient-norm statistics, ``optimizer.skip_spikes``);
+      ``{}`` otherwise.
     spec: the static parts (graph definition, optimizer, schedule); also
       available as ``graphdef``, ``tx`` and ``lr_fn``.
   """
@@ -78,6 +82,7 @@ class TrainState(struct.PyTreeNode):
   rest: PyTree
   opt_state: optax.OptState
   spec: StateSpec = struct.field(pytree_node=False)
+  extra: PyTree = struct.field(default_factory=dict)
 
   @property
   def graphdef(self) -> Any:
@@ -133,11 +138,15 @@ class TrainState(struct.PyTreeNode):
       frozen=named(frozen),
       rest=named(rest),
       opt_state=sharding.opt_state_shardings(self.opt_state, self.params, params, mesh, mesh_cfg),
+      # The EMA is sharded like the params it follows; spike statistics replicated.
+      extra=sharding.opt_state_shardings(self.extra, self.params, params, mesh, mesh_cfg),
     )
 
   def device_bytes(self) -> dict[str, int]:
     """Bytes each device holds, per field and ``total`` (see :func:`adamw_flax.sharding.per_device_bytes`)."""
     parts = {f: getattr(self, f) for f in ("params", "frozen", "rest", "opt_state")}
+    if self.extra:
+      parts["extra"] = self.extra
     out = sharding.per_device_bytes(parts, by_part=True)
     out["total"] = sharding.per_device_bytes({**parts, "step": self.step})["total"]
     return out
@@ -319,6 +328,16 @@ def state_factory(
   opt = optim.optimizer_from_config(run.optimizer, target=target)
   tx = opt.tx if tx is None else tx
   specs: list[StateSpec] = []
+  ema_dtype = jnp.dtype(run.trainer.ema_dtype)
+  spikes = run.optimizer.spikes
+
+  def extras(params: PyTree) -> PyTree:
+    extra: dict[str, Any] = {}
+    if run.trainer.ema_decay:
+      extra["ema"] = jax.tree.map(lambda p: p.astype(ema_dtype), params)
+    if spikes is not None:
+      extra["spikes"] = init_spike_stats(spikes.window)
+    return extra
 
   def init() -> TrainState:
     with nnx.use_eager_sharding(False):
@@ -333,6 +352,7 @@ def state_factory(
       rest=rest,
       opt_state=tx.init(params),
       spec=specs[0],
+      extra=extras(params),
     )
 
   return StateFactory(init=init, target=target, frozen_paths=frozen_paths, jit_init=not concrete)
@@ -465,6 +485,77 @@ def _accepts_rngs(fn: Callable[..., Any]) -> bool:
   return any(p.name == "rngs" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def init_spike_stats(window: int) -> dict[str, jax.Array]:
+  """The rolling statistics of :class:`~adamw_flax.plan.SpikeRule` before any update.
+
+  Args:
+    window: updates the statistics hold.
+
+  Returns:
+    ``loss`` and ``grad_norm`` buffers (float32, ``window``), ``count`` (applied
+    updates seen) and ``skipped`` (spikes skipped), int32.
+  """
+  return {
+    "loss": jnp.zeros((window,), jnp.float32),
+    "grad_norm": jnp.zeros((window,), jnp.float32),
+    "count": jnp.zeros((), jnp.int32),
+    "skipped": jnp.zeros((), jnp.int32),
+  }
+
+
+def is_spike(stats: dict[str, jax.Array], rule: Any, loss: jax.Array, grad_norm: jax.Array):
+  """Whether ``loss`` or ``grad_norm`` is beyond ``rule.threshold`` sigmas of the window.
+
+  The standard deviation is floored at 0.1% of the mean, so a window of
+  (nearly) equal values does not make every tiny rise a spike.
+
+  Args:
+    stats: from :func:`init_spike_stats` / :func:`push_spike_stats`.
+    rule: the :class:`~adamw_flax.plan.SpikeRule`.
+    loss: this update's loss.
+    grad_norm: this update's gradient norm.
+
+  Returns:
+    A boolean scalar (False during the rule's warmup).
+  """
+  window = stats["loss"].shape[0]
+  n = jnp.minimum(stats["count"], window)
+  valid = jnp.arange(window) < n
+
+  def beyond(buf, x):
+    mean = jnp.sum(jnp.where(valid, buf, 0.0)) / jnp.maximum(n, 1)
+    var = jnp.sum(jnp.where(valid, jnp.square(buf - mean), 0.0)) / jnp.maximum(n, 1)
+    std = jnp.maximum(jnp.sqrt(var), 1e-3 * jnp.abs(mean))
+    return x.astype(jnp.float32) - mean > rule.threshold * std
+
+  ready = stats["count"] >= rule.warmup
+  return ready & (beyond(stats["loss"], loss) | beyond(stats["grad_norm"], grad_norm))
+
+
+def push_spike_stats(stats, loss, grad_norm, applied, spike) -> dict[str, jax.Array]:
+  """The statistics after an update: an applied one enters the window, a spike is counted.
+
+  Args:
+    stats: the statistics before.
+    loss: this update's loss.
+    grad_norm: this update's gradient norm.
+    applied: whether the update was applied.
+    spike: whether it was skipped as a spike.
+
+  Returns:
+    The new statistics.
+  """
+  window = stats["loss"].shape[0]
+  i = stats["count"] % window
+  put = lambda buf, x: jnp.where(applied, buf.at[i].set(x.astype(jnp.float32)), buf)
+  return {
+    "loss": put(stats["loss"], loss),
+    "grad_norm": put(stats["grad_norm"], grad_norm),
+    "count": stats["count"] + applied.astype(jnp.int32),
+    "skipped": stats["skipped"] + spike.astype(jnp.int32),
+  }
+
+
 def step_key(seed: int, step: Any) -> jax.Array:
   """The RNG key of optimizer update ``step``: ``fold_in(key(seed), step)``.
 
@@ -523,6 +614,8 @@ def make_train_step(
   state_sharding: Any = None,
   accumulate_steps: int = 1,
   seed: int = 0,
+  spikes: Any = None,
+  ema_decay: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the compiled train step ``step(state, batch) -> (state, metrics)``.
 
@@ -549,6 +642,11 @@ def make_train_step(
     state_sharding: shardings of the state pytree, if any; the output keeps them.
     accumulate_steps: micro-batches per update.
     seed: the run's seed, for the loss's RNG keys.
+    spikes: a :class:`~adamw_flax.plan.SpikeRule`: skip updates whose loss or
+      gradient norm is a spike (the state needs ``extra["spikes"]``,
+      :func:`state_factory` makes it under ``optimizer.skip_spikes``).
+    ema_decay: the decay of ``extra["ema"]``, updated after each applied
+      update: ``ema = d * ema + (1 - d) * params``.
 
   Returns:
     A ``jax.jit``-compiled function. Metrics: ``loss`` (mean over the
@@ -598,28 +696,55 @@ def make_train_step(
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = _tree_norm(grads)
     finite = _finite_states(opt_state)
+    applied = jnp.ones((), jnp.bool_)
+    skipped = jnp.zeros((), jnp.int32)
     if finite:
       applied = jnp.logical_and.reduce(jnp.stack([s.last_finite for s in finite]))
       skipped = sum(s.total_notfinite for s in finite)
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
-      rest = keep(rest, state.rest)  # a skipped update leaves the model state as it was
-    else:
-      applied, skipped = jnp.ones((), jnp.bool_), jnp.zeros((), jnp.int32)
+    extra = dict(state.extra)
+    spike = jnp.zeros((), jnp.bool_)
+    if spikes is not None:
+      stats = extra["spikes"]
+      spike = applied & is_spike(stats, spikes, loss, grad_norm)
+      applied = applied & ~spike
+      extra["spikes"] = push_spike_stats(stats, loss, grad_norm, applied, spike)
+    if "ema" in extra:
+      extra["ema"] = jax.tree.map(
+        lambda e, p: (ema_decay * e.astype(jnp.float32) + (1 - ema_decay) * p).astype(e.dtype),
+        extra["ema"],
+        params,
+      )
+    # A skipped update leaves the state as it was. optax.apply_if_finite keeps
+    # params and moments on a non-finite one (and counts it); a spike looked
+    # like a good update to the optimizer, so its whole state is put back.
+    keep = lambda ok, new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    if spikes is not None:
+      params = keep(~spike, params, state.params)
+      opt_state = keep(~spike, opt_state, state.opt_state)
+    if finite or spikes is not None:
+      rest = keep(applied, rest, state.rest)
+      if "ema" in extra:
+        extra["ema"] = keep(applied, extra["ema"], state.extra["ema"])
     metrics = {
       "loss": loss,
       "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
-      "grad_norm": _tree_norm(grads),
+      "grad_norm": grad_norm,
       "update_norm": _tree_norm(updates),
       "applied": applied.astype(jnp.int32),
       "skipped": jnp.asarray(skipped, jnp.int32),
       **aux,
     }
+    if spikes is not None:
+      metrics["spike"] = spike.astype(jnp.int32)
+      metrics["skipped_spikes"] = extra["spikes"]["skipped"]
     new_state = state.replace(
       step=state.step + applied.astype(state.step.dtype),
       params=params,
       rest=rest,
       opt_state=opt_state,
+      extra=extra,
     )
     return new_state, metrics
 
@@ -631,7 +756,12 @@ def make_train_step(
 
 
 def make_eval_step(
-  loss_fn: LossFn, *, batch_sharding: Any = None, state_sharding: Any = None, seed: int = 0
+  loss_fn: LossFn,
+  *,
+  batch_sharding: Any = None,
+  state_sharding: Any = None,
+  seed: int = 0,
+  ema: bool = False,
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Returns the compiled ``eval_step(state, batch) -> metrics``.
 
@@ -643,6 +773,7 @@ def make_eval_step(
     batch_sharding: sharding of the batch, if any.
     state_sharding: shardings of the state, if any.
     seed: the run's seed, for a loss that takes ``rngs``.
+    ema: evaluate the EMA of the params (``state.extra["ema"]``) instead.
 
   Returns:
     A ``jax.jit``-compiled function ``(state, batch) -> metrics``.
@@ -650,7 +781,10 @@ def make_eval_step(
   wants_rngs = _accepts_rngs(loss_fn)
 
   def eval_step(state: TrainState, batch: Batch):
-    model = state.merge()
+    params = None
+    if ema:  # the EMA weights, in the params' dtypes
+      params = jax.tree.map(lambda e, p: e.astype(p.dtype), state.extra["ema"], state.params)
+    model = state.merge(params)
     model.eval()
     extra = {"rngs": nnx.Rngs(jax.random.key(seed))} if wants_rngs else {}
     loss, aux = loss_fn(model, batch, train=False, **extra)

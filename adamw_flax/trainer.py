@@ -289,6 +289,27 @@ def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dic
   return {k: float(v) / max(count, 1) for k, v in jax.device_get(totals).items()}
 
 
+def evaluate_all(eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg) -> dict[str, float]:
+  """:func:`evaluate` with each eval step, its metrics prefixed by the step's key.
+
+  Args:
+    eval_steps: ``prefix -> eval step`` (``""``: the params, ``"ema_"``: the EMA weights).
+    state: the train state.
+    dataset: the run's dataset.
+    num_batches: validation batches.
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan.
+
+  Returns:
+    ``prefix + metric -> mean``.
+  """
+  out: dict[str, float] = {}
+  for prefix, step in eval_steps.items():
+    metrics = evaluate(step, state, dataset, num_batches, mesh, mesh_cfg)
+    out.update({prefix + k: v for k, v in metrics.items()})
+  return out
+
+
 def _startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str]) -> str:
   o = run.optimizer.section
   per_device = state.device_bytes()
@@ -302,6 +323,20 @@ def _startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str]
     + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else ""),
     "per-device bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per_device.items()),
   ]
+  extras = []
+  if run.trainer.ema_decay:
+    extras.append(f"EMA of the params (decay {run.trainer.ema_decay}, {run.trainer.ema_dtype})")
+  if run.optimizer.spikes is not None:
+    r = run.optimizer.spikes
+    extras.append(f"skip spikes ({r.threshold} sigma over {r.window} updates, after {r.warmup})")
+  if run.optimizer.update_rms_clip:
+    extras.append(f"update RMS clipped to {run.optimizer.update_rms_clip} x lr")
+  if o.decay_to_init:
+    extras.append("weight decay towards the initial params")
+  if o.schedule == "wsd":
+    extras.append(f"wsd: last {o.wsd_decay_fraction:g} of the steps decay ({o.wsd_decay_shape})")
+  if extras:
+    lines.append("also: " + "; ".join(extras))
   if unmapped:
     lines.append(
       "logical axes not mapped to a mesh axis (replicated; map them with "
@@ -496,10 +531,22 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     batch_sharding=batch_sharding,
     accumulate_steps=run.optimizer.accumulate_steps,
     seed=tc.seed,
+    spikes=run.optimizer.spikes,
+    ema_decay=tc.ema_decay,
   )
-  eval_step = train_state.make_eval_step(
-    model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding, seed=tc.seed
-  )
+  eval_steps = {
+    "": train_state.make_eval_step(
+      model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding, seed=tc.seed
+    )
+  }
+  if tc.ema_decay:  # the EMA weights too: metrics "ema_loss", ...
+    eval_steps["ema_"] = train_state.make_eval_step(
+      model_entry.loss,
+      state_sharding=state_sharding,
+      batch_sharding=batch_sharding,
+      seed=tc.seed,
+      ema=True,
+    )
   start = int(state.step)
   # A checkpoint of the first build has {"step": n} only: position == step then.
   c = _Counters(step=start, position=int(data_state.get("position", data_state.get("step", start))))
@@ -524,7 +571,7 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     metrics, position = dispatched
     m = jax.device_get(metrics)
     loss, applied = float(m["loss"]), bool(m["applied"])
-    skipped_total = int(m["skipped"])
+    skipped_total = int(m["skipped"]) + int(m.get("skipped_spikes", 0))
     c.nonfinite = 0 if np.isfinite(loss) else c.nonfinite + 1
     if tc.max_nonfinite_steps and c.nonfinite >= tc.max_nonfinite_steps:
       where = (
@@ -540,9 +587,13 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
         f"without saving; {where}. To go on: {fixes}."
       )
     if not applied:
+      reason = "spike" if m.get("spike", 0) else "nonfinite"
       if writer:
-        writer.write(c.step, "skipped", {"loss": loss, "skipped": skipped_total,
-                                         "position": position})  # fmt: skip
+        row = {"loss": loss, "grad_norm": float(m["grad_norm"]), "reason": reason,
+               "skipped": skipped_total, "position": position}  # fmt: skip
+        if "skipped_spikes" in m:
+          row["skipped_spikes"] = int(m["skipped_spikes"])
+        writer.write(c.step, "skipped", row)
       return False
     c.step += 1
     c.train_loss = loss
@@ -567,7 +618,7 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
   def run_eval(step: int) -> None:
     nonlocal eval_metrics, t_log
     t_eval = time.perf_counter()
-    eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, run.mesh)
+    eval_metrics = evaluate_all(eval_steps, state, dataset, tc.eval_batches, mesh, run.mesh)
     t_log += time.perf_counter() - t_eval  # throughput counts training time only
     if writer:
       writer.write(step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
@@ -613,7 +664,7 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
       finish(pending)
     if not preempted:
       if tc.eval_batches:
-        eval_metrics = evaluate(eval_step, state, dataset, tc.eval_batches, mesh, run.mesh)
+        eval_metrics = evaluate_all(eval_steps, state, dataset, tc.eval_batches, mesh, run.mesh)
         if writer:
           writer.write(c.step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
       if ckpts.latest_step() != c.step:

@@ -36,6 +36,7 @@ class RegressionData:
     self.tokens_per_example = 1
     self.nan_from_step = cfg.get("nan_from_step", -1)
     self.nan_at = set(cfg.get("nan_at", ()))  # batch positions whose inputs are NaN
+    self.spike_at = set(cfg.get("spike_at", ()))  # batch positions with 1000x targets
     self.info = {"features": self.features}
     self.seed = seed
     self.rows = slice(
@@ -54,6 +55,8 @@ class RegressionData:
     batch = self._batch((self.seed, step))
     if 0 <= self.nan_from_step <= step or step in self.nan_at:
       batch["x"] = np.full_like(batch["x"], np.nan)
+    if step in self.spike_at:
+      batch["y"] = batch["y"] * 1000
     return batch
 
   def eval_batches(self, num):

@@ -79,6 +79,7 @@ def sample_from_workdir(
   top_k: int | None = None,
   step: int | None = None,
   best: bool = False,
+  ema: bool = False,
 ) -> str:
   """Samples from a checkpoint of a training run (see :func:`sample_text`).
 
@@ -91,6 +92,7 @@ def sample_from_workdir(
     top_k: sample among the ``top_k`` most likely characters (None: all).
     step: the checkpoint step (default: the latest).
     best: take the checkpoint of the best validation loss instead.
+    ema: sample from the EMA weights (a run with ``trainer.ema_decay``).
 
   Returns:
     The prompt and the sampled continuation.
@@ -109,7 +111,7 @@ def sample_from_workdir(
     if step is None:
       raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no complete checkpoint")
     chars = reader.meta(step)["data_info"]["chars"]
-  model = checkpoint.restore_params(workdir, step=step)
+  model = checkpoint.restore_params(workdir, step=step, ema=ema)
   return sample_text(
     model, CharVocab(chars), prompt, num_tokens, seed=seed, temperature=temperature, top_k=top_k
   )
@@ -129,6 +131,7 @@ def main(argv: list[str]) -> None:
       top_k=f.top_k,
       step=f.step,
       best=f.best,
+      ema=f.ema,
     )
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
@@ -146,6 +149,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("top_k", None, "Sample among the k most likely characters.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_bool("best", False, "Use the checkpoint of the best validation loss.")
+  flags.DEFINE_bool("ema", False, "Sample from the EMA weights (trainer.ema_decay > 0).")
   flags.mark_flag_as_required("workdir")
 
 

@@ -1,0 +1,146 @@
+"""What the train step keeps beside the optimizer: spike skipping, EMA weights; update-RMS clipping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adamw_flax import checkpoint, optim, plan, reporting, train_state, trainer
+from adamw_flax.registry import MODELS
+from tests import trainer_models
+from tests.test_trainer import regression_config
+
+LOSS = MODELS.get("tests.trainer_models:regressor").loss
+
+
+def _data(cfg):
+  return trainer_models.RegressionData(cfg.data, seed=0, process_index=0, process_count=1)
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves((state.step, state.params, state.opt_state))]
+
+
+def test_spikes_are_skipped_and_normal_steps_match_the_plain_optimizer():
+  cfg = regression_config(num_steps=30)
+  cfg.optimizer.skip_spikes = True
+  cfg.optimizer.spike_window = 8
+  cfg.optimizer.spike_warmup = 8
+  cfg.data.spike_at = (12, 20)
+  run = plan.make_plan(cfg)
+  state = train_state.state_from_config(run, {"features": 4})
+  guarded = train_state.make_train_step(LOSS, donate=False, spikes=run.optimizer.spikes)
+  plain = train_state.make_train_step(LOSS, donate=False)
+  data = _data(cfg)
+  skipped = []
+  for position in range(24):
+    batch = data.train_batch(position)
+    new, metrics = guarded(state, batch)
+    if position in (12, 20):
+      assert int(metrics["spike"]) == 1 and int(metrics["applied"]) == 0
+      assert all(np.array_equal(a, b) for a, b in zip(_leaves(new), _leaves(state), strict=True))
+      skipped.append(position)
+    else:
+      reference, _ = plain(state.replace(extra={}), batch)
+      for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(reference.params), strict=True):
+        # The plain optimizer's update, to one float32 ulp: XLA:CPU fuses the two
+        # programs (with and without the spike test) differently.
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+      assert int(metrics["spike"]) == 0
+    state = new
+  assert skipped == [12, 20]
+  assert int(state.step) == 22 and int(state.extra["spikes"]["skipped"]) == 2
+
+
+def test_spike_skipping_through_the_trainer_logs_the_reason_and_resumes(tmp_path):
+  cfg = regression_config(num_steps=24)
+  cfg.optimizer.skip_spikes = True
+  cfg.optimizer.spike_window = 8
+  cfg.optimizer.spike_warmup = 8
+  cfg.data.spike_at = (12,)
+  cfg.checkpoint.every_steps = 8
+  whole = trainer.train_and_evaluate(cfg, tmp_path / "whole")
+  rows = reporting.read_metrics(tmp_path / "whole" / "metrics.jsonl")
+  skipped = [r for r in rows if r["split"] == "skipped"]
+  assert [(r["reason"], r["position"], r["skipped_spikes"]) for r in skipped] == [("spike", 12, 1)]
+  assert whole["step"] == 24 and whole["skipped"] == 1
+  cfg.trainer.num_steps = 10
+  cfg.optimizer.decay_steps = 24
+  trainer.train_and_evaluate(cfg, tmp_path / "split")
+  cfg.trainer.num_steps = 24
+  cfg.optimizer.decay_steps = 0
+  cfg.trainer.allow_config_change = True
+  trainer.train_and_evaluate(cfg, tmp_path / "split")
+  a, b = (checkpoint.restore_state(tmp_path / d) for d in ("whole", "split"))
+  for x, y in zip(jax.tree.leaves((a.params, a.extra)), jax.tree.leaves((b.params, b.extra)),
+                  strict=True):  # fmt: skip
+    np.testing.assert_array_equal(x, y)
+
+
+def test_ema_is_the_hand_computed_ema_and_is_evaluated():
+  cfg = regression_config(num_steps=5)
+  cfg.trainer.ema_decay = 0.9
+  run = plan.make_plan(cfg)
+  state = train_state.state_from_config(run, {"features": 4})
+  step = train_state.make_train_step(LOSS, donate=False, ema_decay=0.9)
+  data = _data(cfg)
+  ema = [np.asarray(x, np.float32) for x in jax.tree.leaves(state.params)]
+  for position in range(5):
+    state, _ = step(state, data.train_batch(position))
+    params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    ema = [np.float32(0.9) * e + np.float32(1 - 0.9) * p for e, p in zip(ema, params, strict=True)]
+  for got, want in zip(jax.tree.leaves(state.extra["ema"]), ema, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  evaluate = train_state.make_eval_step(LOSS, ema=True)
+  batch = data.eval_batches(1)[0]
+  on_ema = float(evaluate(state, batch)["loss"])
+  by_hand = state.replace(params=state.extra["ema"])
+  assert on_ema == pytest.approx(float(train_state.make_eval_step(LOSS)(by_hand, batch)["loss"]))
+
+
+def test_ema_through_the_trainer_keep_best_and_restore(tmp_path):
+  cfg = regression_config(num_steps=20)
+  cfg.trainer.ema_decay = 0.8
+  cfg.trainer.ema_dtype = "bfloat16"
+  cfg.checkpoint.keep_best_by = "ema_loss"
+  summary = trainer.train_and_evaluate(cfg, tmp_path)
+  evals = [r for r in reporting.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+  assert evals and all("ema_loss" in r and "loss" in r for r in evals)
+  assert summary["eval_loss"] == evals[-1]["loss"]
+  state = checkpoint.restore_state(tmp_path)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.extra["ema"]))
+  model = checkpoint.restore_params(tmp_path, ema=True)
+  from flax import nnx
+
+  got = jax.tree.leaves(nnx.state(model, nnx.Param))
+  want = [e.astype(p.dtype) for e, p in zip(jax.tree.leaves(state.extra["ema"]),
+                                            jax.tree.leaves(state.params), strict=True)]  # fmt: skip
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(a, b)
+  with checkpoint.CheckpointReader(tmp_path) as reader:
+    best = reader.best_step("ema_loss")
+  assert best is not None
+
+
+def test_restore_params_ema_without_ema_is_an_error(tmp_path):
+  trainer.train_and_evaluate(regression_config(num_steps=10), tmp_path)
+  with pytest.raises(ValueError, match="holds no EMA weights"):
+    checkpoint.restore_params(tmp_path, ema=True)
+
+
+def test_update_rms_clip_bounds_each_tensor():
+  schedule = optax.constant_schedule(0.5)
+  tx = optim.clip_update_rms(2.0, schedule)
+  updates = {"big": jnp.full((4,), 10.0), "small": jnp.full((4,), 0.1)}
+  out, _ = tx.update(updates, tx.init(updates))
+  rms = lambda x: float(jnp.sqrt(jnp.mean(x**2)))
+  assert rms(out["big"]) == pytest.approx(1.0, rel=1e-6)  # 2.0 x lr 0.5
+  np.testing.assert_array_equal(out["small"], updates["small"])
+  cfg = regression_config().optimizer
+  cfg.update_rms_clip = 1.0
+  cfg.weight_decay_mask = "all"
+  tx, _ = optim.optimizer_from_config(cfg)
+  assert isinstance(tx.init({"w": jnp.ones(3)})[1], optim.ClipUpdateRmsState)
