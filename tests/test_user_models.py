@@ -179,3 +179,13 @@ def test_module_rngs_advance_and_dropout_differs_between_steps():
   s2, m2 = step(s1.replace(params=state.params, opt_state=state.opt_state), batch)
   assert counts(s2) != counts(s1) != counts(state)  # the module's stream moved on
   assert float(m1["loss"]) != float(m2["loss"])  # same params and batch, other dropout masks
+
+
+def test_ema_and_spike_state_shard_like_the_params_under_zero1():
+  run = plan.make_plan(
+    load_config(CONFIG, ["trainer.ema_decay=0.9", "optimizer.skip_spikes=True"], arg="mlp")
+  )
+  factory = train_state.registered_state_factory(run, {"features": 8})
+  shardings = factory.abstract().shardings(AbstractMesh((2, 2), ("data", "model")), run.mesh)
+  assert shardings.extra["ema"]["up"]["kernel"].spec == P("data", "model")
+  assert shardings.extra["spikes"]["loss"].spec == P()
