@@ -117,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.progress = True  # show a progress bar on stderr
   t.ema_decay = 0.0  # EMA of the params (e.g. 0.999), evaluated beside them; 0 = off
   t.ema_dtype = "float32"  # dtype of the EMA params
+  t.profile_steps = ()  # (start, stop): a JAX profiler trace of those updates in WORKDIR/profile
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every_steps = 1000  # steps between saves; 0 = only at the end
@@ -259,6 +260,12 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     need(t[key] > 0, f"trainer.{key}", f"must be > 0, got {t[key]}")
   for key in ("eval_every", "eval_batches", "max_nonfinite_steps"):
     need(t[key] >= 0, f"trainer.{key}", f"must be >= 0, got {t[key]}")
+  need(
+    t.profile_steps == ()
+    or (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1]),
+    "trainer.profile_steps",
+    f"must be () or (start, stop) with 0 <= start < stop, got {tuple(t.profile_steps)}",
+  )
   need(0.0 <= t.ema_decay < 1.0, "trainer.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
   need(
     t.ema_dtype in DTYPES,

@@ -110,6 +110,7 @@ class TrainerPlan:
   progress: bool
   ema_decay: float
   ema_dtype: str
+  profile_steps: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +215,9 @@ def as_trainer_plan(section: Any) -> TrainerPlan:
   """
   if isinstance(section, TrainerPlan):
     return section
-  return TrainerPlan(**_fields(TrainerPlan, section))
+  fields = _fields(TrainerPlan, section)
+  fields["profile_steps"] = tuple(int(s) for s in fields["profile_steps"])
+  return TrainerPlan(**fields)
 
 
 def as_checkpoint_plan(section: Any) -> CheckpointPlan:

@@ -399,6 +399,41 @@ def _restore_newest(ckpts, target, workdir: epath.Path, main: bool):
   return None, None
 
 
+class Profile:
+  """A JAX profiler trace of updates ``[start, stop)`` (``trainer.profile_steps``), in ``profile/``.
+
+  ``jax.profiler`` writes a trace that TensorBoard's profile plugin opens
+  (``tensorboard --logdir WORKDIR/profile``) and Perfetto reads. Started
+  before update ``start`` is dispatched, stopped once update ``stop - 1`` is
+  done (the device is waited for, so the trace holds the whole step).
+  """
+
+  def __init__(self, directory: epath.Path, steps: tuple[int, ...]):
+    self.directory = directory
+    self.range = tuple(int(s) for s in steps) if steps else None
+    self.active = False
+
+  def __bool__(self) -> bool:
+    return self.range is not None
+
+  def at(self, step: int, state: Any) -> None:
+    """Starts or stops the trace before dispatching update ``step``."""
+    start, stop = self.range
+    if not self.active and start <= step < stop:
+      jax.profiler.start_trace(os.fspath(self.directory))
+      self.active = True
+    elif self.active and step >= stop:
+      self.stop(state)
+
+  def stop(self, state: Any) -> None:
+    """Stops the trace (if running) after the dispatched work is done."""
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f"profiler trace of updates {self.range} in {self.directory}", flush=True)
+
+
 @dataclasses.dataclass
 class _Counters:
   """What the host knows of the run while steps are in flight."""
@@ -626,8 +661,11 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     progress.update(step, {"eval_loss": eval_metrics["loss"]})
 
   pending = None  # the metrics of the last dispatched step, read one step late
+  profile = Profile(workdir / "profile", tc.profile_steps) if main else None
   try:
     while c.step + (pending is not None) < num_steps:
+      if profile:
+        profile.at(c.step + (pending is not None), state)
       batch = sharding.global_batch(
         dataset.train_batch(c.position), mesh, run.mesh, global_batch_size=dataset.global_batch_size
       )
@@ -671,6 +709,8 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
         ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
       ckpts.wait()
   finally:
+    if profile:
+      profile.stop(state)
     progress.close()
     plots.shutdown(wait=True)
     if writer:

@@ -236,3 +236,11 @@ def test_sigterm_saves_at_step_boundary_and_resumes(tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"resumed from step {steps[0]}" in resumed.stdout
   assert int(_final_state(workdir).step) == steps[0] + 5
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  cfg = regression_config(num_steps=6)
+  cfg.trainer.profile_steps = (2, 4)
+  trainer.train_and_evaluate(cfg, tmp_path)
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0  # what TensorBoard's profile plugin opens
