@@ -225,6 +225,22 @@ class StateFactory:
   frozen_paths: frozenset[str]
   jit_init: bool = True
 
+  def report(self, optimizer: plan.OptimizerPlan) -> str:
+    """The table of what the optimizer's rules give each parameter (:func:`adamw_flax.masks.report`).
+
+    Args:
+      optimizer: the run plan's optimizer (its decay, multiplier and freeze rules).
+
+    Returns:
+      The table, ready to print.
+    """
+    return masks.report(
+      self.target,
+      decay_rules=optimizer.decay_rules or "none",
+      lr_multipliers=optimizer.lr_multipliers,
+      frozen=optimizer.freeze,
+    )
+
   def abstract(self) -> TrainState:
     """The state's ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
     return jax.eval_shape(self.init)

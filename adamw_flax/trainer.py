@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from adamw_flax import checkpoint, fs, masks, plan, registry, reporting, sharding, train_state
+from adamw_flax import checkpoint, fs, plan, registry, reporting, sharding, train_state
 from adamw_flax.config import (
   ConfigError,
   check_registered,
@@ -342,14 +342,7 @@ def _startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str]
       "logical axes not mapped to a mesh axis (replicated; map them with "
       f"mesh.logical_axis_rules): {', '.join(unmapped)}"
     )
-  lines.append(
-    masks.report(
-      factory.target,
-      decay_rules=run.optimizer.decay_rules or "none",
-      lr_multipliers=run.optimizer.lr_multipliers,
-      frozen=run.optimizer.freeze,
-    )
-  )
+  lines.append(factory.report(run.optimizer))
   return "\n".join(lines)
 
 

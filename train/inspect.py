@@ -26,7 +26,7 @@ from typing import Any
 from absl import app, flags
 
 from adamw_flax import config as config_lib
-from adamw_flax import masks, plan, registry, train_state
+from adamw_flax import plan, registry, train_state
 from train import cli
 
 
@@ -60,12 +60,7 @@ def config_report(config: Any) -> str:
     f"lr_multipliers: {o.lr_multipliers!r}",
     f"freeze: {o.freeze!r}",
     "",
-    masks.report(
-      factory.target,
-      decay_rules=run.optimizer.decay_rules or "none",
-      lr_multipliers=run.optimizer.lr_multipliers,
-      frozen=run.optimizer.freeze,
-    ),
+    factory.report(run.optimizer),
   ]
   return "\n".join(lines)
 
