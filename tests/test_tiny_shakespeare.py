@@ -463,6 +463,12 @@ def test_sample_from_a_trained_run(tmp_path):
   trainer.train_and_evaluate(cfg, workdir)
   out = sample.sample_from_workdir(workdir, "ROMEO:", 30, seed=1, top_k=4)
   assert out.startswith("ROMEO:") and len(out) == 36 and set(out) <= set(text.read_text())
+  with pytest.raises(ValueError, match="holds no EMA weights"):
+    sample.sample_from_workdir(workdir, "ROMEO:", 3, ema=True)
+  cfg.trainer.ema_decay = 0.9
+  trainer.train_and_evaluate(cfg, tmp_path / "ema")
+  out = sample.sample_from_workdir(tmp_path / "ema", "ROMEO:", 30, seed=1, top_k=4, ema=True)
+  assert out.startswith("ROMEO:") and len(out) == 36
   with pytest.raises(FileNotFoundError, match="config.json"):
     sample.sample_from_workdir(tmp_path, "ROMEO:", 3)
 

@@ -144,3 +144,19 @@ def test_update_rms_clip_bounds_each_tensor():
   cfg.weight_decay_mask = "all"
   tx, _ = optim.optimizer_from_config(cfg)
   assert isinstance(tx.init({"w": jnp.ones(3)})[1], optim.ClipUpdateRmsState)
+
+
+def test_ema_resumes_exactly(tmp_path):
+  cfg = regression_config(num_steps=20)
+  cfg.trainer.ema_decay = 0.9
+  trainer.train_and_evaluate(cfg, tmp_path / "whole")
+  cfg.trainer.num_steps = 10
+  cfg.optimizer.decay_steps = 20
+  trainer.train_and_evaluate(cfg, tmp_path / "split")
+  cfg.trainer.num_steps = 20
+  cfg.optimizer.decay_steps = 0
+  cfg.trainer.allow_config_change = True
+  trainer.train_and_evaluate(cfg, tmp_path / "split")
+  a, b = (checkpoint.restore_state(tmp_path / d) for d in ("whole", "split"))
+  for x, y in zip(jax.tree.leaves(a.extra), jax.tree.leaves(b.extra), strict=True):
+    np.testing.assert_array_equal(x, y)
