@@ -117,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.progress = True  # show a progress bar on stderr
   t.ema_decay = 0.0  # EMA of the params (e.g. 0.999), evaluated beside them; 0 = off
   t.ema_dtype = "float32"  # dtype of the EMA params
+  t.wandb_project = ""  # also log the metrics rows to this W&B project (needs wandb); "" = off
+  t.wandb_mode = ""  # "online", "offline" or "disabled"; "" = W&B's default (WANDB_MODE)
   t.profile_steps = ()  # (start, stop): a JAX profiler trace of those updates in WORKDIR/profile
 
   k = c.checkpoint = ml_collections.ConfigDict()
@@ -265,6 +267,11 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     or (len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] < t.profile_steps[1]),
     "trainer.profile_steps",
     f"must be () or (start, stop) with 0 <= start < stop, got {tuple(t.profile_steps)}",
+  )
+  need(
+    t.wandb_mode in ("", "online", "offline", "disabled"),
+    "trainer.wandb_mode",
+    f"must be '', 'online', 'offline' or 'disabled', got {t.wandb_mode!r}",
   )
   need(0.0 <= t.ema_decay < 1.0, "trainer.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
   need(

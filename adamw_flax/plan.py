@@ -111,6 +111,8 @@ class TrainerPlan:
   ema_decay: float
   ema_dtype: str
   profile_steps: tuple[int, ...]
+  wandb_project: str
+  wandb_mode: str
 
 
 @dataclasses.dataclass(frozen=True)

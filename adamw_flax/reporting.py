@@ -6,9 +6,11 @@ touches JAX, so they cost nothing on the device path.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
+import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -40,11 +42,18 @@ class MetricsWriter:
     resume_step: the step a run resumes from: rows of later steps, written
       before a crash and about to be replayed, are dropped first, so a resumed
       run's ``metrics.jsonl`` holds each step once.
+    wandb: a :class:`WandbWriter` that gets the same rows, or None.
   """
 
   def __init__(
-    self, workdir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None
+    self,
+    workdir: str | Path,
+    *,
+    tensorboard: bool = True,
+    resume_step: int | None = None,
+    wandb: WandbWriter | None = None,
   ):
+    self._wandb = wandb
     self.path = fs.as_path(workdir) / "metrics.jsonl"
     if resume_step is not None and self.path.exists():
       _drop_rows_after(self.path, resume_step)
@@ -74,12 +83,93 @@ class MetricsWriter:
       for key, value in row.items():
         if key not in ("step", "split") and isinstance(value, int | float):
           self._tb.add_scalar(f"{split}/{key}", value, global_step=int(step))
+    if self._wandb is not None:
+      self._wandb.write(row)
 
   def close(self) -> None:
+    """Closes the file and the TensorBoard and W&B writers."""
     if self._file is not None:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+
+
+class WandbWriter:
+  """The rows of ``metrics.jsonl`` to Weights & Biases (optional: needs ``pip install wandb``).
+
+  Numeric entries are logged as ``split/key`` at the row's ``step``. The run's
+  W&B id is kept in ``WORKDIR/wandb_id``, so a resumed run continues the same
+  W&B run (``resume="allow"``); files go under ``WORKDIR/wandb/``. Offline
+  (``WANDB_MODE=offline``, or ``mode="offline"``) it writes there and needs no
+  network (``wandb sync`` uploads later).
+
+  Args:
+    workdir: the run's directory.
+    project: the W&B project.
+    config: the run's config, as a JSON-able dict.
+    mode: ``"online"``, ``"offline"`` or ``"disabled"``; None: W&B's own
+      default (``WANDB_MODE``).
+  """
+
+  def __init__(self, workdir: str | Path, project: str, config: dict, mode: str | None = None):
+    import wandb  # noqa: PLC0415 (optional dependency: only runs that log to W&B need it)
+
+    workdir = fs.as_path(workdir)
+    id_path = workdir / "wandb_id"
+    run_id = id_path.read_text().strip() if id_path.exists() else secrets.token_hex(6)
+    if not id_path.exists():
+      id_path.write_text(run_id + "\n")
+    (workdir / "wandb").mkdir(exist_ok=True)
+    self.run = wandb.init(
+      project=project,
+      id=run_id,
+      resume="allow",
+      dir=str(workdir),
+      config=config,
+      mode=mode,
+      name=workdir.name,
+    )
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    """Logs a ``metrics.jsonl`` row."""
+    split = row["split"]
+    values = {
+      f"{split}/{k}": v
+      for k, v in row.items()
+      if k not in ("step", "split") and isinstance(v, int | float)
+    }
+    self.run.log(values, step=int(row["step"]))
+
+  def close(self) -> None:
+    """Finishes the W&B run."""
+    self.run.finish()
+
+
+def wandb_writer(workdir, project: str, config: dict, mode: str | None = None):
+  """A :class:`WandbWriter`, or None (with a warning) when ``wandb`` is not installed.
+
+  Args:
+    workdir: the run's directory.
+    project: the W&B project ("" : None, no W&B).
+    config: the run's config as a dict.
+    mode: as for :class:`WandbWriter`.
+
+  Returns:
+    The writer, or None.
+  """
+  if not project:
+    return None
+  if importlib.util.find_spec("wandb") is None:
+    print(
+      f"trainer.wandb_project={project!r} but wandb is not installed (pip install wandb): "
+      "logging to metrics.jsonl and TensorBoard only",
+      file=sys.stderr,
+      flush=True,
+    )
+    return None
+  return WandbWriter(workdir, project, config, mode)
 
 
 def _drop_rows_after(path: Any, step: int) -> None:

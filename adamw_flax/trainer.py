@@ -578,7 +578,12 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
   start = int(state.step)
   # A checkpoint of the first build has {"step": n} only: position == step then.
   c = _Counters(step=start, position=int(data_state.get("position", data_state.get("step", start))))
-  writer = reporting.MetricsWriter(workdir, resume_step=start) if main else None
+  writer = None
+  if main:
+    wandb = reporting.wandb_writer(
+      workdir, tc.wandb_project, config_json(run.config), tc.wandb_mode or None
+    )
+    writer = reporting.MetricsWriter(workdir, resume_step=start, wandb=wandb)
   # Plotting takes ~0.3 s: a background thread draws while training goes on.
   plots = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
   progress = reporting.ProgressBar(num_steps, start=start, enabled=main and tc.progress)

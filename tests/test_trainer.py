@@ -244,3 +244,34 @@ def test_profile_steps_write_a_trace(tmp_path):
   trainer.train_and_evaluate(cfg, tmp_path)
   traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
   assert traces and traces[0].stat().st_size > 0  # what TensorBoard's profile plugin opens
+
+
+def test_wandb_writer_logs_offline_and_resumes_the_same_run(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  cfg = regression_config(num_steps=10)
+  cfg.trainer.wandb_project = "adamw_flax_tests"
+  cfg.trainer.wandb_mode = "offline"
+  trainer.train_and_evaluate(cfg, tmp_path)
+  run_id = (tmp_path / "wandb_id").read_text().strip()
+  runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+  assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+  cfg.trainer.num_steps = 20
+  cfg.trainer.allow_config_change = True
+  trainer.train_and_evaluate(cfg, tmp_path)
+  assert (tmp_path / "wandb_id").read_text().strip() == run_id  # the same W&B run, resumed
+  assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_wandb_setting_without_the_package_changes_nothing(tmp_path, monkeypatch, capsys):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+  )
+  cfg = regression_config(num_steps=5)
+  cfg.trainer.wandb_project = "p"
+  assert trainer.train_and_evaluate(cfg, tmp_path)["step"] == 5
+  assert "wandb is not installed" in capsys.readouterr().err
+  assert not (tmp_path / "wandb").exists()
