@@ -354,7 +354,9 @@ class Checkpoints:
         "filesystem shared by all processes"
       )
     self._fingerprint_cache: tuple[Any, dict[str, Any]] | None = None
-    if jax.distributed.is_initialized() and not jax.config.jax_enable_preemption_service:
+    # jax < 0.9 has no such option (its preemption service is always on).
+    service = getattr(jax.config, "jax_enable_preemption_service", True)
+    if jax.distributed.is_initialized() and not service:
       log.warning("jax_enable_preemption_service is off: SIGTERM will not trigger a save")
 
   # -- queries
