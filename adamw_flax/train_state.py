@@ -710,21 +710,39 @@ def make_train_step(
       loss = loss / k
       aux = jax.tree.map(lambda a: a / k, aux)
 
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = _tree_norm(grads)
-    finite = _finite_states(opt_state)
-    applied = jnp.ones((), jnp.bool_)
-    skipped = jnp.zeros((), jnp.int32)
-    if finite:
-      applied = jnp.logical_and.reduce(jnp.stack([s.last_finite for s in finite]))
-      skipped = sum(s.total_notfinite for s in finite)
+
+    def apply_update():
+      updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state, updates
+
     extra = dict(state.extra)
     spike = jnp.zeros((), jnp.bool_)
-    if spikes is not None:
+    if spikes is None:
+      params, opt_state, updates = apply_update()
+    else:
+      # Decided before the update, which a spike skips altogether (one branch
+      # computes the update, the other keeps params and optimizer state).
       stats = extra["spikes"]
-      spike = applied & is_spike(stats, spikes, loss, grad_norm)
-      applied = applied & ~spike
+      finite_inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # non-finite: apply_if_finite
+      spike = finite_inputs & is_spike(stats, spikes, loss, grad_norm)
+      shapes = jax.eval_shape(apply_update)[2]
+      params, opt_state, updates = jax.lax.cond(
+        spike,
+        lambda: (
+          state.params,
+          state.opt_state,
+          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+        ),  # fmt: skip
+        apply_update,
+      )
+    finite = _finite_states(opt_state)
+    applied = ~spike
+    skipped = jnp.zeros((), jnp.int32)
+    if finite:
+      applied = applied & jnp.logical_and.reduce(jnp.stack([s.last_finite for s in finite]))
+      skipped = sum(s.total_notfinite for s in finite)
+    if spikes is not None:
       extra["spikes"] = push_spike_stats(stats, loss, grad_norm, applied, spike)
     if "ema" in extra:
       extra["ema"] = jax.tree.map(
@@ -732,13 +750,10 @@ def make_train_step(
         extra["ema"],
         params,
       )
-    # A skipped update leaves the state as it was. optax.apply_if_finite keeps
-    # params and moments on a non-finite one (and counts it); a spike looked
-    # like a good update to the optimizer, so its whole state is put back.
+    # A skipped update leaves the state as it was: optax.apply_if_finite keeps
+    # params and moments on a non-finite one (and counts it), a spike skips
+    # the update above; the model state and the EMA are kept here.
     keep = lambda ok, new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    if spikes is not None:
-      params = keep(~spike, params, state.params)
-      opt_state = keep(~spike, opt_state, state.opt_state)
     if finite or spikes is not None:
       rest = keep(applied, rest, state.rest)
       if "ema" in extra:

@@ -46,8 +46,8 @@ def test_spikes_are_skipped_and_normal_steps_match_the_plain_optimizer():
     else:
       reference, _ = plain(state.replace(extra={}), batch)
       for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(reference.params), strict=True):
-        # The plain optimizer's update, to one float32 ulp: XLA:CPU fuses the two
-        # programs (with and without the spike test) differently.
+        # The plain optimizer's update to one float32 ulp (not bitwise: XLA:CPU
+        # compiles the program with the spike test, a larger one, differently).
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
       assert int(metrics["spike"]) == 0
     state = new
