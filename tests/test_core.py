@@ -32,6 +32,22 @@ def _cosine_config(accumulate_steps: int, num_steps: int = 12):
   return cfg
 
 
+def resumed_and_whole(cfg, root, stop_at: int):
+  """Trains ``cfg`` whole in ``root/whole``, and in ``root/split`` stopped at ``stop_at`` then resumed.
+
+  The schedule's length is pinned to the full run, so both runs see the same
+  rates. Returns the two restored final states (whole, split).
+  """
+  total = cfg.trainer.num_steps
+  trainer.train_and_evaluate(cfg, root / "whole")
+  cfg.trainer.num_steps, cfg.optimizer.decay_steps = stop_at, total
+  trainer.train_and_evaluate(cfg, root / "split")
+  cfg.trainer.num_steps, cfg.optimizer.decay_steps = total, 0
+  cfg.trainer.allow_config_change = True
+  trainer.train_and_evaluate(cfg, root / "split")
+  return tuple(checkpoint.restore_state(root / d) for d in ("whole", "split"))
+
+
 def test_accumulation_splits_the_batch_and_keeps_the_schedule():
   steps = 12
   loss = MODELS.get("tests.trainer_models:regressor").loss

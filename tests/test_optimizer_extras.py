@@ -12,6 +12,7 @@ import pytest
 
 from adamw_flax import checkpoint, optim, reporting, schedules, trainer, transform
 from adamw_flax import config as C
+from tests.test_core import resumed_and_whole
 from tests.test_trainer import regression_config
 
 
@@ -175,16 +176,8 @@ def test_decay_to_init_and_numeric_rules_through_the_trainer_resume(tmp_path):
   cfg.optimizer.weight_decay_mask = "norm/*=0, */bias=0.5, *=1"
   cfg.optimizer.weight_decay_mode = "adamc"
   cfg.optimizer.schedule = "wsd"
-  whole = trainer.train_and_evaluate(cfg, tmp_path / "whole")
-  cfg.trainer.num_steps = 10
-  cfg.optimizer.decay_steps = 20
-  trainer.train_and_evaluate(cfg, tmp_path / "split")
-  cfg.trainer.num_steps = 20
-  cfg.trainer.allow_config_change = True
-  cfg.optimizer.decay_steps = 0
-  split = trainer.train_and_evaluate(cfg, tmp_path / "split")
-  assert whole["step"] == split["step"] == 20
-  a, b = (checkpoint.restore_state(tmp_path / d) for d in ("whole", "split"))
+  a, b = resumed_and_whole(cfg, tmp_path, stop_at=10)
+  assert int(a.step) == int(b.step) == 20
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
     np.testing.assert_array_equal(x, y)
   assert isinstance(a.opt_state[1], transform.DecayedWeightsState)

@@ -11,6 +11,7 @@ import pytest
 from adamw_flax import checkpoint, optim, plan, reporting, train_state, trainer
 from adamw_flax.registry import MODELS
 from tests import trainer_models
+from tests.test_core import resumed_and_whole
 from tests.test_trainer import regression_config
 
 LOSS = MODELS.get("tests.trainer_models:regressor").loss
@@ -62,19 +63,11 @@ def test_spike_skipping_through_the_trainer_logs_the_reason_and_resumes(tmp_path
   cfg.optimizer.spike_warmup = 8
   cfg.data.spike_at = (12,)
   cfg.checkpoint.every_steps = 8
-  whole = trainer.train_and_evaluate(cfg, tmp_path / "whole")
+  a, b = resumed_and_whole(cfg, tmp_path, stop_at=10)
   rows = reporting.read_metrics(tmp_path / "whole" / "metrics.jsonl")
   skipped = [r for r in rows if r["split"] == "skipped"]
   assert [(r["reason"], r["position"], r["skipped_spikes"]) for r in skipped] == [("spike", 12, 1)]
-  assert whole["step"] == 24 and whole["skipped"] == 1
-  cfg.trainer.num_steps = 10
-  cfg.optimizer.decay_steps = 24
-  trainer.train_and_evaluate(cfg, tmp_path / "split")
-  cfg.trainer.num_steps = 24
-  cfg.optimizer.decay_steps = 0
-  cfg.trainer.allow_config_change = True
-  trainer.train_and_evaluate(cfg, tmp_path / "split")
-  a, b = (checkpoint.restore_state(tmp_path / d) for d in ("whole", "split"))
+  assert int(a.step) == 24 and int(a.extra["spikes"]["skipped"]) == 1
   for x, y in zip(jax.tree.leaves((a.params, a.extra)), jax.tree.leaves((b.params, b.extra)),
                   strict=True):  # fmt: skip
     np.testing.assert_array_equal(x, y)
@@ -149,14 +142,6 @@ def test_update_rms_clip_bounds_each_tensor():
 def test_ema_resumes_exactly(tmp_path):
   cfg = regression_config(num_steps=20)
   cfg.trainer.ema_decay = 0.9
-  trainer.train_and_evaluate(cfg, tmp_path / "whole")
-  cfg.trainer.num_steps = 10
-  cfg.optimizer.decay_steps = 20
-  trainer.train_and_evaluate(cfg, tmp_path / "split")
-  cfg.trainer.num_steps = 20
-  cfg.optimizer.decay_steps = 0
-  cfg.trainer.allow_config_change = True
-  trainer.train_and_evaluate(cfg, tmp_path / "split")
-  a, b = (checkpoint.restore_state(tmp_path / d) for d in ("whole", "split"))
+  a, b = resumed_and_whole(cfg, tmp_path, stop_at=10)
   for x, y in zip(jax.tree.leaves(a.extra), jax.tree.leaves(b.extra), strict=True):
     np.testing.assert_array_equal(x, y)
