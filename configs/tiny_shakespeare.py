@@ -16,7 +16,9 @@ from adamw_flax.config import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  """The CPU recipe; ``configs/tiny_shakespeare.py:grain`` feeds the same batches through grain."""
+  if arg not in (None, "", "grain"):
+    raise ValueError(f"unknown variant {arg!r} of configs/tiny_shakespeare.py: '' or 'grain'")
   c = default_config()
 
   m = c.model
@@ -64,4 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   k.every_steps = 1000
   k.keep = 2
   k.keep_best_by = "loss"  # keep the checkpoint of the best validation loss
+
+  if arg == "grain":  # the same batches, through adamw_flax.grain_data (see its grain_data.py)
+    d.name = "adamw_flax.grain_data:grain"
+    d.source = "examples.tiny_shakespeare.grain_data:make"
+    d.shuffle = False  # keep the numpy path's own random order
+    d.seed = t.seed  # the numpy path's sampler seed
   return c

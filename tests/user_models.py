@@ -252,3 +252,11 @@ class Tokens(_Data):
 register_dataset("images", config_fields=("batch_size",))(Images)
 register_dataset("user_regression", config_fields=("batch_size",))(Regression)
 register_dataset("tokens", config_fields=("batch_size", "length"))(Tokens)
+
+
+def slow_arrayrecord(cfg):
+  """The ArrayRecord example's splits, each train example 5 ms late (so a test can kill a run)."""
+  from examples.grain_arrayrecord import data
+
+  made = data.make(cfg)
+  return {**made, "train": made["train"].map(lambda e: (time.sleep(0.005), e)[1])}
