@@ -57,6 +57,9 @@ def test_grain_arrayrecord_trains_is_killed_and_resumes_bitwise(tmp_path):
   rows = reporting.read_metrics(split / "metrics.jsonl")
   steps = [r["step"] for r in rows if r["split"] == "train"]
   assert steps == sorted(set(steps)) and steps[-1] == 120
+  losses = lambda d: {r["step"]: r["loss"] for r in reporting.read_metrics(d / "metrics.jsonl")
+                      if r["split"] == "train"}  # fmt: skip
+  assert losses(split) == losses(tmp_path / "whole")  # bitwise losses, every logged step
 
 
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
