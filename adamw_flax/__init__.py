@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
   # sharding
   "sharding": "",
   "distributed": "",
+  # data
+  "grain_data": "",  # needs grain (the "grain" extra)
   # trainer
   "trainer": "",
   "train_and_evaluate": "trainer",
