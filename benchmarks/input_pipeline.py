@@ -80,7 +80,7 @@ def main() -> None:
   ):
     rows.append((name, ts.data.batch_size, batches_per_sec(ds), ts_steps))
   with tempfile.TemporaryDirectory() as tmp:
-    ar = load_config(ROOT / "tests" / "configs" / "grain.py", [f"data.path={tmp}"])
+    ar = load_config(ROOT / "tests" / "configs" / "grain_records.py", [f"data.path={tmp}"])
     ar.data.source = "examples.grain_arrayrecord.data:make"
     ar.data.batch_size = 256
     ar.data.num_train = 4096

@@ -14,6 +14,10 @@ if str(ROOT) not in sys.path:
 
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
+# Launch configs, not test modules: --doctest-modules would import them as
+# top-level modules named after their files (a "grain.py" shadowing grain).
+collect_ignore = ["configs"]
+
 
 @pytest.fixture
 def repo_root() -> Path:

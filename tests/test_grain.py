@@ -15,7 +15,7 @@ import pytest
 from adamw_flax import checkpoint, grain_data, reporting
 from tests.conftest import ROOT, subprocess_env
 
-CONFIG = ROOT / "tests" / "configs" / "grain.py"
+CONFIG = ROOT / "tests" / "configs" / "grain_records.py"
 
 
 def _cmd(workdir, data_dir):
