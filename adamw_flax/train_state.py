@@ -245,6 +245,25 @@ class StateFactory:
     """The state's ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
     return jax.eval_shape(self.init)
 
+  def build(
+    self, mesh: jax.sharding.Mesh | None = None, mesh_cfg: Any = None, *, abstract: bool = False
+  ) -> TrainState:
+    """The state, or its abstract form, placed on ``mesh`` by :meth:`TrainState.shardings`.
+
+    Args:
+      mesh: the device mesh; None: one device (abstract: no shardings).
+      mesh_cfg: the ``mesh`` section or its plan (with a mesh).
+      abstract: ``jax.ShapeDtypeStruct`` leaves (with their shardings) instead of arrays.
+
+    Returns:
+      The :class:`TrainState` at step 0, or its abstract form.
+    """
+    if mesh is None:
+      return self.abstract() if abstract else self.create()
+    shapes = self.abstract()
+    shardings = shapes.shardings(mesh, mesh_cfg)
+    return with_shardings(shapes, shardings) if abstract else self.create(shardings)
+
   def create(self, shardings: Any = None) -> TrainState:
     """The state at step 0, placed by ``shardings`` (a TrainState of Shardings) if given."""
     if shardings is None:
@@ -404,15 +423,22 @@ def create_train_state(
   """
   run = plan.make_plan(config)
   factory = state_factory(model, run, example_inputs=example_inputs, tx=tx)
-  if mesh is None:
-    return factory.abstract() if abstract else factory.create()
-  shapes = factory.abstract()
-  shardings = shapes.shardings(mesh, run.mesh)
-  if abstract:
-    return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
-    )
-  return factory.create(shardings)
+  return factory.build(mesh, run.mesh, abstract=abstract)
+
+
+def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+  """``abstract``'s ``ShapeDtypeStruct`` leaves carrying ``shardings`` (a restore target).
+
+  Args:
+    abstract: from :meth:`StateFactory.abstract`.
+    shardings: from :meth:`TrainState.shardings`.
+
+  Returns:
+    The abstract state with a sharding on every leaf.
+  """
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+  )
 
 
 def model_factory(config: Any, data_info: dict[str, Any]) -> Callable[[nnx.Rngs], Any]:
@@ -466,11 +492,7 @@ def state_from_config(
     A :class:`TrainState` at step 0, or its abstract form.
   """
   run = plan.make_plan(config)
-  entry = registry.MODELS.get(run.model.name)
-  inputs = entry.example_inputs(run.model, dict(data_info)) if entry.example_inputs else None
-  return create_train_state(
-    model_factory(run, data_info), run, example_inputs=inputs, mesh=mesh, abstract=abstract
-  )
+  return registered_state_factory(run, data_info).build(mesh, run.mesh, abstract=abstract)
 
 
 # Below this many scalars a tree's norm is taken over one concatenated vector:

@@ -510,9 +510,7 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start:
       run.mesh,
       mesh=mesh,
     )
-  target = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-  )
+  target = train_state.with_shardings(abstract, shardings)
   try:
     ckpts = checkpoint.Checkpoints(
       workdir / "checkpoints", config, data_info=dataset.info, mesh=mesh
