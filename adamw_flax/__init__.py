@@ -17,6 +17,13 @@ _EXPORTS: dict[str, str] = {
   "adamw": "transform",
   "nadamw": "transform",
   "scale_by_adam": "transform",
+  "round_params": "transform",
+  "transform": "",
+  # memory-lean states
+  "quantize": "",
+  "migrate": "",
+  "to_optax_state": "migrate",
+  "from_optax_state": "migrate",
   # masks
   "masks": "",
   "weight_decay_mask": "masks",

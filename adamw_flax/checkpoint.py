@@ -66,7 +66,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from adamw_flax import fingerprint, fs, plan, train_state
+from adamw_flax import fingerprint, fs, migrate, plan, train_state
 from adamw_flax.config import config_diff, config_json, config_with_defaults, validate_config
 from adamw_flax.errors import UserError
 from adamw_flax.fingerprint import state_fingerprint
@@ -96,7 +96,16 @@ __all__ = [
 
 
 class CheckpointMismatchError(UserError, ValueError):
-  """A checkpoint whose state does not fit the state this run builds."""
+  """A checkpoint whose state does not fit the state this run builds.
+
+  Attributes:
+    opt_state_only: only the optimizer state differs (in its tree or
+      formats), which ``checkpoint.migrate_opt_state`` converts.
+  """
+
+  def __init__(self, message: str, *, opt_state_only: bool = False):
+    super().__init__(message)
+    self.opt_state_only = opt_state_only
 
 
 # ----------------------------------------------------------- config and meta
@@ -487,7 +496,9 @@ class Checkpoints:
     self.wait()
     return _read_meta(self._manager, self.directory, step)
 
-  def restore(self, target: TrainState, *, step: int | None = None) -> tuple[TrainState, dict]:
+  def restore(
+    self, target: TrainState, *, step: int | None = None, migrate: bool = False
+  ) -> tuple[TrainState, dict]:
     """Restores a step (default: the latest) into ``target``'s structure, dtypes and shardings.
 
     Args:
@@ -495,6 +506,9 @@ class Checkpoints:
         (``state_from_config(config, data_info, mesh=mesh, abstract=True)``);
         each leaf is placed with its sharding (one device if it has none).
       step: the step to restore; default the latest complete one.
+      migrate: convert an optimizer state saved in another format or tree
+        (``checkpoint.migrate_opt_state``; see :mod:`adamw_flax.migrate`);
+        everything else must still fit.
 
     Returns:
       ``(state, data_state)``: the restored :class:`TrainState` (with
@@ -507,7 +521,13 @@ class Checkpoints:
     """
     self.wait()  # a step still being written in the background is not readable yet
     step, meta = _step_and_meta(self._manager, self.directory, step)
-    _check_fits(meta, target, self.config, f"{self.directory}/{step}")
+    where = f"{self.directory}/{step}"
+    try:
+      _check_fits(meta, target, self.config, where)
+    except CheckpointMismatchError as e:
+      if not (migrate and e.opt_state_only):
+        raise
+      return _migrate(self._manager, step, meta, target, self.config, where)
     arrays = _restore_arrays(self._manager, step, fingerprint.state_arrays(target), with_data=True)
     data_state = arrays.pop(DATA)
     return target.replace(**arrays), data_state
@@ -548,10 +568,50 @@ def _check_fits(meta: dict[str, Any], target: Any, config: Any, where: str, fiel
     wanted_entries = [e for e in wanted_entries if keep(e)]
   first = fingerprint.first_difference(saved_entries, wanted_entries)
   if first is not None:
+    if first[0].startswith("opt_state") and not migrate.paths_differ(saved_entries, wanted_entries):
+      raise CheckpointMismatchError(
+        fingerprint.opt_state_message(where, meta, wanted, config, first), opt_state_only=True
+      )
     raise CheckpointMismatchError(fingerprint.mismatch_message(where, meta, wanted, config, first))
   changed = config_diff(meta["fingerprint"]["optimizer"], wanted["optimizer"])
   if changed and fields is None:
     log.warning("restoring %s with a changed optimizer setup: %s", where, "; ".join(changed))
+
+
+def _migrate(
+  manager: ocp.CheckpointManager, step: int, meta: dict, target: Any, config: Any, where: str
+) -> tuple[Any, dict]:
+  """Restores everything but the optimizer state as is, and converts that (checkpoint.migrate_opt_state)."""
+  wanted = fingerprint.state_arrays(target)
+  others = {k: v for k, v in wanted.items() if k != "opt_state"}
+  _check_fits(meta, target, config, where, fields=set(others))
+  arrays = _restore_arrays(manager, step, others, with_data=True, partial=True)
+  data_state = arrays.pop(DATA)
+  # The saved optimizer state in its own tree and dtypes: Orbax without a
+  # target gives nested dicts/lists (read whole on each process).
+  saved_meta = manager.item_metadata(step)[STATE]
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_meta)
+  raw = manager.restore(
+    step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(restore_args=as_numpy)})
+  )
+  saved_opt = raw[STATE]["opt_state"]
+  fresh = jax.jit(target.tx.init)(arrays["params"])
+  try:
+    converted, notes = migrate.convert_opt_state(saved_opt, fresh)
+  except ValueError as e:
+    raise CheckpointMismatchError(
+      f"checkpoint {where}: its optimizer state cannot be converted: {e}"
+    ) from None
+  leaves, treedef = jax.tree.flatten(converted)
+  like = jax.tree.leaves(target.opt_state)
+  placed = [
+    jax.device_put(x, t.sharding) if getattr(t, "sharding", None) is not None else x
+    for x, t in zip(leaves, like, strict=True)
+  ]
+  converted = jax.tree.unflatten(treedef, placed)
+  if jax.process_index() == 0:
+    print(f"converted the optimizer state of {where}: " + "; ".join(notes), flush=True)
+  return target.replace(opt_state=converted, **arrays), data_state
 
 
 def _restore_arrays(

@@ -34,6 +34,7 @@ from adamw_flax import masks, registry, schedules
 from adamw_flax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
+MOMENT_DTYPES = (*DTYPES, "int8")  # int8: 8-bit block-quantized (adamw_flax.quantize)
 # Sections whose fields are fixed by this schema. `model` and `data` belong to
 # the registered model and dataset, which check their own fields.
 CHECKED_SECTIONS = ("optimizer", "trainer", "checkpoint", "mesh")
@@ -93,8 +94,13 @@ def default_config() -> ml_collections.ConfigDict:
   o.decay_to_init = False  # decay towards the initial params instead of 0 (fine-tuning)
   o.lr_multipliers = ""  # rules "selector=multiplier, ..." scaling the update per parameter group
   o.freeze = ""  # rules "selector=true, ..." selecting parameters that are not trained
-  o.mu_dtype = _optional(str)  # dtype of the first moment; None = the params' dtype
-  o.nu_dtype = _optional(str)  # dtype of the second moment; None = the params' dtype
+  o.mu_dtype = _optional(str)  # dtype of the first moment; None = the params' dtype; or "int8"
+  o.nu_dtype = _optional(str)  # dtype of the second moment; None = the params' dtype; or "int8"
+  o.quantize_block_size = 256  # int8 moments: elements per scale, along the last axis
+  o.quantize_min_size = 4096  # int8 moments: smaller leaves keep float32 moments
+  o.float_moments = "embeddings"  # int8 moments: rules "selector=true" keeping float32 moments
+  o.params_dtype = _optional(str)  # trained params' dtype; None = as built; "bfloat16"
+  o.params_rounding = "stochastic"  # bfloat16 params: "stochastic", "kahan" or "nearest"
   o.nesterov = False  # Nesterov momentum (NAdamW)
   o.update_from_stored_moments = False  # 16-bit mu: faster update, not optax's numbers
   o.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off
@@ -128,6 +134,7 @@ def default_config() -> ml_collections.ConfigDict:
   k.best_mode = "min"  # "min" or "max" for keep_best_by
   k.keep_period = 0  # also keep every step divisible by this permanently; 0 = off
   k.async_save = True  # write in the background while training goes on
+  k.migrate_opt_state = False  # convert an optimizer state saved in another format or tree
 
   m = c.mesh = ml_collections.ConfigDict()
   m.axes = ("data",)  # mesh axis names
@@ -202,10 +209,30 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
   )
   for key in ("mu_dtype", "nu_dtype"):
     need(
-      o[key] is None or o[key] in DTYPES,
+      o[key] is None or o[key] in MOMENT_DTYPES,
       f"optimizer.{key}",
-      f"must be None or one of {', '.join(DTYPES)}, got {o[key]!r}",
+      f"must be None or one of {', '.join(MOMENT_DTYPES)}, got {o[key]!r}",
     )
+  need(
+    o.params_dtype in (None, "float32", "bfloat16"),
+    "optimizer.params_dtype",
+    f"must be None (as the model builds them), 'float32' or 'bfloat16', got {o.params_dtype!r}",
+  )
+  need(
+    o.params_rounding in ("stochastic", "kahan", "nearest"),
+    "optimizer.params_rounding",
+    f"must be 'stochastic', 'kahan' or 'nearest', got {o.params_rounding!r}",
+  )
+  need(
+    o.quantize_block_size >= 16,
+    "optimizer.quantize_block_size",
+    f"must be >= 16, got {o.quantize_block_size}",
+  )
+  need(
+    o.quantize_min_size >= 0,
+    "optimizer.quantize_min_size",
+    f"must be >= 0, got {o.quantize_min_size}",
+  )
   need(
     o.accumulate_steps >= 1,
     "optimizer.accumulate_steps",
@@ -251,7 +278,7 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
       "optimizer.name",
       f"unknown optimizer {o.name!r}{_suggest(o.name, known)}; registered: {', '.join(known)}",
     )
-  for key in ("weight_decay_mask", "lr_multipliers", "freeze"):
+  for key in ("weight_decay_mask", "lr_multipliers", "freeze", "float_moments"):
     try:
       rule_field(o[key], key)
     except ValueError as e:
@@ -536,7 +563,9 @@ def _same_type(value: Any, want: Any, schema: ml_collections.ConfigDict, key: st
     return isinstance(value, int) and not isinstance(value, bool)
   if isinstance(want, tuple | list):
     return isinstance(value, tuple | list)
-  if isinstance(want, str) and key.endswith(("weight_decay_mask", "lr_multipliers", "freeze")):
+  if isinstance(want, str) and key.endswith(
+    ("weight_decay_mask", "lr_multipliers", "freeze", "float_moments")
+  ):
     return isinstance(value, str | tuple | list)
   return isinstance(value, type(want))
 

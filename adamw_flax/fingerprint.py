@@ -136,6 +136,8 @@ def _optimizer_summary(config: ml_collections.ConfigDict | None, opt_state: Any)
       skip_nonfinite=o.get("skip_nonfinite"),
       grad_clip_norm=o.get("grad_clip_norm"),
     )
+    if o.get("params_dtype"):  # only when set: older checkpoints' summaries lack it
+      summary.update(params_dtype=o.get("params_dtype"), params_rounding=o.get("params_rounding"))
   return summary
 
 
@@ -211,14 +213,8 @@ def first_difference(
   return None
 
 
-def mismatch_message(
-  where: str, saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any, first: tuple
-) -> str:
-  path, theirs, ours = first
-  lines = [
-    f"checkpoint {where} does not fit the state this run builds: first difference at "
-    f"'{path}': the checkpoint has {theirs}, this run expects {ours}."
-  ]
+def changes_since(saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any) -> list[str]:
+  """What changed between a checkpoint's config and optimizer summary and this run's (at most 6)."""
   changes: list[str] = []
   if config is not None and "config" in saved_meta:
     changes = config_diff(saved_meta["config"], config_json(config))
@@ -227,9 +223,36 @@ def mismatch_message(
   keys = {c.split(":")[0].rsplit(".", 1)[-1] for c in changes}
   summary = config_diff(saved_meta["fingerprint"]["optimizer"], wanted_fp["optimizer"])
   changes += [c for c in summary if c.split(":")[0] not in keys and not c.startswith("opt_state")]
+  return changes[:6] + ([f"... {len(changes) - 6} more"] if len(changes) > 6 else [])
+
+
+def opt_state_message(
+  where: str, saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any, first: tuple
+) -> str:
+  """The one-line refusal of a checkpoint whose optimizer state alone differs."""
+  path, theirs, ours = first
+  changes = changes_since(saved_meta, wanted_fp, config)
+  changed = f"; changed: {'; '.join(changes)}" if changes else ""
+  return (
+    f"checkpoint {where} does not fit the state this run builds: its optimizer state has "
+    f"another format or tree (first difference at '{path}': the checkpoint has {theirs}, this "
+    f"run expects {ours}{changed}); rerun with --config.checkpoint.migrate_opt_state=True to "
+    "convert it"
+  )
+
+
+def mismatch_message(
+  where: str, saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any, first: tuple
+) -> str:
+  """The refusal of a checkpoint that does not fit: the first difference, what changed, what to do."""
+  path, theirs, ours = first
+  lines = [
+    f"checkpoint {where} does not fit the state this run builds: first difference at "
+    f"'{path}': the checkpoint has {theirs}, this run expects {ours}."
+  ]
+  changes = changes_since(saved_meta, wanted_fp, config)
   if changes:
-    shown = changes[:6] + ([f"... {len(changes) - 6} more"] if len(changes) > 6 else [])
-    lines.append("Changed since it was written: " + "; ".join(shown) + ".")
+    lines.append("Changed since it was written: " + "; ".join(changes) + ".")
   lines.append(
     "Resume with the config it was written with (restore_state(directory) reads it from the "
     "checkpoint), or use another --workdir."

@@ -14,6 +14,7 @@ step of the run, and the schedule counts updates.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamw_flax import masks, plan, registry, schedules
+from adamw_flax import masks, plan, registry, schedules, transform
 
 
 @contextlib.contextmanager
@@ -74,6 +75,24 @@ def scale_by_multipliers(multipliers: Callable[[Any], Any]) -> optax.GradientTra
   return optax.GradientTransformation(init, update)
 
 
+def widen_updates() -> optax.GradientTransformation:
+  """Casts 16-bit floating updates (gradients) to float32; stateless.
+
+  optax has no dtype-casting transform; this keeps the rest of the chain's
+  arithmetic, and its outputs, in float32 for 16-bit params.
+
+  Returns:
+    An ``optax.GradientTransformation`` with an ``optax.EmptyState``.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    widen = lambda u: u.astype(jnp.float32) if u.dtype in (jnp.bfloat16, jnp.float16) else u
+    return jax.tree.map(widen, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 class ClipUpdateRmsState(NamedTuple):
   """State of :func:`clip_update_rms`: the update count (reads the schedule)."""
 
@@ -114,8 +133,19 @@ def clip_update_rms(max_rms: float, schedule: optax.Schedule) -> optax.GradientT
   return optax.GradientTransformation(init, update)
 
 
+def _quantize_mask(p: plan.OptimizerPlan, target: Any) -> Any:
+  """``params -> bools``: where 8-bit moments may be used (not ``float_moments``); None: all."""
+  if "int8" not in (p.section.mu_dtype, p.section.nu_dtype) or not p.float_moments:
+    return None
+  with _naming("optimizer.float_moments"):
+    keep_float = masks.RuleFn(
+      p.float_moments, target, default=False, what="float_moments", value_type=bool
+    )
+  return lambda params: jax.tree.map(lambda f: not f, keep_float(params))
+
+
 def optimizer_from_config(
-  cfg: Any, *, num_steps: int | None = None, target: Any = None
+  cfg: Any, *, num_steps: int | None = None, target: Any = None, seed: int = 0
 ) -> Optimizer:
   """Builds the optimizer chain and schedule that ``config.optimizer`` describes.
 
@@ -130,6 +160,7 @@ def optimizer_from_config(
     target: the model (NNX module, :class:`~adamw_flax.masks.LinenTarget`, or a
       params tree) that mask and multiplier rules are resolved against;
       needed for rules on module types.
+    seed: the seed of ``params_rounding="stochastic"`` (the run's ``trainer.seed``).
 
   Returns:
     An :class:`Optimizer` ``(tx, schedule)``.
@@ -160,7 +191,11 @@ def optimizer_from_config(
       else:  # numbers: a strength per group (mask.strengths tells the factory)
         mask = masks.weight_decay_strengths(p.decay_rules, target)
   factory = registry.OPTIMIZERS.get(p.name)
-  tx = factory(section, learning_rate=lr, weight_decay_mask=mask)
+  kwargs: dict[str, Any] = {}
+  quantize_mask = _quantize_mask(p, target)
+  if quantize_mask is not None and "quantize_mask" in inspect.signature(factory).parameters:
+    kwargs["quantize_mask"] = quantize_mask
+  tx = factory(section, learning_rate=lr, weight_decay_mask=mask, **kwargs)
 
   parts = []
   if p.grad_clip_norm:
@@ -172,7 +207,15 @@ def optimizer_from_config(
     with _naming("optimizer.lr_multipliers"):
       multipliers = masks.lr_multiplier_fn(p.lr_multipliers, target)
     parts.append(scale_by_multipliers(multipliers))
+  if section.params_dtype == "bfloat16":
+    # Last, so that it rounds the update that optax.apply_updates will add.
+    parts.append(transform.round_params(section.params_rounding, seed))
   tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
   if p.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+  if section.params_dtype == "bfloat16":
+    # bfloat16 gradients are widened first, outside apply_if_finite: the chain
+    # then returns float32 updates (the exact rounded steps of round_params),
+    # and a skipped step's zero updates have the same dtypes.
+    tx = optax.chain(widen_updates(), tx)
   return Optimizer(optax.with_extra_args_support(tx), lr_fn)

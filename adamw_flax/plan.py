@@ -63,6 +63,8 @@ class OptimizerPlan:
     num_steps: optimizer updates of the run (the schedule's length when
       ``decay_steps`` is 0).
     decay_rules / lr_multipliers / freeze: the parsed rules (``()``: none).
+    float_moments: the rules of params whose moments stay float32 when
+      ``mu_dtype``/``nu_dtype`` is ``"int8"``.
     accumulate_steps: micro-batches per optimizer update.
     skip_nonfinite: skip updates whose gradients are not finite.
     grad_clip_norm: global-norm clipping (0: off).
@@ -78,6 +80,7 @@ class OptimizerPlan:
   grad_clip_norm: float
   spikes: SpikeRule | None = None
   update_rms_clip: float = 0.0
+  float_moments: Rules = ()
 
   @property
   def name(self) -> str:
@@ -125,6 +128,7 @@ class CheckpointPlan:
   best_mode: str
   keep_period: int
   async_save: bool
+  migrate_opt_state: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +183,7 @@ def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPl
     if section.skip_spikes
     else None,
     update_rms_clip=float(section.update_rms_clip),
+    float_moments=rule_field(section.float_moments, "float_moments"),
   )
 
 

@@ -245,7 +245,8 @@ def register_dataset(
 
 
 def _dtype(name: str | None) -> Any:
-  return None if name is None else jnp.dtype(name)
+  # "int8" names the 8-bit block-quantized moments, which the transform takes by name.
+  return None if name is None else name if name == "int8" else jnp.dtype(name)
 
 
 def _peak(cfg) -> float | None:
@@ -253,7 +254,7 @@ def _peak(cfg) -> float | None:
   return cfg.learning_rate if cfg.weight_decay_mode in ("paper", "adamc") else None
 
 
-def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
+def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool, quantize_mask=None):
   # A mask of decay multipliers (rules with numbers) is a strength per leaf.
   strengths = getattr(weight_decay_mask, "strengths", False)
   return transform.adamw(
@@ -272,18 +273,29 @@ def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool):
     weight_decay_mode=cfg.weight_decay_mode,
     peak_learning_rate=_peak(cfg),
     update_from_stored_moments=cfg.update_from_stored_moments,
+    quantize_block_size=cfg.quantize_block_size,
+    quantize_min_size=cfg.quantize_min_size,
+    quantize_mask=quantize_mask,
   )
 
 
 @register_optimizer("adamw")
-def _adamw(cfg, *, learning_rate, weight_decay_mask):
+def _adamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None):
   return _adam_family(
-    cfg, learning_rate=learning_rate, weight_decay_mask=weight_decay_mask, nesterov=cfg.nesterov
+    cfg,
+    learning_rate=learning_rate,
+    weight_decay_mask=weight_decay_mask,
+    nesterov=cfg.nesterov,
+    quantize_mask=quantize_mask,
   )
 
 
 @register_optimizer("nadamw")
-def _nadamw(cfg, *, learning_rate, weight_decay_mask):
+def _nadamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None):
   return _adam_family(
-    cfg, learning_rate=learning_rate, weight_decay_mask=weight_decay_mask, nesterov=True
+    cfg,
+    learning_rate=learning_rate,
+    weight_decay_mask=weight_decay_mask,
+    nesterov=True,
+    quantize_mask=quantize_mask,
   )

@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from adamw_flax import masks, plan
+from adamw_flax import masks, plan, quantize
 
 PyTree = Any
 
@@ -503,18 +503,48 @@ def opt_state_shardings(
   for (kp, leaf), spec in zip(flat_params, flat_specs, strict=True):
     by_path[_key_tuple(kp)] = (tuple(np.shape(leaf)), spec)
 
-  def opt_leaf(kp: Sequence[Any], leaf: Any) -> NamedSharding:
-    path, shape = _key_tuple(kp), tuple(np.shape(leaf))
+  def param_spec(path: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec | None:
     for start in range(len(path)):  # the longest parameter path that is a suffix
       hit = by_path.get(path[start:])
       if hit is not None and hit[0] == shape:
-        spec = hit[1]
-        if data_axes:
-          spec = _zero1_spec(spec, shape, data_axes, sizes)
-        return NamedSharding(mesh, spec)
-    return NamedSharding(mesh, PartitionSpec())
+        return hit[1]
+    return None
 
-  return jax.tree_util.tree_map_with_path(opt_leaf, opt_state)
+  def quantized_leaf(path: tuple[str, ...], leaf: quantize.QuantizedMoment) -> Any:
+    # Codes and scales share the param's spec: blocks run along the last axis,
+    # so a block stays on one device when the scales' dimension divides too.
+    shape, scale_shape = tuple(np.shape(leaf.codes)), tuple(np.shape(leaf.scale))
+    spec = param_spec(path, shape) or PartitionSpec()
+    if data_axes:  # ZeRO-1 on a dimension that the scales' shape divides
+      spec = _zero1_spec(spec, scale_shape, data_axes, sizes)
+    for dim, entry in enumerate(list(spec)):
+      axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+      n = math.prod(sizes[a] for a in axes)
+      if scale_shape[dim] % n:
+        block = shape[-1] // scale_shape[-1]
+        raise ValueError(
+          f"8-bit moments of {'/'.join(path)} {shape}: its {scale_shape[dim]} blocks of "
+          f"{block} along axis {dim} do not split evenly over {'x'.join(axes)} ({n} devices), so "
+          "a block would straddle two devices; choose optimizer.quantize_block_size so that "
+          f"{shape[-1]} / {n} is a multiple of the block, or keep it in float32 with "
+          "optimizer.float_moments"
+        )
+    named = NamedSharding(mesh, spec)
+    return quantize.QuantizedMoment(named, named)
+
+  def opt_leaf(kp: Sequence[Any], leaf: Any) -> Any:
+    path = _key_tuple(kp)
+    if quantize.is_quantized(leaf):
+      return quantized_leaf(path, leaf)
+    shape = tuple(np.shape(leaf))
+    spec = param_spec(path, shape)
+    if spec is None:
+      return NamedSharding(mesh, PartitionSpec())
+    if data_axes:
+      spec = _zero1_spec(spec, shape, data_axes, sizes)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(opt_leaf, opt_state, is_leaf=quantize.is_quantized)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: Any) -> PyTree:
@@ -665,7 +695,8 @@ def global_batch(
 # ------------------------------------------------------------------- memory
 
 
-def _itemsize(dtype: Any) -> int:
+def itemsize(dtype: Any) -> int:
+  """Bytes per element of ``dtype``; a typed PRNG key counts its key data."""
   if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     # A typed PRNG key (nnx.Rngs, nnx.Dropout, bridged Linen rngs): its bytes
     # are the key data's (two uint32 for the default threefry).
@@ -679,13 +710,13 @@ def _tree_device_bytes(tree: PyTree) -> int:
   unplaced = 0
   for leaf in jax.tree.leaves(tree):
     shape = tuple(np.shape(leaf))
-    itemsize = _itemsize(leaf.dtype)
+    size = itemsize(leaf.dtype)
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
-      unplaced += math.prod(shape) * itemsize
+      unplaced += math.prod(shape) * size
       continue
     if isinstance(sharding, NamedSharding):  # every device holds a shard of one shape
-      n = math.prod(sharding.shard_shape(shape)) * itemsize
+      n = math.prod(sharding.shard_shape(shape)) * size
       if isinstance(sharding.mesh, AbstractMesh):  # a plan without devices: one per mesh
         per_device[sharding.mesh] = per_device.get(sharding.mesh, 0) + n
         continue
@@ -694,7 +725,7 @@ def _tree_device_bytes(tree: PyTree) -> int:
     else:
       for d, index in sharding.devices_indices_map(shape).items():
         n = math.prod(len(range(*s.indices(dim))) for s, dim in zip(index, shape, strict=True))
-        per_device[d] = per_device.get(d, 0) + n * itemsize
+        per_device[d] = per_device.get(d, 0) + n * size
   # A leaf without a sharding (numpy, unplaced abstract) counts as whole on every device.
   return max(per_device.values(), default=0) + unplaced
 

@@ -273,6 +273,13 @@ class StateFactory:
     return jax.device_put(self.init(), shardings)
 
 
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+  """``tree`` with its floating leaves cast to ``dtype`` (others kept)."""
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
+
+
 def _is_linen(obj: Any) -> bool:
   return isinstance(obj, linen.Module)
 
@@ -360,7 +367,8 @@ def state_factory(
     if len(frozen_paths) == len(values):
       raise ValueError("optimizer.freeze: selects every parameter; nothing would be trained")
 
-  opt = optim.optimizer_from_config(run.optimizer, target=target)
+  opt = optim.optimizer_from_config(run.optimizer, target=target, seed=seed)
+  params_dtype = run.optimizer.section.params_dtype
   tx = opt.tx if tx is None else tx
   specs: list[StateSpec] = []
   ema_dtype = jnp.dtype(run.trainer.ema_dtype)
@@ -378,6 +386,8 @@ def state_factory(
     with nnx.use_eager_sharding(False):
       module = build()
     graphdef, treedefs, (params, frozen, rest) = split_model(module, frozen_paths)
+    if params_dtype is not None:  # trained params stored in this dtype (no float32 copy)
+      params = cast_floating(params, jnp.dtype(params_dtype))
     if not specs:  # one spec for every trace of init, so all states share it
       specs.append(StateSpec(graphdef, treedefs, tx, opt.schedule))
     return TrainState(

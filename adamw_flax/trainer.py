@@ -30,6 +30,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -44,7 +45,16 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from adamw_flax import checkpoint, fs, plan, registry, reporting, sharding, train_state
+from adamw_flax import (
+  checkpoint,
+  fs,
+  plan,
+  quantize,
+  registry,
+  reporting,
+  sharding,
+  train_state,
+)
 from adamw_flax.config import (
   ConfigError,
   check_registered,
@@ -58,7 +68,7 @@ from adamw_flax.errors import UserError, WorkdirError
 log = logging.getLogger("adamw_flax")
 
 # Keys whose change never needs allow_config_change: they say how to run, not what.
-_RUN_ONLY_KEYS = ("trainer.allow_config_change", "trainer.progress")
+_RUN_ONLY_KEYS = ("trainer.allow_config_change", "trainer.progress", "checkpoint.migrate_opt_state")
 
 
 class TrainingDiverged(RuntimeError):
@@ -175,11 +185,22 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
   changes = [
     c for c in config_diff(old, config_json(config)) if c.split(":")[0] not in _RUN_ONLY_KEYS
   ]
-  if changes and not config.trainer.allow_config_change:
-    shown = changes[:3] + ([f"... {len(changes) - 3} more"] if len(changes) > 3 else [])
+  # Converting the optimizer state is a decision to change the optimizer, so
+  # migrate_opt_state allows optimizer.* changes; others need allow_config_change.
+  needing = [
+    c for c in changes if not (config.checkpoint.migrate_opt_state and c.startswith("optimizer."))
+  ]
+  if needing and not config.trainer.allow_config_change:
+    shown = needing[:3] + ([f"... {len(needing) - 3} more"] if len(needing) > 3 else [])
+    hint = (
+      " (an optimizer change may also need --config.checkpoint.migrate_opt_state=True, which "
+      "converts the saved optimizer state)"
+      if any(c.startswith("optimizer.") for c in needing)
+      else ""
+    )
     raise ConfigError(
       f"workdir {str(workdir)!r} holds a run with another config ({'; '.join(shown)}); use "
-      "another --workdir, or --config.trainer.allow_config_change=True to resume it"
+      f"another --workdir, or --config.trainer.allow_config_change=True to resume it{hint}"
     )
   if changes and jax.process_index() == 0:
     print(f"resuming {workdir} with a changed config: {'; '.join(changes)}", flush=True)
@@ -310,6 +331,30 @@ def evaluate_all(eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg) -
   return out
 
 
+def _bytes_per_param(state) -> str:
+  """The state's bytes per trained param: params, each moment (by format), the rest."""
+  n = max(train_state.param_count(state.params), 1)
+  leaves = jax.tree.leaves(state.params)
+  params_bytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+  dtypes = "/".join(sorted({str(x.dtype) for x in leaves}))
+  moments = quantize.moments_summary(state.opt_state)
+  opt_bytes = sum(
+    math.prod(np.shape(x)) * sharding.itemsize(x.dtype) for x in jax.tree.leaves(state.opt_state)
+  )
+  parts = [f"params {params_bytes / n:.2f} ({dtypes})"]
+  for kind, m in moments.items():
+    if not m["params"]:
+      continue
+    split = ""
+    if m["int8_params"]:
+      split = f" (int8 {m['int8_params']:,}, float {m['float_params']:,} params)"
+    parts.append(f"{kind} {m['bytes'] / n:.2f}{split}")
+  other = opt_bytes - sum(m["bytes"] for m in moments.values())
+  parts.append(f"other optimizer state {other / n:.2f}")
+  parts.append(f"total {(params_bytes + opt_bytes) / n:.2f}")
+  return "bytes per trained param: " + ", ".join(parts)
+
+
 def _startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str]) -> str:
   o = run.optimizer.section
   per_device = state.device_bytes()
@@ -322,6 +367,7 @@ def _startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str]
     f"(mode {o.weight_decay_mode!r}), mu_dtype {o.mu_dtype}, nu_dtype {o.nu_dtype}"
     + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else ""),
     "per-device bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per_device.items()),
+    _bytes_per_param(state),
   ]
   extras = []
   if run.trainer.ema_decay:
@@ -356,7 +402,7 @@ def _move_aside(ckpts: checkpoint.Checkpoints, workdir: epath.Path, step: int) -
   return dest
 
 
-def _restore_newest(ckpts, target, workdir: epath.Path, main: bool):
+def _restore_newest(ckpts, target, workdir: epath.Path, main: bool, migrate: bool = False):
   """Restores the newest checkpoint that reads; unreadable ones are moved aside.
 
   Returns:
@@ -369,7 +415,7 @@ def _restore_newest(ckpts, target, workdir: epath.Path, main: bool):
   moved = []
   while (step := ckpts.latest_step()) is not None:
     try:
-      state, data_state = ckpts.restore(target, step=step)
+      state, data_state = ckpts.restore(target, step=step, migrate=migrate)
     except checkpoint.CheckpointMismatchError:
       raise
     except Exception as e:  # noqa: BLE001 (any failure to read a step: TensorStore, JSON, I/O)
@@ -518,7 +564,9 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start:
   except (FileExistsError, PermissionError) as e:
     raise WorkdirError(f"checkpoints: {e}") from None
   try:
-    state, data_state = _restore_newest(ckpts, target, workdir, main)
+    state, data_state = _restore_newest(
+      ckpts, target, workdir, main, migrate=run.checkpoint.migrate_opt_state
+    )
     if state is None:
       state = factory.create(shardings)
       data_state = {}

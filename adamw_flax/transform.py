@@ -25,6 +25,7 @@ bitwise optax's; beyond that it differs in four ways:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -33,7 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["DecayedWeightsState", "adamw", "add_decayed_weights", "nadamw", "scale_by_adam"]
+from adamw_flax import quantize
+
+__all__ = [
+  "DecayedWeightsState",
+  "ParamsRoundingState",
+  "adamw",
+  "add_decayed_weights",
+  "nadamw",
+  "round_params",
+  "scale_by_adam",
+]
 
 WeightDecayMode = Literal["lr", "paper", "adamc"]
 _WEIGHT_DECAY_MODES = ("lr", "paper", "adamc")
@@ -53,9 +64,22 @@ def _canonical_dtype(dtype: Any, name: str) -> jnp.dtype | None:
   if not jnp.issubdtype(canonical, jnp.inexact):
     raise ValueError(
       f"{name}={dtype!r} is not a floating dtype; pass None (the params' dtype), 'float32', "
-      f"'bfloat16' or 'float16'."
+      f"'bfloat16', 'float16' or 'int8' (8-bit block-quantized)."
     )
   return canonical
+
+
+def _moment_format(dtype: Any, name: str) -> jnp.dtype | str | None:
+  """A moment's storage: None, a float dtype, or ``"int8"`` (8-bit block-quantized)."""
+  if isinstance(dtype, str) and dtype == "int8":
+    return "int8"
+  if dtype is not None and not isinstance(dtype, str):
+    try:
+      if jnp.dtype(dtype) == jnp.int8:
+        return "int8"
+    except TypeError:
+      pass
+  return _canonical_dtype(dtype, name)
 
 
 def _check_hyperparameter(name: str, value: Any) -> None:
@@ -107,6 +131,9 @@ def scale_by_adam(
   nesterov: bool = False,
   nu_dtype: Any | None = None,
   update_from_stored_moments: bool = False,
+  quantize_block_size: int | None = None,
+  quantize_min_size: int | None = None,
+  quantize_mask: Any = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's bias-corrected moments, computed in float32 or wider.
 
@@ -177,6 +204,16 @@ def scale_by_adam(
       params; True trades them for a faster step with ``mu_dtype=bfloat16``
       (see Precision). No effect when the moments are stored in float32 or
       wider, or with 16-bit params (they use the stored moments anyway).
+    quantize_block_size: with ``mu_dtype``/``nu_dtype="int8"``, the longest
+      block of elements along the last axis that share a scale (the block is
+      the largest divisor of the last dimension up to this); None: 256.
+    quantize_min_size: leaves with fewer elements keep float32 moments (their
+      scales would cost more than the codes save); None: 4096. (Both default
+      to None so that ``optax.inject_hyperparams`` does not take them for
+      hyperparameters; under it, name any you set in ``static_args``.)
+    quantize_mask: which leaves may be quantized (a tree of booleans like
+      the params, or a callable ``params -> tree``); None: all. The others
+      keep float32 moments (e.g. embeddings, as bitsandbytes does).
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
@@ -200,48 +237,80 @@ def scale_by_adam(
     >>> updates["w"]
     Array([1, 1], dtype=bfloat16)
   """
-  mu_dtype = _canonical_dtype(mu_dtype, "mu_dtype")
-  nu_dtype = _canonical_dtype(nu_dtype, "nu_dtype")
+  mu_dtype = _moment_format(mu_dtype, "mu_dtype")
+  nu_dtype = _moment_format(nu_dtype, "nu_dtype")
   _check_flag("update_from_stored_moments", update_from_stored_moments)
+  quantize_block_size = 256 if quantize_block_size is None else quantize_block_size
+  quantize_min_size = 4096 if quantize_min_size is None else quantize_min_size
+  if quantize_block_size < 16:
+    raise ValueError(f"quantize_block_size={quantize_block_size} must be >= 16")
   for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
     _check_hyperparameter(name, value)
 
+  def moments(params: optax.Params, fmt: Any, kind: str) -> Any:
+    if fmt != "int8":
+      # optax.tree.zeros_like, as optax's init, so leaves and dtypes match.
+      return optax.tree.zeros_like(params, dtype=fmt)
+    allowed = jax.tree.map(lambda _: True, params) if quantize_mask is None else quantize_mask
+    if callable(allowed):
+      allowed = allowed(params)
+
+    def leaf(p, ok):
+      shape = tuple(np.shape(p))
+      block = quantize.block_size_for(shape, quantize_block_size)
+      if (
+        ok
+        and block is not None
+        and jnp.issubdtype(p.dtype, jnp.floating)
+        and math.prod(shape) >= quantize_min_size
+      ):
+        return quantize.zeros(shape, kind, block)
+      return jnp.zeros(shape, jnp.float32)  # kept in float32
+
+    return jax.tree.map(leaf, params, allowed)
+
   def init_fn(params: optax.Params) -> optax.ScaleByAdamState:
-    # optax.tree.zeros_like, as optax's init, so leaves and dtypes match.
-    mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = optax.tree.zeros_like(params, dtype=nu_dtype)
+    mu = moments(params, mu_dtype, "mu")
+    nu = moments(params, nu_dtype, "nu")
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_fn(
     updates: optax.Updates, state: optax.ScaleByAdamState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, optax.ScaleByAdamState]:
-    del params
     count_inc = optax.safe_increment(state.count)
     # Scalars as optax.tree.bias_correction computes them: 1 - decay**count.
     bc1 = 1 - b1**count_inc
     bc2 = 1 - b2**count_inc
     bc1_next = 1 - b1 ** optax.safe_increment(count_inc) if nesterov else None
 
-    def leaf(g, mu, nu):
+    def leaf(g, mu, nu, p):
       if g is None:
         return None, mu, nu
-      narrow_grad = _is_narrow(g.dtype)
+      # 16-bit params (with gradients widened to float32 before the chain, as
+      # the trainer does for bfloat16 params) take the 16-bit path too.
+      narrow_grad = _is_narrow(g.dtype) or (p is not None and _is_narrow(p.dtype))
       # Float32 params (and the opt-out of the flag) take optax's arithmetic:
       # b1 * mu in mu's own dtype, promoted by the add. 16-bit params, and the
       # flag, widen mu first so b1 is not rounded to 16 bits.
       exact_optax = not (narrow_grad or update_from_stored_moments)
-      g_c = _upcast(g)
-      mu_c = mu if exact_optax else _upcast(mu)
+      q_mu, q_nu = quantize.is_quantized(mu), quantize.is_quantized(nu)
+      g_c = _upcast(g).astype(jnp.float32) if q_mu or q_nu else _upcast(g)
+      # 8-bit moments are dequantized to float32 and the update computed there;
+      # XLA fuses dequantize, update and requantize into the step.
+      if q_mu:
+        mu_c = quantize.dequantize(mu)
+      else:
+        mu_c = mu if exact_optax else _upcast(mu)
       # nu is always widened: a 16-bit nu is our nu_dtype, not an optax option,
       # and b2=0.999 would round to 1.0 in bfloat16 (optax#1414).
-      nu_c = _upcast(nu)
+      nu_c = quantize.dequantize(nu) if q_nu else _upcast(nu)
       # optax's expressions and operand order (tree.update_moment and
       # tree.update_moment_per_elem_norm).
       mu_new = (1 - b1) * g_c + b1 * mu_c
       g_sq = g_c**2 if jnp.isrealobj(g_c) else (g_c.conj() * g_c).real
       nu_new = (1 - b2) * g_sq + b2 * nu_c
-      mu_store = mu_new.astype(mu.dtype)
-      nu_store = nu_new.astype(nu.dtype)
+      mu_store = quantize.quantize(mu_new, "mu", mu.block) if q_mu else mu_new.astype(mu.dtype)
+      nu_store = quantize.quantize(nu_new, "nu", nu.block) if q_nu else nu_new.astype(nu.dtype)
       # Which moments the update reads. optax reads the unrounded ones
       # (promoted to float32 for float32 params), so the default does too,
       # and float32 storage makes the choice moot. With 16-bit params, or on
@@ -251,9 +320,11 @@ def scale_by_adam(
       # overwrite, which with donated state costs a copy of every mu leaf
       # (benchmarks/RESULTS.md). float16 storage would flush small second
       # moments to zero and the update to inf, so it keeps the unrounded ones.
+      # 8-bit moments: the update reads the unrounded values (computed anyway).
       from_stored = not exact_optax
-      mu_used = _upcast(mu_store) if from_stored and _wide_exponent(mu.dtype) else mu_new
-      nu_used = _upcast(nu_store) if from_stored and _wide_exponent(nu.dtype) else nu_new
+      stored = lambda q, m: from_stored and not q and _wide_exponent(m.dtype)
+      mu_used = _upcast(mu_store) if stored(q_mu, mu) else mu_new
+      nu_used = _upcast(nu_store) if stored(q_nu, nu) else nu_new
       if nesterov:
         mu_hat = b1 * (mu_used / bc1_next.astype(mu_used.dtype)) + (1 - b1) * (
           g_c / bc1.astype(g_c.dtype)
@@ -268,7 +339,10 @@ def scale_by_adam(
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
-    out = [leaf(g, m, v) for g, m, v in zip(g_leaves, mu_leaves, nu_leaves, strict=True)]
+    p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
+    out = [
+      leaf(g, m, v, p) for g, m, v, p in zip(g_leaves, mu_leaves, nu_leaves, p_leaves, strict=True)
+    ]
     new_updates = treedef.unflatten([o[0] for o in out])
     mu = treedef.unflatten([o[1] for o in out])
     nu = treedef.unflatten([o[2] for o in out])
@@ -418,6 +492,121 @@ def add_decayed_weights(
   return optax.GradientTransformation(init, update)
 
 
+ROUNDINGS = ("nearest", "stochastic", "kahan")
+
+
+class ParamsRoundingState(NamedTuple):
+  """State of :func:`round_params`.
+
+  Attributes:
+    count: updates so far (with ``key``, it picks each step's random bits).
+    key: ``"stochastic"``: the raw ``uint32`` data of the PRNG key made from
+      the seed (a step's bits are ``fold_in(key, count)``, so a resumed run
+      draws what the uninterrupted one would); else ``()``.
+    compensation: ``"kahan"``: per bfloat16 param, the rounding error carried
+      to the next update (bfloat16; ``None`` for other leaves); else ``()``.
+  """
+
+  count: jax.Array
+  key: Any
+  compensation: Any
+
+
+def round_params(mode: str = "stochastic", seed: int = 0) -> optax.GradientTransformation:
+  r"""Makes ``optax.apply_updates`` round bfloat16 params the way ``mode`` says.
+
+  Put it last in a chain over params kept in bfloat16 (no float32 master
+  copy). With a plain chain, the update is added in bfloat16 (or in float32
+  and rounded to nearest): an update below half a bfloat16 ulp of its param
+  (:math:`2^{-9}` relative) is lost, every step, and late in training most
+  are. This transform computes the new param
+  :math:`	heta + u` in float32 and rounds it
+
+  * ``"nearest"``: to nearest (what ``apply_updates`` does: the contrast);
+  * ``"stochastic"``: up or down with the probabilities that make the rounding
+    unbiased (:func:`adamw_flax.quantize.round_to_bfloat16`); the random bits
+    come from the seed and the update count, so a run resumed from a
+    checkpoint continues bitwise as the uninterrupted one;
+  * ``"kahan"``: to nearest, keeping what was lost in a bfloat16 compensation
+    buffer that is added to the next update (2 more bytes per param).
+
+  It returns float32 updates :math:`\operatorname{round}(	heta + u) - 	heta`,
+  exact in float32, so ``optax.apply_updates`` (as ``nnx.Optimizer`` and
+  ``TrainState.apply_gradients`` call it) lands exactly on the rounded value.
+  Leaves that are not bfloat16 pass through unchanged.
+
+  Args:
+    mode: ``"nearest"``, ``"stochastic"`` or ``"kahan"``.
+    seed: seed of the stochastic rounding's bits.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ParamsRoundingState`;
+    its ``update`` needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.ones(4, jnp.bfloat16)}
+    >>> tx = optax.chain(optax.sgd(1e-3), round_params("kahan"))
+    >>> state = tx.init(params)
+    >>> for _ in range(8):
+    ...   updates, state = tx.update({"w": -jnp.ones(4, jnp.bfloat16)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> float(params["w"][0])  # 8 steps of +1e-3; nearest rounding would stay at 1.0
+    1.0078125
+  """
+  if mode not in ROUNDINGS:
+    raise ValueError(f"round_params mode must be one of {ROUNDINGS}, got {mode!r}")
+
+  def bf16(p: Any) -> bool:
+    return p is not None and p.dtype == jnp.bfloat16
+
+  def init(params):
+    key = jax.random.key_data(jax.random.key(seed)) if mode == "stochastic" else ()
+    if mode == "kahan":
+      comp = jax.tree.map(lambda p: jnp.zeros_like(p) if bf16(p) else None, params)
+    else:
+      comp = ()
+    return ParamsRoundingState(jnp.zeros((), jnp.int32), key, comp)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("round_params reads the current parameters: call update(u, state, params)")
+    is_none = lambda x: x is None
+    u_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
+    p_leaves = treedef.flatten_up_to(params)
+    kahan = mode == "kahan"
+    c_leaves = treedef.flatten_up_to(state.compensation) if kahan else [None] * len(u_leaves)
+    step_key = None
+    if mode == "stochastic":
+      step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+    out_u, out_c = [], []
+    for i, (u, p, c) in enumerate(zip(u_leaves, p_leaves, c_leaves, strict=True)):
+      if u is None or not bf16(p):
+        out_u.append(u)
+        out_c.append(c)
+        continue
+      p32 = p.astype(jnp.float32)
+      y = u.astype(jnp.float32)
+      if kahan:
+        y = y + c.astype(jnp.float32)
+      x = p32 + y
+      if mode == "stochastic":
+        bits = quantize.random_bits16(jax.random.fold_in(step_key, i), p.shape)
+        new = quantize.round_to_bfloat16(x, "stochastic", bits)
+      else:
+        new = quantize.round_to_bfloat16(x, "nearest")
+      moved = new.astype(jnp.float32) - p32  # exact: both are bfloat16 values
+      out_u.append(moved)
+      # What rounding lost, carried over (a non-finite step leaves NaN here,
+      # which optax.apply_if_finite discards with the rest of the state).
+      out_c.append((y - moved).astype(jnp.bfloat16) if kahan else c)
+    comp = treedef.unflatten(out_c) if kahan else state.compensation
+    new_state = ParamsRoundingState(optax.safe_increment(state.count), state.key, comp)
+    return treedef.unflatten(out_u), new_state
+
+  return optax.GradientTransformation(init, update)
+
+
 def _check_mask(mask: Any) -> None:
   """Rejects a bare boolean mask, the silent result of an unstatic callable mask."""
   if isinstance(mask, bool) or (
@@ -435,12 +624,17 @@ def _check_mask(mask: Any) -> None:
 
 
 def _require_params(
-  inner: optax.GradientTransformationExtraArgs, weight_decay: Any
+  inner: optax.GradientTransformationExtraArgs, weight_decay: Any, rounding: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
-  """Makes a missing ``params`` a clear error when weight decay needs them."""
+  """Makes a missing ``params`` a clear error when weight decay or the rounding needs them."""
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
+      if rounding is not None:
+        raise ValueError(
+          f"adamw rounds the bfloat16 params (params_rounding={rounding!r}), which reads them, "
+          "but update() got params=None. Call tx.update(grads, opt_state, params)."
+        )
       if _is_zero_constant(weight_decay):
         # optax.add_decayed_weights asks for params even when a constant 0
         # skips the add, and nothing else in the chain reads them, so the
@@ -477,6 +671,11 @@ def adamw(
   update_from_stored_moments: bool = False,
   weight_decay_multipliers: Any | Callable[[optax.Params], Any] | None = None,
   decay_to_init: bool = False,
+  quantize_block_size: int | None = None,
+  quantize_min_size: int | None = None,
+  quantize_mask: Any | Callable[[optax.Params], Any] | None = None,
+  params_rounding: str | None = None,
+  rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay; a drop-in for :func:`optax.adamw`.
 
@@ -584,6 +783,14 @@ def adamw(
       :func:`add_decayed_weights` (another state node).
     decay_to_init: Decay towards the params given to ``init`` (kept in the
       state, in their dtypes) instead of towards 0; not in optax.
+    quantize_block_size / quantize_min_size / quantize_mask: with
+      ``mu_dtype``/``nu_dtype="int8"`` (8-bit block-quantized moments, about
+      1.02 bytes per param each): see :func:`scale_by_adam`.
+    params_rounding: for bfloat16 params, how the update is applied:
+      ``"stochastic"``, ``"kahan"`` or ``"nearest"`` (:func:`round_params`,
+      appended to the chain: its state is a fourth element). None (default):
+      optax's chain of three.
+    rounding_seed: seed of ``params_rounding="stochastic"``; None: 0.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is optax's:
@@ -663,11 +870,15 @@ def adamw(
       nesterov=nesterov,
       nu_dtype=nu_dtype,
       update_from_stored_moments=update_from_stored_moments,
+      quantize_block_size=quantize_block_size,
+      quantize_min_size=quantize_min_size,
+      quantize_mask=quantize_mask,
     ),
     decay,
     optax.scale_by_learning_rate(learning_rate),
+    *([round_params(params_rounding, rounding_seed or 0)] if params_rounding is not None else []),
   )
-  return _require_params(inner, weight_decay)
+  return _require_params(inner, weight_decay, params_rounding)
 
 
 nadamw = functools.partial(adamw, nesterov=True)

@@ -109,7 +109,8 @@ BAD = [
   (["optimizer.freeze=conv9/*=true"], "holds a run with another config (optimizer.freeze"),
   (
     ["optimizer.mu_dtype=bfloat16", "trainer.allow_config_change=True"],
-    "does not fit the state this run builds: first difference at 'opt_state/0/mu/",
+    "does not fit the state this run builds: its optimizer state has another format or tree "
+    "(first difference at 'opt_state/0/mu/",
   ),
   (["model.width=16", "trainer.allow_config_change=True"], "'params/bn1/bias': the checkpoint"),
 ]

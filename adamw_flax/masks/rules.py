@@ -178,6 +178,8 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
   "default": _DEFAULT_PRESET,
   "all": (Rule(CATCH_ALL, True, required=False),),
   "none": (Rule(CATCH_ALL, False, required=False),),
+  # Token/position tables (nnx.Embed, linen.Embed): where 8-bit moments keep float32.
+  "embeddings": (Rule("type:Embed", True, required=False), Rule(CATCH_ALL, False, required=False)),
 }
 
 # `sel=value` items separated by commas; the value is the last `=` token before a comma, so
