@@ -117,6 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.log_every = 50  # steps between train-metric log lines
   t.eval_every = 250  # steps between evaluations; 0 = only at the end
   t.eval_batches = 20  # validation batches per evaluation
+  t.final_eval_batches = 0  # validation batches of the evaluation at the end; 0 = eval_batches
   t.seed = 0  # seed of parameter init and data order
   t.max_nonfinite_steps = 10  # stop after this many consecutive non-finite losses
   t.allow_config_change = False  # resume a workdir whose saved config differs
@@ -285,6 +286,11 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
       errors.append(f"optimizer.{key}: {e}")
 
   need(t.num_steps > 0, "trainer.num_steps", f"must be > 0, got {t.num_steps}")
+  need(
+    t.final_eval_batches >= 0,
+    "trainer.final_eval_batches",
+    f"must be >= 0 (0: trainer.eval_batches), got {t.final_eval_batches}",
+  )
   for key in ("log_every",):
     need(t[key] > 0, f"trainer.{key}", f"must be > 0, got {t[key]}")
   for key in ("eval_every", "eval_batches", "max_nonfinite_steps"):

@@ -116,6 +116,7 @@ class TrainerPlan:
   profile_steps: tuple[int, ...]
   wandb_project: str
   wandb_mode: str
+  final_eval_batches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -636,6 +636,20 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
   tokens_per_step = dataset.global_batch_size * getattr(dataset, "tokens_per_example", 1)
   unit = "tokens" if getattr(dataset, "tokens_per_example", 1) > 1 else "examples"
   eval_metrics: dict[str, float] = {}
+  # The run's fixed costs, in seconds (written to WORKDIR/timing.json at the end).
+  costs = {"first_step": 0.0, "evals": 0.0, "saves": 0.0, "plots": 0.0}
+  plot_times: list[float] = []
+
+  def plot(path: epath.Path) -> None:
+    t = time.perf_counter()
+    reporting.plot_losses(path)
+    plot_times.append(time.perf_counter() - t)
+
+  def save(**kwargs: Any) -> None:
+    t = time.perf_counter()
+    ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True, **kwargs)
+    costs["saves"] += time.perf_counter() - t
+
   last_good_step = ckpts.latest_step()
   skipped_total = 0
   preempted = False
@@ -649,6 +663,8 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     nonlocal t_log, step_log, skipped_total
     metrics, position = dispatched
     m = jax.device_get(metrics)
+    if not costs["first_step"]:  # dispatch to done of the first step: compilation, mostly
+      costs["first_step"] = time.perf_counter() - t_loop
     loss, applied = float(m["loss"]), bool(m["applied"])
     skipped_total = int(m["skipped"]) + int(m.get("skipped_spikes", 0))
     c.nonfinite = 0 if np.isfinite(loss) else c.nonfinite + 1
@@ -699,13 +715,15 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     t_eval = time.perf_counter()
     eval_metrics = evaluate_all(eval_steps, state, dataset, tc.eval_batches, mesh, run.mesh)
     t_log += time.perf_counter() - t_eval  # throughput counts training time only
+    costs["evals"] += time.perf_counter() - t_eval
     if writer:
       writer.write(step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
-      plots.submit(reporting.plot_losses, workdir)
+      plots.submit(plot, workdir)
     progress.update(step, {"eval_loss": eval_metrics["loss"]})
 
   pending = None  # the metrics of the last dispatched step, read one step late
   profile = Profile(workdir / "profile", tc.profile_steps) if main else None
+  t_loop = time.perf_counter()
   try:
     while c.step + (pending is not None) < num_steps:
       if profile:
@@ -733,10 +751,10 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
       if applied and is_eval:
         run_eval(c.step)
       if applied and is_save:
-        ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
+        save()
         last_good_step = c.step
       if stop:
-        ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
+        save()
         ckpts.wait()
         preempted = True
         if main:
@@ -745,18 +763,31 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     if pending is not None:
       finish(pending)
     if not preempted:
-      if tc.eval_batches:
-        eval_metrics = evaluate_all(eval_steps, state, dataset, tc.eval_batches, mesh, run.mesh)
+      final_batches = tc.final_eval_batches or tc.eval_batches
+      if final_batches:
+        t_eval = time.perf_counter()
+        eval_metrics = evaluate_all(eval_steps, state, dataset, final_batches, mesh, run.mesh)
+        costs["evals"] += time.perf_counter() - t_eval
         if writer:
           writer.write(c.step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
+      t_wait = time.perf_counter()
       if ckpts.latest_step() != c.step:
-        ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
+        save()
       ckpts.wait()
+      costs["saves"] += time.perf_counter() - t_wait
   finally:
     if profile:
       profile.stop(state)
     progress.close()
     plots.shutdown(wait=True)
+    costs["plots"] = sum(plot_times)
+    timing = {
+      "startup": t_loop - t_start,
+      **costs,
+      "wall_time": time.perf_counter() - t_start,
+    }
+    if main:  # this run's (or this resumption's) fixed costs, beside metrics.jsonl
+      (workdir / "timing.json").write_text(json.dumps({"step": c.step, **timing}, indent=1))
     if writer:
       writer.close()
       if reporting.read_metrics(workdir / "metrics.jsonl"):
@@ -774,6 +805,12 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     print(
       f"\nstep {summary['step']}: train loss {c.train_loss:.4f}, eval loss "
       f"{summary['eval_loss']:.4f}, {summary['wall_time']:.1f} s",
+      flush=True,
+    )
+    named = {"startup": "start-up", "first_step": "first step (compile)",
+             "evals": "evals", "saves": "saves (blocking)", "plots": "plots (background)"}  # fmt: skip
+    print(
+      "fixed costs: " + ", ".join(f"{named[k]} {timing[k]:.1f} s" for k in named if k in timing),
       flush=True,
     )
   return summary

@@ -3,9 +3,10 @@
 Run:
   python -m train --config=configs/tiny_shakespeare.py --workdir=workdirs/tiny_shakespeare
 
-Measured: validation loss 1.922 after 2000 steps in 122 s on a 2-core CPU
-(published for this setting: about 1.88); see
-examples/tiny_shakespeare/README.md.
+The default recipe reaches the reference's quality (validation 1.88) in 1200
+steps instead of 2000; ``:nanogpt`` is the reference's own recipe. Times
+against a PyTorch twin on the machine at hand: benchmarks/tiny_shakespeare.py;
+results in examples/tiny_shakespeare/README.md.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ from adamw_flax.config import default_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The CPU recipe; ``configs/tiny_shakespeare.py:grain`` feeds the same batches through grain."""
-  if arg not in (None, "", "grain"):
-    raise ValueError(f"unknown variant {arg!r} of configs/tiny_shakespeare.py: '' or 'grain'")
+  """The CPU recipe.
+
+  Variants: ``configs/tiny_shakespeare.py:nanogpt`` is the reference's exact
+  recipe (nanoGPT's shakespeare_char on CPU: cosine schedule, 2000 steps,
+  weight decay on every tensor with ndim >= 2); ``:grain`` feeds the default
+  recipe's batches through grain.
+  """
+  if arg not in (None, "", "grain", "nanogpt"):
+    raise ValueError(
+      f"unknown variant {arg!r} of configs/tiny_shakespeare.py: '', 'nanogpt' or 'grain'"
+    )
   c = default_config()
 
   m = c.model
@@ -52,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.b1 = 0.9
   o.b2 = 0.99  # nanoGPT's value for small char models
   o.weight_decay = 0.1
-  o.weight_decay_mask = "default"  # decay Linear kernels; not embeddings, norms, biases
+  o.weight_decay_mask = "ndim>=2=true, *=false"  # the reference's: matmuls and embeddings
   o.grad_clip_norm = 1.0
 
   t = c.trainer
@@ -66,6 +75,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   k.every_steps = 1000
   k.keep = 2
   k.keep_best_by = "loss"  # keep the checkpoint of the best validation loss
+
+  t.final_eval_batches = 200  # the final number: mean over 200 validation batches
+
+  if arg == "nanogpt":
+    return c
+  # The default recipe: the same model, data and batch, trained for fewer steps
+  # at a higher peak rate with a warmup-stable-decay schedule (the last 20% of
+  # the steps decay linearly to 1e-4): it ends below the reference's 1.88 in
+  # 1200 steps instead of 2000 (examples/tiny_shakespeare/README.md).
+  o.schedule = "wsd"
+  o.learning_rate = 3e-3
+  o.weight_decay_mask = "default"  # decay Linear kernels; not embeddings, norms, biases
+  o.wsd_decay_fraction = 0.2
+  t.num_steps = 1200
+  k.every_steps = 600
 
   if arg == "grain":  # the same batches, through adamw_flax.grain_data (see its grain_data.py)
     d.name = "adamw_flax.grain_data:grain"

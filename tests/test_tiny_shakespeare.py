@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from adamw_flax import reporting
+from adamw_flax.config import load_config
 from adamw_flax.registry import DATASETS, MODELS
 from examples.tiny_shakespeare import data, model, sample
 
@@ -493,3 +494,22 @@ def test_gpu_config_trains_a_few_steps_on_cpu(tmp_path):
   rows = [r for r in reporting.read_metrics(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in rows if r["split"] == "train"] == [2]
   assert np.isfinite(rows[-1]["loss"])
+
+
+def test_nanogpt_variant_is_the_reference_recipe():
+  """configs/tiny_shakespeare.py:nanogpt: the published CPU setting, as the reference states it."""
+  cfg = load_config(
+    Path(__file__).resolve().parents[1] / "configs" / "tiny_shakespeare.py", arg="nanogpt"
+  )
+  m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.trainer
+  assert (m.num_layers, m.num_heads, m.embed_dim, m.max_len, m.dropout) == (4, 4, 128, 64, 0.0)
+  assert (d.batch_size, d.seq_len, t.num_steps) == (12, 64, 2000)
+  assert (o.learning_rate, o.schedule, o.warmup_steps, o.end_learning_rate) == (
+    1e-3,
+    "warmup_cosine",
+    100,
+    1e-4,
+  )
+  assert (o.b1, o.b2, o.weight_decay, o.grad_clip_norm) == (0.9, 0.99, 0.1, 1.0)
+  assert o.weight_decay_mask == "ndim>=2=true, *=false"  # embeddings decayed too
+  assert (t.eval_every, t.eval_batches, t.final_eval_batches) == (250, 20, 200)

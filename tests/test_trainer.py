@@ -275,3 +275,18 @@ def test_wandb_setting_without_the_package_changes_nothing(tmp_path, monkeypatch
   assert trainer.train_and_evaluate(cfg, tmp_path)["step"] == 5
   assert "wandb is not installed" in capsys.readouterr().err
   assert not (tmp_path / "wandb").exists()
+
+
+def test_final_eval_batches_sets_the_last_evaluation(tmp_path, monkeypatch):
+  seen = []
+  original = trainer.evaluate_all
+
+  def spy(eval_steps, state, dataset, num_batches, mesh, mesh_cfg):
+    seen.append(num_batches)
+    return original(eval_steps, state, dataset, num_batches, mesh, mesh_cfg)
+
+  monkeypatch.setattr(trainer, "evaluate_all", spy)
+  cfg = regression_config(num_steps=20)
+  cfg.trainer.final_eval_batches = 7
+  trainer.train_and_evaluate(cfg, tmp_path)
+  assert seen == [2, 7]  # the periodic one at step 10, then the final one
