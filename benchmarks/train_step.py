@@ -23,10 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 import optax
 from flax import nnx
 
