@@ -261,9 +261,10 @@ def random_bits16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   One 32-bit word is drawn from ``key`` with ``jax.random``; each element's
   bits are an integer hash of its index mixed with that word. Rounding needs
   uniform, uncorrelated bits, not a cryptographic stream: this is written by
-  hand because ``jax.random.bits`` (threefry) for every element cost about 9x
-  the whole 8-bit AdamW update on CPU (benchmarks/RESULTS.md), the hash about
-  as much as one more elementwise pass.
+  hand because ``jax.random.bits`` (threefry) for every element took twice as
+  long as the whole 8-bit AdamW update on CPU (9x optax's float32 update, on
+  the 32M-param tree of benchmarks/memory_lean.py), the hash about as much as
+  one more elementwise pass.
 
   Args:
     key: a PRNG key (e.g. folded in with the step and the leaf).

@@ -358,7 +358,7 @@ def section(cache: dict[str, Any], n: int) -> str:
       "instead of max(abs) were tried and were slower. On a memory-bound accelerator the "
       "same step moves 6 instead of 12 bytes of state per param; it has not been measured "
       "there (no GPU in this session). Stochastic rounding adds one integer hash per "
-      "element (threefry bits for every element cost 9x the update: not used).",
+      "element (threefry bits for every element took 2x the 8-bit update itself: not used).",
     ]
   if "shakespeare" in cache:
     ts = cache["shakespeare"]["rows"]
