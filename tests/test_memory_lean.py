@@ -437,3 +437,29 @@ def test_to_and_from_optax_state_round_trip():
   lean = adamw_flax.adamw(1e-2, mu_dtype="int8", params_rounding="stochastic")
   bf = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   assert len(migrate.to_optax_state(lean.init(bf))) == 3
+
+
+def test_blocks_never_straddle_a_shard_boundary():
+  from jax.sharding import AbstractMesh
+  from jax.sharding import PartitionSpec as P
+
+  from adamw_flax import config, sharding
+
+  params = {"w": jax.ShapeDtypeStruct((64, 512), jnp.float32)}
+  mesh_cfg = config.default_config().mesh
+  mesh_cfg.axes, mesh_cfg.shape = ("data", "model"), (1, 4)
+  specs = {"w": P(None, "model")}  # 512 columns over 4 devices: 128 each
+  mesh = AbstractMesh((1, 4), ("data", "model"))
+
+  def shardings(block):
+    tx = adamw_flax.adamw(
+      1e-3, mu_dtype="int8", nu_dtype="int8", quantize_min_size=0, quantize_block_size=block
+    )
+    return sharding.opt_state_shardings(
+      jax.eval_shape(tx.init, params), params, specs, mesh, mesh_cfg
+    )
+
+  ok = shardings(128)  # 4 blocks of 128 per row: one per device
+  assert ok[0].mu["w"].codes.spec == ok[0].mu["w"].scale.spec == P(None, "model")
+  with pytest.raises(ValueError, match="would straddle two devices"):
+    shardings(256)  # 2 blocks of 256 cannot be split over 4 devices

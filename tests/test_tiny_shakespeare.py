@@ -513,3 +513,25 @@ def test_nanogpt_variant_is_the_reference_recipe():
   assert (o.b1, o.b2, o.weight_decay, o.grad_clip_norm) == (0.9, 0.99, 0.1, 1.0)
   assert o.weight_decay_mask == "ndim>=2=true, *=false"  # embeddings decayed too
   assert (t.eval_every, t.eval_batches, t.final_eval_batches) == (250, 20, 200)
+
+
+@pytest.mark.slow
+def test_pytorch_twin_trains_and_writes_rows_like_ours(tmp_path):
+  pytest.importorskip("torch")  # the "torch" extra
+  import json
+  import subprocess
+  import sys
+
+  text = tmp_path / "text.txt"
+  text.write_text("ROMEO:\nO, she doth teach the torches to burn bright!\n\n" * 400)
+  twin = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_shakespeare.py"
+  out = subprocess.run(
+    [sys.executable, str(twin), f"--data={text}", f"--out={tmp_path / 'run'}",
+     "--max_iters=30", "--eval_interval=10", "--eval_iters=2", "--final_eval_batches=3"],
+    capture_output=True, text=True, timeout=300, check=True,
+  )  # fmt: skip
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  rows = reporting.read_metrics(tmp_path / "run" / "metrics.jsonl")
+  assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20, 30]
+  assert rows[-1]["split"] == "final" and rows[-1]["loss"] == summary["final_val"]
+  assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
