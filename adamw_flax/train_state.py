@@ -239,6 +239,7 @@ class StateFactory:
       decay_rules=optimizer.decay_rules or "none",
       lr_multipliers=optimizer.lr_multipliers,
       frozen=optimizer.freeze,
+      params_dtype=optimizer.section.params_dtype,
     )
 
   def abstract(self) -> TrainState:

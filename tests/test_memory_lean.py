@@ -463,3 +463,16 @@ def test_blocks_never_straddle_a_shard_boundary():
   assert ok[0].mu["w"].codes.spec == ok[0].mu["w"].scale.spec == P(None, "model")
   with pytest.raises(ValueError, match="would straddle two devices"):
     shardings(256)  # 2 blocks of 256 cannot be split over 4 devices
+
+
+def test_the_report_shows_the_trained_params_dtype():
+  from adamw_flax import plan
+
+  cfg = regression_config()
+  cfg.optimizer.params_dtype = "bfloat16"
+  cfg.optimizer.freeze = "out/bias=true"
+  factory = train_state.registered_state_factory(cfg, {"features": 4})
+  text = factory.report(plan.make_plan(cfg).optimizer)
+  line = lambda path: next(x for x in text.splitlines() if x.startswith(path))
+  assert "bfloat16" in line("hidden/kernel")
+  assert "float32" in line("out/bias")  # frozen params keep the dtype they were built in

@@ -74,6 +74,7 @@ def report_rows(
   lr_multipliers: Any = (),
   frozen: Any = (),
   shardings: Any = None,
+  params_dtype: Any = None,
 ) -> list[ReportRow]:
   """The report as data: one :class:`ReportRow` per parameter, in leaf order.
 
@@ -85,6 +86,8 @@ def report_rows(
     frozen: frozen rules (unmatched: not frozen).
     shardings: optional tree of ``jax.sharding.Sharding`` like the params (or
       a dict path -> Sharding), for the per-device bytes.
+    params_dtype: the dtype the trained (not frozen) floating params are
+      stored in when it is not the model's own (``optimizer.params_dtype``).
 
   Returns:
     The rows.
@@ -105,6 +108,8 @@ def report_rows(
   for path, leaf in params.entries:
     shape = tuple(int(d) for d in getattr(leaf, "shape", np.shape(leaf)))
     dtype = np.dtype(getattr(leaf, "dtype", np.result_type(leaf)))
+    if params_dtype is not None and not frz[path] and np.issubdtype(dtype, np.floating):
+      dtype = np.dtype(params_dtype)
     size = math.prod(shape)
     owner = params.owners.get(path) if params.owners else None
     per_device = None
@@ -154,6 +159,7 @@ def report(
   lr_multipliers: Any = (),
   frozen: Any = (),
   shardings: Any = None,
+  params_dtype: Any = None,
 ) -> str:
   """A table of every parameter and what the rules give it, with totals.
 
@@ -169,6 +175,7 @@ def report(
     lr_multipliers: as for :func:`report_rows`.
     frozen: as for :func:`report_rows`.
     shardings: as for :func:`report_rows`.
+    params_dtype: as for :func:`report_rows`.
 
   Returns:
     The table, ready to print.
@@ -191,6 +198,7 @@ def report(
     lr_multipliers=lr_multipliers,
     frozen=frozen,
     shardings=shardings,
+    params_dtype=params_dtype,
   )
   with_module = any(r.module is not None for r in rows)
   with_device = shardings is not None
