@@ -19,9 +19,32 @@ from typing import Any, TextIO
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from tensorboardX import SummaryWriter
 
 from adamw_flax import fs
+
+
+def _import_tensorboardx() -> Any:
+  """``tensorboardX.SummaryWriter``, imported without importing PyTorch.
+
+  tensorboardX imports torch at import time when it is installed (only to
+  accept torch tensors; we log Python floats), which added 1.4 s to every
+  launch on a machine with torch (measured with ``python -X importtime``).
+  Unless the process has imported torch itself, the import of tensorboardX
+  sees torch as absent; the marker is removed afterwards, so a later
+  ``import torch`` works as usual.
+  """
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter as writer  # noqa: PLC0415 (the guard above)
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return writer
+
+
+SummaryWriter = _import_tensorboardx()
 
 
 def _clean(value: Any) -> Any:
