@@ -245,8 +245,7 @@ def register_dataset(
 
 
 def _dtype(name: str | None) -> Any:
-  # "int8" names the 8-bit block-quantized moments, which the transform takes by name.
-  return None if name is None else name if name == "int8" else jnp.dtype(name)
+  return None if name is None else jnp.dtype(name)
 
 
 def _peak(cfg) -> float | None:

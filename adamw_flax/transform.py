@@ -71,14 +71,11 @@ def _canonical_dtype(dtype: Any, name: str) -> jnp.dtype | None:
 
 def _moment_format(dtype: Any, name: str) -> jnp.dtype | str | None:
   """A moment's storage: None, a float dtype, or ``"int8"`` (8-bit block-quantized)."""
-  if isinstance(dtype, str) and dtype == "int8":
-    return "int8"
-  if dtype is not None and not isinstance(dtype, str):
-    try:
-      if jnp.dtype(dtype) == jnp.int8:
-        return "int8"
-    except TypeError:
-      pass
+  try:
+    if dtype is not None and jnp.dtype(dtype) == jnp.int8:  # the name or the dtype
+      return "int8"
+  except TypeError:
+    pass  # not a dtype at all: _canonical_dtype says so
   return _canonical_dtype(dtype, name)
 
 
@@ -430,12 +427,12 @@ def add_decayed_weights(
   multipliers: Any = None,
   decay_to_init: bool = False,
 ) -> optax.GradientTransformation:
-  r"""``u + s_t m (	heta - 	heta_0)``: decoupled weight decay with per-leaf strengths or towards init.
+  r"""``u + s_t m (\theta - \theta_0)``: decoupled weight decay with per-leaf strengths or towards init.
 
   optax's ``add_decayed_weights`` takes an on/off mask and decays towards 0;
   this adds per-leaf multipliers :math:`m` (big_vision's ``wd_mults``,
   axlearn's ``per_param_scale``) and the decay towards the initial params
-  :math:`	heta_0` (Kauldron's ``decay_to_init``, for fine-tuning), kept in the
+  :math:`\theta_0` (Kauldron's ``decay_to_init``, for fine-tuning), kept in the
   state in the params' dtypes. With neither, :func:`adamw` uses optax's.
 
   Args:
@@ -520,7 +517,7 @@ def round_params(mode: str = "stochastic", seed: int = 0) -> optax.GradientTrans
   and rounded to nearest): an update below half a bfloat16 ulp of its param
   (:math:`2^{-9}` relative) is lost, every step, and late in training most
   are. This transform computes the new param
-  :math:`	heta + u` in float32 and rounds it
+  :math:`\theta + u` in float32 and rounds it
 
   * ``"nearest"``: to nearest (what ``apply_updates`` does: the contrast);
   * ``"stochastic"``: up or down with the probabilities that make the rounding
@@ -530,7 +527,7 @@ def round_params(mode: str = "stochastic", seed: int = 0) -> optax.GradientTrans
   * ``"kahan"``: to nearest, keeping what was lost in a bfloat16 compensation
     buffer that is added to the next update (2 more bytes per param).
 
-  It returns float32 updates :math:`\operatorname{round}(	heta + u) - 	heta`,
+  It returns float32 updates :math:`\operatorname{round}(\theta + u) - \theta`,
   exact in float32, so ``optax.apply_updates`` (as ``nnx.Optimizer`` and
   ``TrainState.apply_gradients`` call it) lands exactly on the rounded value.
   Leaves that are not bfloat16 pass through unchanged.
