@@ -30,7 +30,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from adamw_flax import masks, registry, schedules
+from adamw_flax import masks, registry, schedules, transform
 from adamw_flax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -220,9 +220,9 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     f"must be None (as the model builds them), 'float32' or 'bfloat16', got {o.params_dtype!r}",
   )
   need(
-    o.params_rounding in ("stochastic", "kahan", "nearest"),
+    o.params_rounding in transform.ROUNDINGS,
     "optimizer.params_rounding",
-    f"must be 'stochastic', 'kahan' or 'nearest', got {o.params_rounding!r}",
+    f"must be one of {', '.join(map(repr, transform.ROUNDINGS))}, got {o.params_rounding!r}",
   )
   need(
     o.quantize_block_size >= 16,
