@@ -568,7 +568,9 @@ def _check_fits(meta: dict[str, Any], target: Any, config: Any, where: str, fiel
     wanted_entries = [e for e in wanted_entries if keep(e)]
   first = fingerprint.first_difference(saved_entries, wanted_entries)
   if first is not None:
-    if first[0].startswith("opt_state") and not migrate.paths_differ(saved_entries, wanted_entries):
+    if first[0].startswith("opt_state") and not fingerprint.differs_outside_opt_state(
+      saved_entries, wanted_entries
+    ):
       raise CheckpointMismatchError(
         fingerprint.opt_state_message(where, meta, wanted, config, first), opt_state_only=True
       )

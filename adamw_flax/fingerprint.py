@@ -213,6 +213,14 @@ def first_difference(
   return None
 
 
+def differs_outside_opt_state(
+  saved: Sequence[Sequence[str]], wanted: Sequence[Sequence[str]]
+) -> bool:
+  """Whether two fingerprint ``entries`` lists differ anywhere but under ``opt_state``."""
+  keep = lambda entries: [tuple(e) for e in entries if not e[0].startswith("opt_state")]
+  return keep(saved) != keep(wanted)
+
+
 def changes_since(saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any) -> list[str]:
   """What changed between a checkpoint's config and optimizer summary and this run's (at most 6)."""
   changes: list[str] = []

@@ -17,7 +17,6 @@ another tree is left to the user), so it is written here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -159,8 +158,9 @@ def convert_opt_state(saved: Any, fresh: Any) -> tuple[Any, list[str]]:
           out.append(_convert_moment(s_moments[p], like, kind))
         except ValueError as e:
           raise ValueError(f"{kind} of {'/'.join(p)}: {e}") from None
-        change = f"{kind}: {_describe(s_moments[p])} -> {_describe(like)}"
-        if _describe(s_moments[p]) != _describe(like):
+        before, after = _describe(s_moments[p]), _describe(like)
+        if before != after:
+          change = f"{kind}: {before} -> {after}"
           conversions[change] = conversions.get(change, 0) + 1
       treedef = jax.tree.structure(_field(f_node, kind), is_leaf=quantize.is_quantized)
       moments[kind] = jax.tree.unflatten(treedef, out)
@@ -168,16 +168,14 @@ def convert_opt_state(saved: Any, fresh: Any) -> tuple[Any, list[str]]:
       count=jnp.array(count, f_node.count.dtype), mu=moments["mu"], nu=moments["nu"]
     )
 
-  copied, fresh_kept = 0, []
+  fresh_kept = []
 
   def other_leaf(path: Path, like: Any) -> Any:
-    nonlocal copied
     shape, dtype = tuple(np.shape(like)), like.dtype
     if path and path[-1] == "count" and shape == ():
       return jnp.array(count, dtype)  # every counter of our chains counts updates (a copy each)
     hit = saved_flat.get(path)
     if hit is not None and not quantize.is_quantized(hit) and tuple(np.shape(hit)) == shape:
-      copied += 1
       return jnp.array(hit, dtype)
     fresh_kept.append("/".join(path))
     return like
@@ -249,9 +247,3 @@ def from_optax_state(optax_state: Any, tx: optax.GradientTransformation, params:
     ``tx``'s state holding the optax state's moments and count.
   """
   return convert_opt_state(optax_state, tx.init(params))[0]
-
-
-def paths_differ(saved: Sequence[Sequence[str]], wanted: Sequence[Sequence[str]]) -> bool:
-  """Whether two fingerprint entry lists differ outside ``opt_state``."""
-  keep = lambda entries: [tuple(e) for e in entries if not e[0].startswith("opt_state")]
-  return keep(saved) != keep(wanted)
