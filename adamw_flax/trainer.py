@@ -334,13 +334,12 @@ def evaluate_all(eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg) -
 def _bytes_per_param(state) -> str:
   """The state's bytes per trained param: params, each moment (by format), the rest."""
   n = max(train_state.param_count(state.params), 1)
-  leaves = jax.tree.leaves(state.params)
-  params_bytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
-  dtypes = "/".join(sorted({str(x.dtype) for x in leaves}))
-  moments = quantize.moments_summary(state.opt_state)
-  opt_bytes = sum(
-    math.prod(np.shape(x)) * sharding.itemsize(x.dtype) for x in jax.tree.leaves(state.opt_state)
+  nbytes = lambda tree: sum(
+    math.prod(np.shape(x)) * sharding.itemsize(x.dtype) for x in jax.tree.leaves(tree)
   )
+  params_bytes, opt_bytes = nbytes(state.params), nbytes(state.opt_state)
+  dtypes = "/".join(sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}))
+  moments = quantize.moments_summary(state.opt_state)
   parts = [f"params {params_bytes / n:.2f} ({dtypes})"]
   for kind, m in moments.items():
     if not m["params"]:
@@ -645,9 +644,9 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     reporting.plot_losses(path)
     plot_times.append(time.perf_counter() - t)
 
-  def save(**kwargs: Any) -> None:
+  def save() -> None:
     t = time.perf_counter()
-    ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True, **kwargs)
+    ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
     costs["saves"] += time.perf_counter() - t
 
   last_good_step = ckpts.latest_step()
@@ -770,9 +769,9 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
         costs["evals"] += time.perf_counter() - t_eval
         if writer:
           writer.write(c.step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
-      t_wait = time.perf_counter()
       if ckpts.latest_step() != c.step:
         save()
+      t_wait = time.perf_counter()
       ckpts.wait()
       costs["saves"] += time.perf_counter() - t_wait
   finally:
