@@ -6,6 +6,7 @@ import os
 import pathlib
 import platform
 import re
+import statistics
 import time
 from collections.abc import Callable
 
@@ -57,8 +58,6 @@ def interleaved_medians(
   Interleaving spreads the machine's noise (other processes) over all runs
   alike, so their ratios hold even when absolute times drift.
   """
-  import statistics
-
   times: dict[str, list[float]] = {k: [] for k in runs}
   for _ in range(repeats):
     for name, run in runs.items():
@@ -66,3 +65,45 @@ def interleaved_medians(
       run(iters)
       times[name].append((time.perf_counter() - t0) / iters)
   return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak_gflops(n: int = 2048) -> float:
+  """float32 GFLOP/s of a jitted ``n^3`` dot on this machine (median of 5 calls)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def compiled_gflop(fn: Callable, *args) -> float:
+  """GFLOP of one call of the jitted ``fn(*args)``, from XLA's cost analysis."""
+  cost = fn.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost["flops"]) / 1e9
+
+
+def shakespeare_step():
+  """The Tiny Shakespeare default recipe's ``(config, model entry, state, batch, step)``.
+
+  The state at init, a batch of random tokens and the trainer's compiled train
+  step (not donating, so it can be called again on the same state).
+  """
+  import jax
+
+  from adamw_flax import config, registry, train_state
+
+  cfg = config.load_config(RESULTS.parent.parent / "configs" / "tiny_shakespeare.py")
+  entry = registry.MODELS.get(cfg.model.name)
+  state = train_state.registered_state_factory(cfg, {"vocab_size": 65, "chars": ""}).create()
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  tokens = jax.random.randint(jax.random.key(0), (b, t + 1), 0, 65)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  return cfg, entry, state, batch, train_state.make_train_step(entry.loss, donate=False)

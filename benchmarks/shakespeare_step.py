@@ -37,10 +37,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-from common import machine, write_section  # noqa: E402
-
-from adamw_flax import config as C  # noqa: E402
-from adamw_flax import registry, train_state  # noqa: E402
+from common import (  # noqa: E402
+  compiled_gflop,
+  machine,
+  matmul_peak_gflops,
+  shakespeare_step,
+  write_section,  # noqa: E402
+)
 
 TITLE = "Tiny Shakespeare train step: where the time goes"
 
@@ -63,15 +66,8 @@ def main() -> None:
   ap.add_argument("--no-write", action="store_true")
   args = ap.parse_args()
 
-  cfg = C.load_config(ROOT / "configs" / "tiny_shakespeare.py")
-  entry = registry.MODELS.get(cfg.model.name)
-  info = {"vocab_size": 65, "chars": ""}
-  factory = train_state.registered_state_factory(cfg, info)
-  state = factory.create()
+  cfg, entry, state, batch, step = shakespeare_step()
   b, t = cfg.data.batch_size, cfg.data.seq_len
-  key = jax.random.key(0)
-  tokens = jax.random.randint(key, (b, t + 1), 0, 65)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
   def loss_of(params):
     model = state.merge(params, state.rest)
@@ -79,14 +75,12 @@ def main() -> None:
 
   forward = jax.jit(loss_of)
   grad = jax.jit(jax.value_and_grad(loss_of))
-  step = train_state.make_train_step(entry.loss, donate=False)
   results: dict[str, float] = {
     "forward loss": _timed(forward, state.params),
     "forward + backward": _timed(grad, state.params),
     "whole train step": _timed(step, state, batch),
   }
-  flops = step.lower(state, batch).compile().cost_analysis()
-  flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
+  flops = compiled_gflop(step, state, batch) * 1e9
 
   # The step's matmuls: rows N = B*T; width D; per layer qkv (D->3D), proj (D->D),
   # fc (D->4D), out (4D->D); the tied head (D->V); attention's two batched
@@ -128,9 +122,7 @@ def main() -> None:
   total_mm += att_sec
   total_mm_flops += att_flops
 
-  n2 = 2048
-  big = jnp.ones((n2, n2), jnp.float32)
-  peak = 2 * n2**3 / _timed(jax.jit(lambda a, c: a @ c), big, big, rounds=5, iters=2) / 1e9
+  peak = matmul_peak_gflops()
 
   whole = results["whole train step"]
   lines = [

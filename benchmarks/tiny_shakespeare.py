@@ -42,7 +42,13 @@ from typing import Any
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import machine, write_section  # noqa: E402
+from common import (  # noqa: E402
+  compiled_gflop,
+  machine,
+  matmul_peak_gflops,
+  shakespeare_step,
+  write_section,  # noqa: E402
+)
 
 TITLE = "Tiny Shakespeare: time to quality"
 # The canonical text (set by --text; default: the project's shared copy beside the repository).
@@ -117,43 +123,6 @@ def run_once(name: str, workdir: pathlib.Path) -> dict[str, Any]:
   return result
 
 
-def matmul_peak_gflops() -> float:
-  """float32 GFLOP/s of a large jitted dot on this machine (median of 5)."""
-  import jax
-  import jax.numpy as jnp
-
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def step_gflop() -> float:
-  """The default recipe's train step FLOPs, from XLA's cost analysis of the compiled step."""
-  from adamw_flax import config as C
-  from adamw_flax import registry, train_state
-
-  cfg = C.load_config(ROOT / "configs" / "tiny_shakespeare.py")
-  cfg.data.path = str(TEXT[0])
-  import jax.numpy as jnp
-
-  info = {"vocab_size": 65, "chars": ""}
-  entry = registry.MODELS.get(cfg.model.name)
-  state = train_state.registered_state_factory(cfg, info).create()
-  step = train_state.make_train_step(entry.loss, donate=False)
-  b, t = cfg.data.batch_size, cfg.data.seq_len
-  batch = {"inputs": jnp.zeros((b, t), jnp.int32), "targets": jnp.zeros((b, t), jnp.int32)}
-  cost = step.lower(state, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost["flops"]) / 1e9
-
-
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--rounds", type=int, default=3)
@@ -185,7 +154,8 @@ def main() -> None:
     }
   twin = table.get("pytorch twin")
   peak = matmul_peak_gflops()
-  gflop = step_gflop()
+  _, _, state, batch, step = shakespeare_step()
+  gflop = compiled_gflop(step, state, batch)
   lines = [
     f"Measured {datetime.date.today()} on {machine()}; torch {_torch_version()}; "
     f"{args.rounds} interleaved round(s), medians.",
