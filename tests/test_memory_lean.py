@@ -476,3 +476,37 @@ def test_the_report_shows_the_trained_params_dtype():
   line = lambda path: next(x for x in text.splitlines() if x.startswith(path))
   assert "bfloat16" in line("hidden/kernel")
   assert "float32" in line("out/bias")  # frozen params keep the dtype they were built in
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnn", "linen"])
+def test_lean_state_with_batchnorm_dropout_and_linen_resumes_bitwise(name, tmp_path):
+  """The CNN (BatchNorm, Dropout, nnx.Rngs) and the bridged Linen transformer, int8 moments and
+  bf16 params, through python -m train: stopped at step 4 and resumed equals the whole run."""
+  lean = [
+    "optimizer.mu_dtype=int8",
+    "optimizer.nu_dtype=int8",
+    "optimizer.params_dtype=bfloat16",
+    "optimizer.quantize_min_size=0",
+    "optimizer.quantize_block_size=16",
+    *(["model.width=16"] if name == "cnn" else []),  # channels a block of 16 divides
+  ]
+  whole = run_train(name, tmp_path / "whole", *lean)
+  assert whole.returncode == 0, whole.stderr
+  line = next(x for x in whole.stdout.splitlines() if x.startswith("bytes per trained param"))
+  assert line.startswith("bytes per trained param: params 2.00 (bfloat16), mu ")
+  assert "(int8 " in line  # some moments quantized (the Linen embeddings stay float32)
+  split = tmp_path / "split"
+  assert run_train(name, split, *lean, "trainer.num_steps=4").returncode == 0
+  resumed = run_train(name, split, *lean, "trainer.allow_config_change=True")
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from step 4" in resumed.stdout
+  a, b = (checkpoint.restore_state(d) for d in (tmp_path / "whole", split))
+  assert any(
+    quantize.is_quantized(x) for x in jax.tree.leaves(a.opt_state, is_leaf=quantize.is_quantized)
+  )
+  for x, y in zip(jax.tree.leaves((a.params, a.rest, a.opt_state)),
+                  jax.tree.leaves((b.params, b.rest, b.opt_state)), strict=True):  # fmt: skip
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
