@@ -510,3 +510,19 @@ def test_lean_state_with_batchnorm_dropout_and_linen_resumes_bitwise(name, tmp_p
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_block_that_would_straddle_devices_is_a_user_error_through_the_cli(tmp_path):
+  workdir = tmp_path / "run"
+  out = run_train(
+    "mlp",
+    workdir,
+    "optimizer.mu_dtype=int8",
+    "optimizer.quantize_min_size=0",
+    "optimizer.quantize_block_size=16",  # up/bias: one block of 16 over a model axis of 2
+  )
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "would straddle two devices" in lines[0]
+  assert "optimizer.quantize_block_size" in lines[0] and "Traceback" not in out.stderr
+  assert not workdir.exists()

@@ -61,6 +61,20 @@ BAD = [
   ),
   (["optimizer.mu_dtype=float8"], "optimizer.mu_dtype: must be None or one of"),
   (["optimizer.weight_decay_mode=decoupled"], "optimizer.weight_decay_mode: must be"),
+  (["optimizer.nu_dtype=int4"], "optimizer.nu_dtype: must be None or one of"),
+  (["optimizer.params_dtype=float16"], "optimizer.params_dtype: must be None"),
+  (["optimizer.params_rounding=up"], "optimizer.params_rounding: must be one of"),
+  (["optimizer.quantize_block_size=8"], "optimizer.quantize_block_size: must be >= 16"),
+  (["optimizer.float_moments=*/kernel=maybe"], "optimizer.float_moments: float_moments rule"),
+  (
+    [
+      "optimizer.mu_dtype=int8",
+      "optimizer.float_moments=type:Embedd=true",
+      "trainer.allow_config_change=True",
+    ],
+    "optimizer.float_moments: float_moments rule #1 'type:Embedd' matches no parameter",
+  ),
+  (["trainer.final_eval_batches=-1"], "trainer.final_eval_batches: must be >= 0"),
   (
     ["optimizer.weight_decay_mask=*/bais=false, *=true", "trainer.allow_config_change=True"],
     "optimizer.weight_decay_mask: weight",
