@@ -5,7 +5,7 @@ Usage::
   python benchmarks/shakespeare_step.py            # ~1 min; writes its RESULTS.md section
   python benchmarks/shakespeare_step.py --no-write
 
-Times, interleaved in one process (medians over rounds), for the default
+Times, in one process (the three parts in interleaved rounds, medians), for the default
 recipe's model and batch:
 
 * the forward loss alone, the forward + backward (``jax.value_and_grad``), and
@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from common import (  # noqa: E402
   compiled_gflop,
+  interleaved_medians,
   machine,
   matmul_peak_gflops,
   shakespeare_step,
@@ -75,11 +76,26 @@ def main() -> None:
 
   forward = jax.jit(loss_of)
   grad = jax.jit(jax.value_and_grad(loss_of))
-  results: dict[str, float] = {
-    "forward loss": _timed(forward, state.params),
-    "forward + backward": _timed(grad, state.params),
-    "whole train step": _timed(step, state, batch),
-  }
+
+  def repeat(f, *args):
+    def run(iters: int) -> None:
+      for _ in range(iters):
+        out = f(*args)
+      jax.block_until_ready(out)
+
+    run(1)  # compile
+    return run
+
+  # The three parts in interleaved rounds, so that the machine's noise falls on all alike.
+  results = interleaved_medians(
+    {
+      "forward loss": repeat(forward, state.params),
+      "forward + backward": repeat(grad, state.params),
+      "whole train step": repeat(step, state, batch),
+    },
+    iters=10,
+    repeats=9,
+  )
   flops = compiled_gflop(step, state, batch) * 1e9
 
   # The step's matmuls: rows N = B*T; width D; per layer qkv (D->3D), proj (D->D),
@@ -127,7 +143,8 @@ def main() -> None:
   whole = results["whole train step"]
   lines = [
     f"Measured on {machine()}; the default recipe's model (4 layers, width 128) and batch "
-    f"({b} x {t}), medians of interleaved repetitions.",
+    f"({b} x {t}); the three parts timed in 9 interleaved rounds of 10 calls (medians), "
+    "each matmul on its own.",
     "",
     "| part | ms | share of the step |",
     "|---|---|---|",
