@@ -70,6 +70,7 @@ __all__ = [
   "param_specs",
   "per_device_bytes",
   "state_shardings",
+  "use_mesh",
 ]
 
 
@@ -398,6 +399,23 @@ def param_specs(
     target, params = params, nnx.state(params, nnx.Param)
   (specs,) = param_specs_of_groups([params], mesh_cfg, mesh=mesh, target=target)
   return specs
+
+
+def use_mesh(mesh: Mesh | AbstractMesh) -> Any:
+  """A context in which ``mesh`` is the current mesh (``jax.set_mesh``).
+
+  Init, train and eval steps are traced inside it, so a model's own
+  activation constraints (``jax.lax.with_sharding_constraint(x, P(...))``,
+  ``nnx.with_partitioning``) resolve against the run's mesh, as their authors
+  intend (outside a mesh, ``P(...)`` constraints are an error).
+
+  Args:
+    mesh: the run's mesh (a concrete one, or an ``AbstractMesh``).
+
+  Returns:
+    A context manager.
+  """
+  return jax.set_mesh(mesh)
 
 
 def named(mesh: Mesh | AbstractMesh) -> Callable[[Any], Any]:

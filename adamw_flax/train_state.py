@@ -860,6 +860,51 @@ def make_eval_step(
   return jax.jit(eval_step, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+  """The compiled steps of a run, as ``python -m train`` runs them.
+
+  Attributes:
+    train: the train step (:func:`make_train_step`), state donated.
+    evals: ``metric prefix -> eval step`` (``""``: the params; ``"ema_"``: the
+      EMA weights, when the run keeps an EMA).
+  """
+
+  train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+  evals: dict[str, Callable[[TrainState, Batch], dict[str, jax.Array]]]
+
+
+def make_run_steps(
+  run: Any, loss_fn: LossFn, *, state_sharding: Any = None, batch_sharding: Any = None
+) -> RunSteps:
+  """The train and eval steps a run plan describes: the trainer's and ``train.compile``'s.
+
+  Args:
+    run: the :class:`~adamw_flax.plan.RunPlan` (or a full config).
+    loss_fn: the registered model's loss.
+    state_sharding: shardings of the state (a :class:`TrainState` of shardings), if any.
+    batch_sharding: sharding of a batch, if any.
+
+  Returns:
+    The :class:`RunSteps`.
+  """
+  run = plan.make_plan(run)
+  tc = run.trainer
+  placed = {"state_sharding": state_sharding, "batch_sharding": batch_sharding}
+  train = make_train_step(
+    loss_fn,
+    accumulate_steps=run.optimizer.accumulate_steps,
+    seed=tc.seed,
+    spikes=run.optimizer.spikes,
+    ema_decay=tc.ema_decay,
+    **placed,
+  )
+  evals = {"": make_eval_step(loss_fn, seed=tc.seed, **placed)}
+  if tc.ema_decay:  # the EMA weights too: metrics "ema_loss", ...
+    evals["ema_"] = make_eval_step(loss_fn, seed=tc.seed, ema=True, **placed)
+  return RunSteps(train=train, evals=evals)
+
+
 def param_count(tree: PyTree) -> int:
   """Number of scalars in a tree of arrays.
 

@@ -529,7 +529,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start: float):
-  config, tc = run.config, run.trainer
+  config = run.config
   check_workdir_config(config, workdir)
 
   # --- the run: mesh, data, model
@@ -538,6 +538,11 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start:
     # Processes that hold replicas of the same batch rows (a model axis across
     # processes) load the same slice: the mesh, not the process id, decides.
     data_index, data_count = sharding.data_shard_info(mesh, run.mesh)
+  return _train_on_mesh(run, workdir, main, sigterm, t_start, mesh, data_index, data_count)
+
+
+def _train_on_mesh(run, workdir, main, sigterm, t_start, mesh, data_index, data_count):
+  config, tc = run.config, run.trainer
   with user_errors(f"data ({run.data.name})"):
     dataset = registry.DATASETS.get(run.data.name)(
       run.data, seed=tc.seed, process_index=data_index, process_count=data_count
@@ -598,28 +603,10 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
   tc, cc = run.trainer, run.checkpoint
   num_steps = tc.num_steps
   batch_sharding = sharding.batch_sharding(mesh, run.mesh)
-  train_step = train_state.make_train_step(
-    model_entry.loss,
-    state_sharding=state_sharding,
-    batch_sharding=batch_sharding,
-    accumulate_steps=run.optimizer.accumulate_steps,
-    seed=tc.seed,
-    spikes=run.optimizer.spikes,
-    ema_decay=tc.ema_decay,
+  steps = train_state.make_run_steps(
+    run, model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding
   )
-  eval_steps = {
-    "": train_state.make_eval_step(
-      model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding, seed=tc.seed
-    )
-  }
-  if tc.ema_decay:  # the EMA weights too: metrics "ema_loss", ...
-    eval_steps["ema_"] = train_state.make_eval_step(
-      model_entry.loss,
-      state_sharding=state_sharding,
-      batch_sharding=batch_sharding,
-      seed=tc.seed,
-      ema=True,
-    )
+  train_step, eval_steps = steps.train, steps.evals
   start = int(state.step)
   # A checkpoint of the first build has {"step": n} only: position == step then.
   c = _Counters(step=start, position=int(data_state.get("position", data_state.get("step", start))))
