@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# The tests run on CPU; with libtpu installed (the tpu extra), JAX would otherwise
+# spend seconds at every start looking for a TPU. Children inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
