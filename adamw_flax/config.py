@@ -107,9 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
   o.accumulate_steps = 1  # split each step's batch into this many micro-batches (same updates)
   o.skip_nonfinite = False  # skip steps whose gradients hold NaN/inf (optax.apply_if_finite)
   o.skip_spikes = False  # skip updates whose loss or grad norm is a spike (z-score, below)
-  o.spike_window = 128  # skip_spikes: applied updates in the rolling mean and std
+  o.spike_window = 128  # skip_spikes: steps in the rolling mean and std (every step enters)
   o.spike_threshold = 6.0  # skip_spikes: z-score of a spike (MaxText/OLMo-core: 6)
-  o.spike_warmup = 128  # skip_spikes: applied updates before any is skipped
+  o.spike_warmup = 64  # skip_spikes: steps in the window before any is skipped (window // 2)
+  o.skip_spikes_max_consecutive = 32  # skip_spikes: stop the run after this many skips in a row
   o.update_rms_clip = 0.0  # clip each tensor's update RMS to this times lr(t); 0 = off
 
   t = c.trainer = ml_collections.ConfigDict()
@@ -123,10 +124,14 @@ def default_config() -> ml_collections.ConfigDict:
   t.allow_config_change = False  # resume a workdir whose saved config differs
   t.progress = True  # show a progress bar on stderr
   t.ema_decay = 0.0  # EMA of the params (e.g. 0.999), evaluated beside them; 0 = off
-  t.ema_dtype = "float32"  # dtype of the EMA params
+  t.ema_dtype = "float32"  # storage dtype of the EMA params (the arithmetic is float32)
+  t.ema_warmup = False  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t (timm, Kauldron)
   t.wandb_project = ""  # also log the metrics rows to this W&B project (needs wandb); "" = off
   t.wandb_mode = ""  # "online", "offline" or "disabled"; "" = W&B's default (WANDB_MODE)
   t.profile_steps = ()  # (start, stop): a JAX profiler trace of those updates in WORKDIR/profile
+  t.stall_timeout_s = (
+    900.0  # exit (status 75) after this long without progress, with stacks; 0 = off
+  )
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every_steps = 1000  # steps between saves; 0 = only at the end
@@ -315,6 +320,16 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
   need(o.spike_window >= 2, "optimizer.spike_window", f"must be >= 2, got {o.spike_window}")
   need(o.spike_threshold > 0, "optimizer.spike_threshold", f"must be > 0, got {o.spike_threshold}")
   need(o.spike_warmup >= 2, "optimizer.spike_warmup", f"must be >= 2, got {o.spike_warmup}")
+  need(
+    o.skip_spikes_max_consecutive >= 1,
+    "optimizer.skip_spikes_max_consecutive",
+    f"must be >= 1, got {o.skip_spikes_max_consecutive}",
+  )
+  need(
+    t.stall_timeout_s >= 0,
+    "trainer.stall_timeout_s",
+    f"must be >= 0 seconds (0: no watchdog), got {t.stall_timeout_s}",
+  )
   need(
     o.update_rms_clip >= 0, "optimizer.update_rms_clip", f"must be >= 0, got {o.update_rms_clip}"
   )

@@ -2,10 +2,17 @@
 
 The command line (``python -m train``) prints a :class:`UserError` as one to
 three lines and exits with status 2, without a traceback unless
-``--verbosity`` is given; anything else is a bug and keeps its traceback.
+``--verbosity`` is given. An exception raised in the user's own code (model,
+loss, dataset) is a :class:`UserCodeError`: a few lines naming the user's
+frame and the batch, status 1. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import os
+import sysconfig
+import traceback
+from typing import Any
 
 
 class UserError(Exception):
@@ -14,3 +21,87 @@ class UserError(Exception):
 
 class WorkdirError(UserError):
   """A workdir that cannot be used: a file, read-only, or locked by another run."""
+
+
+class UserCodeError(Exception):
+  """An exception raised in the user's own code (model, loss, dataset), reported short.
+
+  ``python -m train`` prints :attr:`report` (the user's frame, the line, the
+  batch's keys and shapes, one line of advice) and exits with status 1; the
+  original exception is the cause, shown with ``--verbosity=1``.
+
+  Attributes:
+    report: the lines to print.
+  """
+
+  def __init__(self, report: str):
+    super().__init__(report)
+    self.report = report
+
+
+def _library_dirs() -> tuple[str, ...]:
+  paths = sysconfig.get_paths()
+  dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+  dirs.add(os.path.dirname(os.path.abspath(__file__)))  # adamw_flax itself
+  return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+
+
+def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+  """The innermost frame of ``exc``'s traceback in the user's own code, if any.
+
+  The user's code is any file outside the standard library, the installed
+  packages and ``adamw_flax``.
+
+  Args:
+    exc: an exception with its traceback.
+
+  Returns:
+    The frame, or None when every frame is library code.
+  """
+  lib = _library_dirs()
+  frames = traceback.extract_tb(exc.__traceback__)
+  for frame in reversed(frames):
+    path = os.path.realpath(frame.filename)
+    if frame.filename.startswith("<") or path.startswith(lib):
+      continue
+    return frame
+  return None
+
+
+def _shapes(batch: Any) -> str:
+  if not isinstance(batch, dict):
+    return type(batch).__name__
+  parts = []
+  for key, value in batch.items():
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    parts.append(
+      f"{key} {dtype}[{', '.join(map(str, shape))}]"
+      if shape is not None
+      else f"{key} {value!r:.40}"
+    )
+  return ", ".join(parts) or "(empty)"
+
+
+def describe_user_exception(exc: BaseException, where: str, *, batch: Any = None) -> str:
+  """A short report of an exception raised in user code: what, where, the batch, what to do.
+
+  Args:
+    exc: the exception.
+    where: what was running (``"the train step"``, ``"the model's constructor"``).
+    batch: the batch it ran on, if any (its keys, dtypes and shapes are shown).
+
+  Returns:
+    Two to four lines.
+  """
+  message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+  what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+  frame = user_frame(exc)
+  if frame is not None:
+    where_line = f"{os.path.relpath(frame.filename)}:{frame.lineno} (in {frame.name})"
+    lines = [f"error: {what[:300]}", f"  in {where} at {where_line}: {(frame.line or '').strip()}"]
+  else:
+    lines = [f"error: {what[:300]}", f"  in {where} (no frame of your code in the traceback)"]
+  if batch is not None:
+    lines.append(f"  batch: {_shapes(batch)}")
+  lines.append("  (this is your code's exception; the full traceback: --verbosity=1)")
+  return "\n".join(lines)

@@ -38,20 +38,48 @@ Rules = tuple[masks.Rule, ...]
 class SpikeRule:
   """When the train step skips an update as a loss or gradient-norm spike (``optimizer.skip_spikes``).
 
-  An update is skipped when its loss or gradient norm exceeds the mean of the
-  last ``window`` applied updates by more than ``threshold`` standard
-  deviations, once ``warmup`` updates have been seen (MaxText's
-  ``skip_step_on_spikes``, after OLMo-core: a window of 128, 6 sigma).
+  As OLMo-core's ``SkipStepOptimizer``, MaxText's ``skip_step_on_spikes`` and
+  Levanter's ``skip_bad_steps`` do: an update is skipped when its loss or
+  gradient norm exceeds the mean of the last ``window`` steps by more than
+  ``threshold`` sample standard deviations, once ``warmup`` steps are in the
+  window. Every step's loss and gradient norm enters the window, skipped or
+  not, so a lasting rise (a data-mixture change) becomes the new baseline
+  instead of making every later update a spike. A skipped step consumes its
+  batch and counts toward ``trainer.num_steps``; its schedules advance, Adam's
+  moments and count do not. ``max_consecutive`` skips in a row stop the run.
 
   Attributes:
-    window: updates in the rolling statistics.
+    window: steps in the rolling statistics.
     threshold: the z-score beyond which an update is a spike.
-    warmup: applied updates before any is skipped.
+    warmup: steps in the window before any is skipped (the references: ``window // 2``).
+    max_consecutive: skips in a row that stop the run.
   """
 
   window: int = 128
   threshold: float = 6.0
-  warmup: int = 128
+  warmup: int = 64
+  max_consecutive: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaRule:
+  """The EMA of the params kept beside them (``trainer.ema_decay``, ``ema_dtype``, ``ema_warmup``).
+
+  After each applied update :math:`t` (1-based), ``ema = d_t * ema + (1 - d_t)
+  * params`` in float32, with ``d_t = min(decay, (1 + t) / (10 + t))`` under
+  ``warmup`` (Kauldron's ``ema_params``, after Stable Diffusion) and ``decay``
+  otherwise; a 16-bit (bfloat16) EMA is stored with stochastic rounding, so
+  it moves even when one step's change is below half a bfloat16 ulp.
+
+  Attributes:
+    decay: the decay (0 < decay < 1).
+    dtype: the EMA's storage dtype name.
+    warmup: ramp the decay up from 2/11 as above.
+  """
+
+  decay: float
+  dtype: str = "float32"
+  warmup: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +145,13 @@ class TrainerPlan:
   wandb_project: str
   wandb_mode: str
   final_eval_batches: int = 0
+  ema_warmup: bool = False
+  stall_timeout_s: float = 900.0
+
+  @property
+  def ema(self) -> EmaRule | None:
+    """The :class:`EmaRule`, or None without an EMA."""
+    return EmaRule(self.ema_decay, self.ema_dtype, self.ema_warmup) if self.ema_decay else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +214,10 @@ def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPl
     skip_nonfinite=bool(section.skip_nonfinite),
     grad_clip_norm=float(section.grad_clip_norm),
     spikes=SpikeRule(
-      int(section.spike_window), float(section.spike_threshold), int(section.spike_warmup)
+      int(section.spike_window),
+      float(section.spike_threshold),
+      int(section.spike_warmup),
+      int(section.skip_spikes_max_consecutive),
     )
     if section.skip_spikes
     else None,

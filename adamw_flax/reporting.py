@@ -332,6 +332,11 @@ class ProgressBar:
       self.stream.write(line + "\n")
     self.stream.flush()
 
+  def write(self, line: str) -> None:
+    """Prints ``line`` on a line of its own (the bar, on a terminal, is redrawn after it)."""
+    self.stream.write(("\r\x1b[K" if self._tty else "") + line + "\n")
+    self.stream.flush()
+
   def close(self) -> None:
     if self.enabled and self._tty:
       self.stream.write("\n")

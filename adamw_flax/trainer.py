@@ -34,7 +34,6 @@ import math
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +46,7 @@ from etils import epath
 
 from adamw_flax import (
   checkpoint,
+  errors,
   fs,
   plan,
   quantize,
@@ -54,6 +54,7 @@ from adamw_flax import (
   reporting,
   sharding,
   train_state,
+  watchdog,
 )
 from adamw_flax.config import (
   ConfigError,
@@ -63,7 +64,7 @@ from adamw_flax.config import (
   config_with_defaults,
   user_errors,
 )
-from adamw_flax.errors import UserError, WorkdirError
+from adamw_flax.errors import UserCodeError, UserError, WorkdirError
 
 log = logging.getLogger("adamw_flax")
 
@@ -157,6 +158,32 @@ def _prepare_workdir(workdir: epath.Path) -> bool:
   return not existed
 
 
+@contextlib.contextmanager
+def _user_code(where: str, batch: Any = None) -> Iterator[None]:
+  """Reports an exception raised in the user's code (traced at a step's first call) in short."""
+  try:
+    yield
+  except (UserError, UserCodeError, TrainingDiverged):
+    raise
+  except Exception as e:  # noqa: BLE001 (any exception of the user's model, loss or data)
+    if errors.user_frame(e) is None:
+      raise  # every frame is library code: a bug of ours (or theirs), with its traceback
+    raise UserCodeError(errors.describe_user_exception(e, where, batch=batch)) from e
+
+
+def _holds_checkpoints(workdir: epath.Path) -> bool:
+  """Whether ``workdir`` has a committed checkpoint, or unreadable ones moved aside."""
+  # Orbax names a committed step's directory by the bare step number; a save in
+  # progress (or interrupted) is "<step>.orbax-checkpoint-tmp-<n>".
+  for name in ("checkpoints", "checkpoints.corrupt"):
+    root = workdir / name
+    if root.is_dir() and any(
+      p.name.isdigit() or name.endswith("corrupt") for p in root.iterdir() if p.is_dir()
+    ):
+      return True
+  return False
+
+
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
   """Refuses a workdir holding a run of another config (unless allowed).
 
@@ -173,7 +200,9 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
     workdir: the run's directory.
   """
   path = workdir / "config.json"
-  if not path.exists():
+  if not path.exists() or not _holds_checkpoints(workdir):
+    # A run that failed before its first checkpoint (a loss that raises at
+    # step 1, a batch the mesh cannot split) holds no run: start this config.
     return []
   try:
     old = json.loads(path.read_text())
@@ -229,65 +258,31 @@ def write_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
 # ------------------------------------------------------------------ signals
 
 
-class SigtermFlag:
-  """Turns SIGTERM into a flag the training loop polls at step boundaries.
+@dataclasses.dataclass
+class _Guards:
+  """What keeps a run from hanging or losing work: stop signals and the stall watchdog."""
 
-  Without ``jax.distributed`` there is no preemption notifier, and SIGTERM's
-  default action would kill the process mid-step, losing the work since the
-  last checkpoint. One process needs no agreement, so a flag is enough. A
-  second SIGTERM terminates the process as usual. With ``jax.distributed``,
-  JAX's preemption service handles SIGTERM (see
-  :meth:`adamw_flax.checkpoint.Checkpoints.reached_preemption`).
-  """
-
-  def __init__(self) -> None:
-    self.event = threading.Event()
-    self._previous: Any = None
-    self.installed = False
-
-  def install(self) -> None:
-    if threading.current_thread() is not threading.main_thread():
-      log.warning("trainer runs off the main thread: SIGTERM will not trigger a save")
-      return
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    self.installed = True
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    del frame
-    if self.event.is_set():
-      self.uninstall()
-      os.kill(os.getpid(), signum)
-      return
-    log.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
-    self.event.set()
-
-  def is_set(self) -> bool:
-    return self.event.is_set()
-
-  def uninstall(self) -> None:
-    if self.installed and threading.current_thread() is threading.main_thread():
-      signal.signal(
-        signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL
-      )
-      self.installed = False
-
-
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[SigtermFlag]:
-  flag = SigtermFlag()
-  if not jax.distributed.is_initialized():
-    flag.install()
-  try:
-    yield flag
-  finally:
-    flag.uninstall()
+  signals: watchdog.StopSignals
+  watchdog: watchdog.Watchdog
 
 
 # ------------------------------------------------------------------ start-up
 
 
-def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dict[str, float]:
+def evaluate(
+  eval_step, state, dataset, num_batches: int, mesh, mesh_cfg, *, beat=None
+) -> dict[str, float]:
   """Mean of ``eval_step``'s metrics over ``num_batches`` validation batches.
+
+  At most two eval steps are in flight: batch ``i + 1`` is dispatched before
+  batch ``i``'s metrics are read, and the metrics are summed on the host in
+  float64. Dispatching every batch at once (and adding the metrics on the
+  devices) deadlocked multi-device runs: XLA:CPU launches a multi-device
+  program device by device, each device admits a bounded number of programs
+  in flight, and with hundreds queued, one device's part of an all-reduce
+  waited for a slot held by programs queued behind that very all-reduce on
+  another device (1 process x 4 devices aborted at XLA's rendezvous timeout,
+  2 processes x 2 devices hung).
 
   Args:
     eval_step: the compiled eval step.
@@ -296,21 +291,37 @@ def evaluate(eval_step, state, dataset, num_batches: int, mesh, mesh_cfg) -> dic
     num_batches: how many validation batches.
     mesh: the device mesh.
     mesh_cfg: the ``mesh`` section or its plan.
+    beat: called with the batch index after each batch's metrics are read
+      (the stall watchdog's progress), if given.
 
   Returns:
     ``metric -> mean``.
   """
-  totals: dict[str, Any] = {}
+  totals: dict[str, float] = {}
   count = 0
+
+  def read(metrics) -> None:
+    nonlocal count
+    for key, value in jax.device_get(metrics).items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+    count += 1
+    if beat is not None:
+      beat(count)
+
+  pending = None
   for batch in dataset.eval_batches(num_batches):
     metrics = eval_step(state, sharding.global_batch(batch, mesh, mesh_cfg))
-    for key, value in metrics.items():
-      totals[key] = totals.get(key, 0.0) + value
-    count += 1
-  return {k: float(v) / max(count, 1) for k, v in jax.device_get(totals).items()}
+    if pending is not None:
+      read(pending)
+    pending = metrics
+  if pending is not None:
+    read(pending)
+  return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-def evaluate_all(eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg) -> dict[str, float]:
+def evaluate_all(
+  eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg, *, beat=None
+) -> dict[str, float]:
   """:func:`evaluate` with each eval step, its metrics prefixed by the step's key.
 
   Args:
@@ -320,13 +331,14 @@ def evaluate_all(eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg) -
     num_batches: validation batches.
     mesh: the device mesh.
     mesh_cfg: the ``mesh`` section or its plan.
+    beat: as for :func:`evaluate`.
 
   Returns:
     ``prefix + metric -> mean``.
   """
   out: dict[str, float] = {}
   for prefix, step in eval_steps.items():
-    metrics = evaluate(step, state, dataset, num_batches, mesh, mesh_cfg)
+    metrics = evaluate(step, state, dataset, num_batches, mesh, mesh_cfg, beat=beat)
     out.update({prefix + k: v for k, v in metrics.items()})
   return out
 
@@ -479,6 +491,7 @@ class _Counters:
   step: int  # optimizer updates confirmed (metrics read)
   position: int  # batches drawn
   nonfinite: int = 0
+  spikes_in_a_row: int = 0
   loss_sum: float = 0.0
   loss_count: int = 0
   train_loss: float = float("nan")
@@ -498,7 +511,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   Returns:
     A summary: ``step`` reached, last ``train_loss`` and ``eval_loss``,
-    ``wall_time``, ``preempted`` and ``skipped`` (non-finite updates skipped).
+    ``wall_time``, ``preempted`` (stopped by a signal, after saving), ``interrupted`` (by
+    SIGINT, Ctrl-C) and ``skipped`` (updates skipped).
 
   Raises:
     UserError: an invalid config, a workdir of another run or in use, a
@@ -515,8 +529,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if main:
     lock.acquire()
   try:
-    with _sigterm_flag() as sigterm:
-      return _train(run, workdir, main, sigterm, t_start)
+    guard = watchdog.Watchdog(run.trainer.stall_timeout_s, workdir, jax.process_index())
+    with watchdog.StopSignals() as signals, guard:
+      return _train(run, workdir, main, _Guards(signals, guard), t_start)
   except UserError:
     if created and main and not fs.is_remote(workdir):
       lock.release()
@@ -528,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     lock.release()
 
 
-def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start: float):
+def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards: _Guards, t_start):
   config = run.config
   check_workdir_config(config, workdir)
 
@@ -538,14 +553,20 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, sigterm, t_start:
     # Processes that hold replicas of the same batch rows (a model axis across
     # processes) load the same slice: the mesh, not the process id, decides.
     data_index, data_count = sharding.data_shard_info(mesh, run.mesh)
-  return _train_on_mesh(run, workdir, main, sigterm, t_start, mesh, data_index, data_count)
+  # Init, train and eval steps traced under the run's mesh: models' own P(...) constraints.
+  with sharding.use_mesh(mesh):
+    return _train_on_mesh(run, workdir, main, guards, t_start, mesh, data_index, data_count)
 
 
-def _train_on_mesh(run, workdir, main, sigterm, t_start, mesh, data_index, data_count):
+def _train_on_mesh(run, workdir, main, guards, t_start, mesh, data_index, data_count):
   config, tc = run.config, run.trainer
   with user_errors(f"data ({run.data.name})"):
     dataset = registry.DATASETS.get(run.data.name)(
       run.data, seed=tc.seed, process_index=data_index, process_count=data_count
+    )
+  with user_errors("mesh"):
+    sharding.check_batch_size(
+      int(dataset.global_batch_size), mesh, run.mesh, run.optimizer.accumulate_steps
     )
   model_entry = registry.MODELS.get(run.model.name)
 
@@ -584,7 +605,7 @@ def _train_on_mesh(run, workdir, main, sigterm, t_start, mesh, data_index, data_
       run,
       workdir,
       main,
-      sigterm,
+      guards,
       t_start,
       mesh,
       dataset,
@@ -598,7 +619,7 @@ def _train_on_mesh(run, workdir, main, sigterm, t_start, mesh, data_index, data_
     ckpts.close()
 
 
-def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpts, state,
+def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts, state,
           state_sharding, data_state):  # fmt: skip
   tc, cc = run.trainer, run.checkpoint
   num_steps = tc.num_steps
@@ -631,14 +652,18 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     reporting.plot_losses(path)
     plot_times.append(time.perf_counter() - t)
 
+  wd = guards.watchdog
+
   def save() -> None:
     t = time.perf_counter()
+    wd.beat(None, f"the checkpoint save of step {c.step}")
     ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
+    wd.beat(f"the checkpoint save of step {c.step}", "training")
     costs["saves"] += time.perf_counter() - t
 
   last_good_step = ckpts.latest_step()
   skipped_total = 0
-  preempted = False
+  preempted = interrupted = False
   t_log, step_log = time.perf_counter(), start
 
   def data_pos() -> dict[str, int]:
@@ -649,6 +674,7 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     nonlocal t_log, step_log, skipped_total
     metrics, position = dispatched
     m = jax.device_get(metrics)
+    wd.beat(f"train step {c.step + 1}", f"train step {c.step + 2}", first=False)
     if not costs["first_step"]:  # dispatch to done of the first step: compilation, mostly
       costs["first_step"] = time.perf_counter() - t_loop
     loss, applied = float(m["loss"]), bool(m["applied"])
@@ -667,15 +693,34 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
         f"loss was non-finite for {c.nonfinite} consecutive steps (at step {c.step}); stopped "
         f"without saving; {where}. To go on: {fixes}."
       )
+    spike = bool(m.get("spike", 0))
+    c.spikes_in_a_row = c.spikes_in_a_row + 1 if spike else 0
     if not applied:
-      reason = "spike" if m.get("spike", 0) else "nonfinite"
+      reason = "spike" if spike else "nonfinite"
       if writer:
         row = {"loss": loss, "grad_norm": float(m["grad_norm"]), "reason": reason,
                "skipped": skipped_total, "position": position}  # fmt: skip
         if "skipped_spikes" in m:
           row["skipped_spikes"] = int(m["skipped_spikes"])
-        writer.write(c.step, "skipped", row)
-      return False
+        writer.write(c.step + spike, "skipped", row)
+      if not spike:
+        return False
+      # A spike consumes its step (as in MaxText, OLMo-core, Levanter): say so.
+      c.step += 1
+      if main:
+        progress.write(
+          f"step {c.step}: skipped as a loss spike (loss {loss:.4g}, grad norm "
+          f"{float(m['grad_norm']):.4g}; {c.spikes_in_a_row} in a row)"
+        )
+      rule = run.optimizer.spikes
+      if c.spikes_in_a_row >= rule.max_consecutive:
+        raise TrainingDiverged(
+          f"{c.spikes_in_a_row} steps in a row were skipped as loss spikes (to step {c.step}): "
+          f"the loss has risen for good. Stopped; the last checkpoint is kept. To go on: raise "
+          f"optimizer.spike_threshold or optimizer.skip_spikes_max_consecutive, or set "
+          f"optimizer.skip_spikes=False."
+        )
+      return True
     c.step += 1
     c.train_loss = loss
     c.loss_sum += loss
@@ -699,7 +744,10 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
   def run_eval(step: int) -> None:
     nonlocal eval_metrics, t_log
     t_eval = time.perf_counter()
-    eval_metrics = evaluate_all(eval_steps, state, dataset, tc.eval_batches, mesh, run.mesh)
+    with _user_code("the eval step (your model and loss, train=False)"):
+      eval_metrics = evaluate_all(
+        eval_steps, state, dataset, tc.eval_batches, mesh, run.mesh, beat=eval_beat(step)
+      )
     t_log += time.perf_counter() - t_eval  # throughput counts training time only
     costs["evals"] += time.perf_counter() - t_eval
     if writer:
@@ -707,17 +755,29 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
       plots.submit(plot, workdir)
     progress.update(step, {"eval_loss": eval_metrics["loss"]})
 
+  def eval_beat(step: int):
+    what = f"the evaluation at step {step}"
+    wd.beat(None, what)
+    return lambda i: wd.beat(f"batch {i} of {what}", what)
+
   pending = None  # the metrics of the last dispatched step, read one step late
+  first_position = c.position
   profile = Profile(workdir / "profile", tc.profile_steps) if main else None
   t_loop = time.perf_counter()
   try:
     while c.step + (pending is not None) < num_steps:
       if profile:
         profile.at(c.step + (pending is not None), state)
+      wd.beat(None, f"loading batch {c.position} (train step {c.step + 1 + (pending is not None)})")
       batch = sharding.global_batch(
         dataset.train_batch(c.position), mesh, run.mesh, global_batch_size=dataset.global_batch_size
       )
-      state, metrics = train_step(state, batch)
+      wd.beat(None, f"train step {c.step + 1 + (pending is not None)}")
+      if c.position == first_position:  # traced now: the user's model and loss run
+        with _user_code("the train step (your model and loss)", batch):
+          state, metrics = train_step(state, batch)
+      else:
+        state, metrics = train_step(state, batch)
       dispatched = (metrics, c.position)
       c.position += 1
       # Read the previous step's metrics only now, with this step already
@@ -728,7 +788,11 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
       due = c.step + 1  # the update count if this step is applied
       is_eval = bool(tc.eval_every) and due % tc.eval_every == 0 and due < num_steps
       is_save = bool(cc.every_steps) and due % cc.every_steps == 0 and due < num_steps
-      stop = sigterm.is_set() or ckpts.reached_preemption(c.position)
+      # One process stops on its own signal; several stop where JAX's
+      # preemption service tells all of them to (StopSignals forwards to it).
+      stop = (guards.signals.is_set() and jax.process_count() == 1) or ckpts.reached_preemption(
+        c.position
+      )
       if not (is_eval or is_save or stop or due == num_steps):
         continue
       # A boundary: read this step now (never evaluate or save an unchecked state).
@@ -741,10 +805,13 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
         last_good_step = c.step
       if stop:
         save()
+        wd.beat(None, f"writing the checkpoint of step {c.step}")
         ckpts.wait()
         preempted = True
+        interrupted = guards.signals.received == signal.SIGINT
         if main:
-          print(f"\npreempted: saved step {c.step}; rerun the same command to resume", flush=True)
+          what = "interrupted" if interrupted else "preempted"
+          print(f"\n{what}: saved step {c.step}; rerun the same command to resume", flush=True)
         break
     if pending is not None:
       finish(pending)
@@ -752,13 +819,17 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
       final_batches = tc.final_eval_batches or tc.eval_batches
       if final_batches:
         t_eval = time.perf_counter()
-        eval_metrics = evaluate_all(eval_steps, state, dataset, final_batches, mesh, run.mesh)
+        with _user_code("the eval step (your model and loss, train=False)"):
+          eval_metrics = evaluate_all(
+            eval_steps, state, dataset, final_batches, mesh, run.mesh, beat=eval_beat(c.step)
+          )
         costs["evals"] += time.perf_counter() - t_eval
         if writer:
           writer.write(c.step, "eval", {**eval_metrics, "wall_time": time.perf_counter() - t_start})
       if ckpts.latest_step() != c.step:
         save()
       t_wait = time.perf_counter()
+      wd.beat(None, f"writing the checkpoint of step {c.step}")
       ckpts.wait()
       costs["saves"] += time.perf_counter() - t_wait
   finally:
@@ -785,6 +856,7 @@ def _loop(run, workdir, main, sigterm, t_start, mesh, dataset, model_entry, ckpt
     "eval_loss": eval_metrics.get("loss", float("nan")),
     "wall_time": time.perf_counter() - t_start,
     "preempted": preempted,
+    "interrupted": interrupted,
     "skipped": skipped_total,
   }
   if main:

@@ -78,7 +78,7 @@ def _say(*parts: Any) -> None:
 
 
 def train(directory: str, num_steps: int, sleep: float = 0.0) -> None:
-  from adamw_flax import checkpoint, registry, train_state, trainer
+  from adamw_flax import checkpoint, registry, train_state, watchdog
 
   cfg = tiny_config()
   ckpts = checkpoint.Checkpoints(directory, cfg, data_info=DATA_INFO)
@@ -89,7 +89,7 @@ def train(directory: str, num_steps: int, sleep: float = 0.0) -> None:
   else:
     state = train_state.state_from_config(cfg, DATA_INFO)
   step_fn = train_state.make_train_step(registry.MODELS.get(cfg.model.name).loss)
-  sigterm = trainer.SigtermFlag()
+  sigterm = watchdog.StopSignals()
   sigterm.install()
   for step in range(int(state.step), num_steps):
     state, _ = step_fn(state, batch(step))

@@ -25,7 +25,7 @@ import optax
 import pytest
 from flax import nnx
 
-from adamw_flax import checkpoint, registry, train_state, trainer, transform
+from adamw_flax import checkpoint, registry, train_state, transform, watchdog
 from tests import ckpt_worker as worker
 from tests.conftest import ROOT, subprocess_env
 
@@ -349,13 +349,13 @@ def test_sigterm_sets_the_trainers_flag_in_one_process(tmp_path):
   before = signal.getsignal(signal.SIGTERM)
   with checkpoint.Checkpoints(tmp_path, worker.tiny_config(), data_info=INFO) as ckpts:
     assert signal.getsignal(signal.SIGTERM) == before  # checkpoints install no handler
-    flag = trainer.SigtermFlag()
+    flag = watchdog.StopSignals(announce=False)
     flag.install()
     assert not flag.is_set() and not ckpts.reached_preemption(1)
     os.kill(os.getpid(), signal.SIGTERM)
     deadline = time.monotonic() + 5
     while not flag.is_set() and time.monotonic() < deadline:
-      time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+      time.sleep(0.01)  # the listener thread reads the signal from the wakeup fd
     assert flag.is_set()
     flag.uninstall()
   assert signal.getsignal(signal.SIGTERM) == before  # uninstall() hands SIGTERM back

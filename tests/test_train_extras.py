@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from adamw_flax import checkpoint, optim, plan, reporting, train_state, trainer
 from adamw_flax.registry import MODELS
 from tests import trainer_models
+from tests.conftest import subprocess_env
 from tests.test_core import resumed_and_whole
 from tests.test_trainer import regression_config
 
@@ -25,24 +29,36 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves((state.step, state.params, state.opt_state))]
 
 
+def _schedule_counts(opt_state):
+  is_node = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return [int(x.count) for x in jax.tree.leaves(opt_state, is_leaf=is_node) if is_node(x)]
+
+
 def test_spikes_are_skipped_and_normal_steps_match_the_plain_optimizer():
   cfg = regression_config(num_steps=30)
   cfg.optimizer.skip_spikes = True
   cfg.optimizer.spike_window = 8
   cfg.optimizer.spike_warmup = 8
-  cfg.data.spike_at = (12, 20)
+  cfg.data.spike_at = (12, 24)  # 12 leaves the window (8) before 24
+  cfg.optimizer.schedule, cfg.optimizer.warmup_steps = "warmup_cosine", 4
   run = plan.make_plan(cfg)
   state = train_state.state_from_config(run, {"features": 4})
-  guarded = train_state.make_train_step(LOSS, donate=False, spikes=run.optimizer.spikes)
+  guarded = train_state.make_train_step(LOSS, donate=False)  # the rule comes with the state
   plain = train_state.make_train_step(LOSS, donate=False)
   data = _data(cfg)
   skipped = []
-  for position in range(24):
+  for position in range(28):
     batch = data.train_batch(position)
     new, metrics = guarded(state, batch)
-    if position in (12, 20):
+    if position in (12, 24):
       assert int(metrics["spike"]) == 1 and int(metrics["applied"]) == 0
-      assert all(np.array_equal(a, b) for a, b in zip(_leaves(new), _leaves(state), strict=True))
+      # Params, moments, Adam's count and the model state are kept; the step and
+      # the schedules advance (the skipped step consumed its batch).
+      kept = (state.params, state.rest, train_state.advance_schedules(state.opt_state))
+      for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves((new.params, new.rest, new.opt_state)),
+                      strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+      assert int(new.step) == int(state.step) + 1
       skipped.append(position)
     else:
       reference, _ = plain(state.replace(extra={}), batch)
@@ -51,26 +67,55 @@ def test_spikes_are_skipped_and_normal_steps_match_the_plain_optimizer():
         # compiles the program with the spike test, a larger one, differently).
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
       assert int(metrics["spike"]) == 0
+    # The logged lr is the applied one: the schedule's count is the state's step.
+    assert _schedule_counts(new.opt_state) == [int(new.step)]
     state = new
-  assert skipped == [12, 20]
-  assert int(state.step) == 22 and int(state.extra["spikes"]["skipped"]) == 2
+  assert skipped == [12, 24]
+  assert int(state.step) == 28 and int(state.extra["spikes"]["skipped"]) == 2
+  assert int(state.extra["spikes"]["count"]) == 28  # every step entered the window
 
 
-def test_spike_skipping_through_the_trainer_logs_the_reason_and_resumes(tmp_path):
-  cfg = regression_config(num_steps=24)
+def test_a_lasting_loss_rise_becomes_the_baseline_and_the_run_ends(tmp_path):
+  cfg = regression_config(num_steps=60)
   cfg.optimizer.skip_spikes = True
   cfg.optimizer.spike_window = 8
-  cfg.optimizer.spike_warmup = 8
-  cfg.data.spike_at = (12,)
-  cfg.checkpoint.every_steps = 8
-  a, b = resumed_and_whole(cfg, tmp_path, stop_at=10)
-  rows = reporting.read_metrics(tmp_path / "whole" / "metrics.jsonl")
-  skipped = [r for r in rows if r["split"] == "skipped"]
-  assert [(r["reason"], r["position"], r["skipped_spikes"]) for r in skipped] == [("spike", 12, 1)]
-  assert int(a.step) == 24 and int(a.extra["spikes"]["skipped"]) == 1
-  for x, y in zip(jax.tree.leaves((a.params, a.extra)), jax.tree.leaves((b.params, b.extra)),
-                  strict=True):  # fmt: skip
-    np.testing.assert_array_equal(x, y)
+  cfg.optimizer.spike_warmup = 4
+  cfg.data.rise_from = 30  # the targets grow 30x from batch 30 on, for good
+  summary = trainer.train_and_evaluate(cfg, tmp_path)
+  assert summary["step"] == 60  # skipped steps count: the run ends on time
+  rows = reporting.read_metrics(tmp_path / "metrics.jsonl")
+  skipped = [r["position"] for r in rows if r["split"] == "skipped"]
+  # The first steps after the rise are spikes; once the window holds the new
+  # losses, they are the baseline and training goes on.
+  assert skipped and skipped[0] == 30 and max(skipped) < 40, skipped
+  assert max(r["position"] for r in rows if r["split"] == "skipped") < 59
+
+
+def test_too_many_spikes_in_a_row_stop_the_run_with_one_line(tmp_path):
+  config = tmp_path / "rise.py"
+  config.write_text(
+    "from tests.test_trainer import regression_config\n\n\n"
+    "def get_config():\n"
+    "  cfg = regression_config(num_steps=60)\n"
+    "  cfg.optimizer.skip_spikes = True\n"
+    "  cfg.optimizer.spike_window = 8\n"
+    "  cfg.optimizer.spike_warmup = 4\n"
+    "  cfg.optimizer.skip_spikes_max_consecutive = 1\n"
+    "  cfg.data.rise_from = 30\n"
+    "  return cfg\n"
+  )
+  run = subprocess.run(
+    [sys.executable, "-m", "train", f"--config={config}", f"--workdir={tmp_path / 'run'}"],
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert "step 31: skipped as a loss spike" in run.stderr
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: 1 steps in a row were skipped as loss spikes (to step 31)"), last
+  assert "skip_spikes_max_consecutive" in last
 
 
 def test_ema_is_the_hand_computed_ema_and_is_evaluated():

@@ -37,6 +37,7 @@ class RegressionData:
     self.nan_from_step = cfg.get("nan_from_step", -1)
     self.nan_at = set(cfg.get("nan_at", ()))  # batch positions whose inputs are NaN
     self.spike_at = set(cfg.get("spike_at", ()))  # batch positions with 1000x targets
+    self.rise_from = cfg.get("rise_from", -1)  # from this position on, targets 30x (for good)
     self.info = {"features": self.features}
     self.seed = seed
     self.rows = slice(
@@ -57,6 +58,8 @@ class RegressionData:
       batch["x"] = np.full_like(batch["x"], np.nan)
     if step in self.spike_at:
       batch["y"] = batch["y"] * 1000
+    if 0 <= self.rise_from <= step:  # a lasting change of the data, like a new mixture
+      batch["y"] = batch["y"] * 30
     return batch
 
   def eval_batches(self, num):

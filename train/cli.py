@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from adamw_flax import config as config_lib
-from adamw_flax import trainer
-from adamw_flax.errors import UserError
+from adamw_flax import trainer, watchdog
+from adamw_flax.errors import UserCodeError, UserError
 
 USER_ERROR = 2
 
@@ -60,12 +60,17 @@ def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose
     verbose: print tracebacks of user errors too.
   """
 
+  summary: dict[str, Any] = {}
+
   def run() -> None:
     if not workdir:
       raise config_lib.ConfigError("--workdir: missing; pass --workdir=DIR (created if missing)")
-    trainer.train_and_evaluate(load_config(config, overrides), workdir)
+    summary.update(trainer.train_and_evaluate(load_config(config, overrides), workdir))
 
-  return run_reporting_errors(run, verbose=verbose, fatal=(trainer.TrainingDiverged,))
+  code = run_reporting_errors(run, verbose=verbose, fatal=(trainer.TrainingDiverged,))
+  if code == 0 and summary.get("interrupted"):
+    return watchdog.INTERRUPT_EXIT_CODE  # Ctrl-C: saved, but the run did not finish
+  return code
 
 
 def load_config(path: str, overrides: Sequence[str]) -> Any:
@@ -116,6 +121,16 @@ def run_reporting_errors(
       traceback.print_exc()
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except UserCodeError as e:  # the user's own code raised: their frame, not JAX's internals
+    if verbose:
+      traceback.print_exc()
+    print(e.report, file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:  # Ctrl-C before training took the signal over (or after)
+    if verbose:
+      traceback.print_exc()
+    print("interrupted before training started: nothing was saved", file=sys.stderr)
+    return watchdog.INTERRUPT_EXIT_CODE
   except BaseException:
     if reraise:
       raise

@@ -1,0 +1,143 @@
+"""A run never hangs and never loses work: watchdog, Ctrl-C, signals, no lockout, short first-step errors.
+
+Every test runs ``python -m train`` as a user would, on a user's model and
+data (:mod:`tests.reliability_models`), in real processes that end by
+themselves (:class:`tests.jobs.Job` kills what outlives its deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from adamw_flax import watchdog
+from tests.jobs import Job, write_config
+
+
+def _train_rows(workdir):
+  path = workdir / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_stalled_input_pipeline_ends_the_run_with_stacks_and_status_75(tmp_path):
+  config = write_config(tmp_path / "c.py", data__block_at=7, trainer__stall_timeout_s=4.0)
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    (code,), (end,) = job.wait(timeout=120)
+  out = job.output()
+  assert code == watchdog.STALL_EXIT_CODE, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("error: stalled: nothing completed for "), last
+  assert "in loading batch 7" in last and "stall-0.txt" in last
+  stacks = (tmp_path / "run" / "stall-0.txt").read_text()
+  assert "train_batch" in stacks and "reliability_models.py" in stacks  # the user's frame
+  assert "Current thread" in stacks or "Thread 0x" in stacks  # all threads' Python stacks
+  assert "train_batch" in out  # the stacks are in the log too
+
+
+def test_ctrl_c_saves_says_so_and_exits_130_then_the_rerun_resumes(tmp_path):
+  # No periodic checkpoint: without the save on Ctrl-C, every step would be lost.
+  config = write_config(
+    tmp_path / "c.py", data__slow_s=0.05, trainer__num_steps=400, checkpoint__every_steps=0
+  )
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    job.wait_for_step(10, timeout=120)
+    job.signal(signal.SIGINT)
+    (code,), _ = job.wait(timeout=60)
+  out = job.output()
+  assert code == watchdog.INTERRUPT_EXIT_CODE, out[-3000:]
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out
+  (line,) = [x for x in out.splitlines() if x.startswith("interrupted: saved step ")]
+  saved = int(line.split()[3].rstrip(";"))
+  assert line.endswith("rerun the same command to resume") and saved >= 10
+  rerun = write_config(tmp_path / "c.py", data__slow_s=0.0, trainer__num_steps=400,
+                       checkpoint__every_steps=0)  # fmt: skip
+  with Job(rerun, tmp_path / "run", tmp_path / "logs2", args=[
+    "--config.trainer.allow_config_change=True"]) as job:  # fmt: skip
+    (code,), _ = job.wait(timeout=240)
+  assert code == 0, job.output()[-3000:]
+  assert f"resumed from step {saved} " in job.output()
+  steps = [r["step"] for r in _train_rows(tmp_path / "run") if r["split"] == "train"]
+  assert steps == sorted(set(steps)) and steps[-1] == 400  # each step once, across the resume
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_second_signal_ends_a_stuck_run_at_once(tmp_path, signum):
+  config = write_config(tmp_path / "c.py", data__block_at=12, trainer__stall_timeout_s=0.0)
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    job.wait_for_step(10, timeout=120)
+    time.sleep(1.0)  # now blocked in the data: no step boundary comes
+    job.signal(signum)
+    time.sleep(1.5)
+    assert job.procs[0].poll() is None  # the first one only asks for a save
+    sent = time.monotonic()
+    job.signal(signum)
+    (code,), _ = job.wait(timeout=60)
+    took = time.monotonic() - sent
+  out = job.output()
+  name = signal.Signals(signum).name
+  assert code == 128 + signum, out[-3000:]
+  assert f"{name}: saving a checkpoint at the next step boundary" in out
+  assert f"{name} again: exiting at once, without saving" in out
+  assert took < 20, took  # at once, not at a timeout
+
+
+def test_a_loss_that_fails_at_the_first_step_is_short_and_locks_nothing(tmp_path):
+  # The dataset's batches lack the key the loss reads: the user's own KeyError.
+  bad = write_config(tmp_path / "bad.py", data__label_key="lbl")
+  with Job(bad, tmp_path / "run", tmp_path / "logs") as job:
+    (code,), _ = job.wait(timeout=120)
+  out = job.output()
+  assert code == 1, out[-3000:]
+  err = [line for line in out.splitlines() if line.strip()][-4:]
+  assert err[0] == "error: KeyError: 'label'", err
+  assert "tests/reliability_models.py:" in err[1] and 'labels = batch["label"]' in err[1]
+  assert err[2].startswith("  batch: features float32[16, 8], lbl int") and err[2].endswith("[16]")
+  assert "--verbosity=1" in err[3] and "Traceback" not in out
+  # The fixed rerun, a different config, starts: no checkpoint, so no run to protect.
+  good = write_config(tmp_path / "good.py", trainer__num_steps=10)
+  with Job(good, tmp_path / "run", tmp_path / "logs2") as job:
+    (code,), _ = job.wait(timeout=180)
+  assert code == 0, job.output()[-3000:]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["label_key"] == "label"
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused_at_start_up(tmp_path):
+  config = write_config(tmp_path / "c.py", data__batch_size=7)
+  with Job(config, tmp_path / "run", tmp_path / "logs", devices=2) as job:
+    (code,), _ = job.wait(timeout=120)
+  lines = [line for line in job.output().splitlines() if line.strip()]
+  assert code == 2, lines
+  assert lines == [
+    "error: data.batch_size=7 does not split over the 2 data devices (mesh {'data': 2}, "
+    "data axes ('data',)); make it a multiple of 2, e.g. 6 or 8"
+  ]
+  assert not (tmp_path / "run").exists()  # the refused start left nothing behind
+
+
+@pytest.mark.slow
+def test_two_processes_both_end_when_one_stalls_in_its_data(tmp_path):
+  timeout_s = 20.0
+  config = write_config(
+    tmp_path / "c.py",
+    data__block_at=20,
+    data__block_process=1,
+    trainer__stall_timeout_s=timeout_s,
+    trainer__num_steps=200,
+  )
+  with Job(config, tmp_path / "run", tmp_path / "logs", num_processes=2, devices=2) as job:
+    job.wait_for_step(15, timeout=180)
+    stalled = time.monotonic() - job.started
+    codes, ends = job.wait(timeout=stalled + timeout_s + 120)
+  assert all(c not in (None, 0) for c in codes), (
+    codes,
+    job.output(0)[-2000:],
+    job.output(1)[-2000:],
+  )
+  # Both ended within stall_timeout_s + 60 s of the stall (which began by step 20).
+  assert max(ends) - stalled < timeout_s + 60, (ends, stalled)
+  assert codes[1] == watchdog.STALL_EXIT_CODE
+  assert "in loading batch 20" in job.output(1).strip().splitlines()[-1]
+  assert (tmp_path / "run" / "stall-1.txt").exists()
