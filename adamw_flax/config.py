@@ -23,6 +23,7 @@ import json
 import math
 import re
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.wandb_project = ""  # also log the metrics rows to this W&B project (needs wandb); "" = off
   t.wandb_mode = ""  # "online", "offline" or "disabled"; "" = W&B's default (WANDB_MODE)
   t.profile_steps = ()  # (start, stop): a JAX profiler trace of those updates in WORKDIR/profile
-  t.stall_timeout_s = (
-    900.0  # exit (status 75) after this long without progress, with stacks; 0 = off
-  )
+  t.stall_timeout_s = 900.0  # no progress this long: stacks, exit status 75; 0 = off
+  t.peer_timeout_s = 30.0  # processes: another silent this long (died): exit status 75; 0 = off
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every_steps = 1000  # steps between saves; 0 = only at the end
@@ -324,6 +324,11 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     o.skip_spikes_max_consecutive >= 1,
     "optimizer.skip_spikes_max_consecutive",
     f"must be >= 1, got {o.skip_spikes_max_consecutive}",
+  )
+  need(
+    t.peer_timeout_s >= 0,
+    "trainer.peer_timeout_s",
+    f"must be >= 0 seconds (0: no watch), got {t.peer_timeout_s}",
   )
   need(
     t.stall_timeout_s >= 0,
@@ -829,11 +834,36 @@ def load_config(
     sys.path.insert(0, root)
   try:
     spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(
+        f"--config: {str(path)!r} defines no get_config(); define get_config() returning "
+        "the run's ConfigDict (see configs/smoke.py)"
+      )
+    config = module.get_config(arg) if arg is not None else module.get_config()
+  except SyntaxError as e:
+    where = f"{e.filename or path}, line {e.lineno}"
+    lines = [f"--config: syntax error in {where}: {e.msg}"]
+    if e.text:
+      text = e.text.rstrip("\n")
+      indent = len(text) - len(text.lstrip())
+      lines += [f"  {text.strip()}", "  " + " " * max((e.offset or 1) - 1 - indent, 0) + "^"]
+    raise ConfigError("\n".join(lines)) from None
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 (the config file's own code raised)
+    mine = path.resolve()
+    tb = traceback.extract_tb(e.__traceback__)
+    frames = [f for f in tb if Path(f.filename).resolve() == mine]
+    at = f" at line {frames[-1].lineno}: {(frames[-1].line or '').strip()}" if frames else ""
+    what = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    raise ConfigError(f"--config: {str(path)!r} raised {what}{at}") from e
   finally:
     if added:
       sys.path.remove(root)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"--config: {str(path)!r} defines no get_config()")
-  config = module.get_config(arg) if arg is not None else module.get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+      f"--config: get_config() in {str(path)!r} returned a {type(config).__name__}, not an "
+      "ml_collections.ConfigDict; return adamw_flax.config.default_config() with your changes"
+    )
   apply_overrides(config, overrides)
   return validate_config(config) if validate else config

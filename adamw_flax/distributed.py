@@ -24,6 +24,7 @@ long to gather (marin PR 7232): raise ``initialization_timeout`` (or set
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -31,11 +32,18 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-__all__ = ["initialize", "is_main_process"]
+from adamw_flax.errors import UserCodeError, UserError
+
+__all__ = ["agree", "exchange_text", "initialize", "is_main_process", "leave"]
+
+T = TypeVar("T")
 
 _ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 _ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -255,3 +263,101 @@ def is_main_process() -> bool:
     Whether this is process 0 (True without ``jax.distributed``).
   """
   return jax.process_index() == 0
+
+
+def exchange_text(text: str) -> list[str]:
+  """Every process's ``text``, in process order (a collective: call it on every process).
+
+  Start-up uses it to agree: on an error (one process's workdir lock, data
+  path or checkpoint), on the config. Two small all-gathers
+  (``multihost_utils.process_allgather``) of the lengths and the UTF-8 bytes.
+
+  Args:
+    text: this process's text.
+
+  Returns:
+    ``[text of process 0, text of process 1, ...]``; ``[text]`` for one process.
+  """
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32)).reshape(-1)
+  buffer = np.zeros(max(int(lengths.max()), 1), np.uint8)
+  buffer[: data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(buffer))
+  return [bytes(gathered[i, : int(n)]).decode() for i, n in enumerate(lengths)]
+
+
+# What an agreed failure becomes on every process: the kinds of error a start-up
+# phase can end with, by the exit status they give.
+_KINDS = {"user": UserError, "code": UserCodeError}
+
+
+def agree(fn: Callable[[], T], what: str) -> T:
+  """Runs ``fn`` on every process; if it fails on any, every process raises the same error.
+
+  Without this, a process whose start-up fails (the workdir lock it did not
+  get, a data path only it cannot read, a checkpoint it cannot restore) exits
+  while the others wait for it in the next collective until JAX aborts them
+  from C++. Here they all end with the failing process's message (the lowest
+  such process's) and the same exit status.
+
+  Args:
+    fn: the phase to run.
+    what: the phase's name, for a failure that is not a user error.
+
+  Returns:
+    ``fn()``'s result.
+
+  Raises:
+    UserError, UserCodeError: the failing process's, on every process.
+    RuntimeError: another exception on some process (re-raised as is where it happened).
+  """
+  if jax.process_count() == 1:
+    return fn()
+  result, failure, status = None, None, "ok:"
+  try:
+    result = fn()
+  except UserError as e:
+    failure, status = e, f"user:{e}"
+  except UserCodeError as e:
+    failure, status = e, f"code:{e.report}"
+  except Exception as e:  # noqa: BLE001 (reported to the others, re-raised here)
+    failure, status = e, f"bug:{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  statuses = exchange_text(status)
+  for i, s in enumerate(statuses):
+    kind, _, message = s.partition(":")
+    if kind == "ok":
+      continue
+    if failure is not None and i == jax.process_index() and kind == "bug":
+      raise failure
+    if kind in _KINDS:
+      raise _KINDS[kind](message)
+    raise RuntimeError(f"{what} failed on process {i}: {message}")
+  return result
+
+
+def leave(timeout_s: float = 15.0) -> None:
+  """Leaves a failed multi-process job: JAX's shutdown barrier, for at most ``timeout_s``.
+
+  After an agreed error (:func:`agree`) every process is alive and exiting:
+  the barrier keeps one from exiting while another is still finishing the
+  collective that agreed (its peer's socket would close under it: "Gloo
+  AllGather failed: Connection reset by peer"). After an error only one
+  process saw, the others never arrive, so the wait is bounded; the caller
+  exits either way.
+
+  Args:
+    timeout_s: seconds to wait at the barrier.
+  """
+  if not jax.distributed.is_initialized():
+    return
+  done = threading.Event()
+
+  def shutdown() -> None:
+    with contextlib.suppress(Exception):
+      jax.distributed.shutdown()
+    done.set()
+
+  threading.Thread(target=shutdown, name="leave-job", daemon=True).start()
+  done.wait(timeout_s)

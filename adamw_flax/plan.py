@@ -147,6 +147,7 @@ class TrainerPlan:
   final_eval_batches: int = 0
   ema_warmup: bool = False
   stall_timeout_s: float = 900.0
+  peer_timeout_s: float = 30.0
 
   @property
   def ema(self) -> EmaRule | None:

@@ -45,7 +45,9 @@ import numpy as np
 from etils import epath
 
 from adamw_flax import (
+  aot,
   checkpoint,
+  distributed,
   errors,
   fs,
   plan,
@@ -171,6 +173,20 @@ def _user_code(where: str, batch: Any = None) -> Iterator[None]:
     raise UserCodeError(errors.describe_user_exception(e, where, batch=batch)) from e
 
 
+def _check_same_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses a job whose processes were given different configs (naming the first difference)."""
+  if jax.process_count() == 1:
+    return
+  texts = distributed.exchange_text(json.dumps(config_json(config), sort_keys=True))
+  for i, text in enumerate(texts[1:], start=1):
+    if text != texts[0]:
+      diff = config_diff(json.loads(texts[0]), json.loads(text))
+      raise ConfigError(
+        f"process {i} was given another config than process 0 ({diff[0] if diff else '?'}); "
+        "start every process with the same --config and --config.* overrides"
+      )
+
+
 def _holds_checkpoints(workdir: epath.Path) -> bool:
   """Whether ``workdir`` has a committed checkpoint, or unreadable ones moved aside."""
   # Orbax names a committed step's directory by the bare step number; a save in
@@ -264,6 +280,7 @@ class _Guards:
 
   signals: watchdog.StopSignals
   watchdog: watchdog.Watchdog
+  peers: watchdog.PeerWatch
 
 
 # ------------------------------------------------------------------ start-up
@@ -425,18 +442,29 @@ def _restore_newest(ckpts, target, workdir: epath.Path, main: bool, migrate: boo
   """
   moved = []
   while (step := ckpts.latest_step()) is not None:
-    try:
-      state, data_state = ckpts.restore(target, step=step, migrate=migrate)
-    except checkpoint.CheckpointMismatchError:
-      raise
-    except Exception as e:  # noqa: BLE001 (any failure to read a step: TensorStore, JSON, I/O)
-      if not main or jax.process_count() > 1:
+
+    def attempt(step=step):
+      try:
+        return ckpts.restore(target, step=step, migrate=migrate), ""
+      except checkpoint.CheckpointMismatchError:
         raise
-      dest = _move_aside(ckpts, workdir, step)
-      reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-      print(f"checkpoint {step} is unreadable ({reason}); moved to {dest}", flush=True)
+      except Exception as e:  # noqa: BLE001 (any failure to read a step: TensorStore, JSON, I/O)
+        return None, (str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+
+    # Every process tries the step; if it fails to read on any, all of them
+    # fall back to the same earlier one (a process may read only its shards).
+    restored, reason = distributed.agree(attempt, f"restoring checkpoint {step}")
+    reasons = [r for r in distributed.exchange_text(reason) if r]
+    if reasons:
+      dest = _move_aside(ckpts, workdir, step) if main else None
+      distributed.exchange_text("")  # every process waits until process 0 has moved it
+      if not main:
+        ckpts.reload()
+      if main:
+        print(f"checkpoint {step} is unreadable ({reasons[0]}); moved to {dest}", flush=True)
       moved.append(step)
       continue
+    state, data_state = restored
     if moved:
       print(f"resumed from step {step}, the newest readable checkpoint", flush=True)
     return state, data_state
@@ -524,14 +552,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   check_registered(config)
   workdir = fs.as_path(workdir)
   main = jax.process_index() == 0
-  created = _prepare_workdir(workdir) if main else False
   lock = WorkdirLock(workdir)
-  if main:
-    lock.acquire()
+  created = False
+
+  def claim() -> None:
+    nonlocal created
+    if main:  # process 0 claims the workdir for the job; the others learn the outcome
+      created = _prepare_workdir(workdir)
+      lock.acquire()
+
   try:
-    guard = watchdog.Watchdog(run.trainer.stall_timeout_s, workdir, jax.process_index())
+    # Each phase runs the same collectives on every process, failed or not.
+    distributed.agree(claim, "claiming the workdir")
+    _check_same_config(config)
+    distributed.agree(lambda: check_workdir_config(config, workdir), "reading the workdir")
+    tc = run.trainer
+    pid = jax.process_index()
+    guard = watchdog.Watchdog(tc.stall_timeout_s, workdir, pid)
+    # Started with the loop (nothing is written into the workdir before that).
+    peers = watchdog.PeerWatch(workdir, pid, jax.process_count(), tc.peer_timeout_s)
     with watchdog.StopSignals() as signals, guard:
-      return _train(run, workdir, main, _Guards(signals, guard), t_start)
+      try:
+        return _train(run, workdir, main, _Guards(signals, guard, peers), t_start)
+      finally:
+        peers.close()
   except UserError:
     if created and main and not fs.is_remote(workdir):
       lock.release()
@@ -544,50 +588,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards: _Guards, t_start):
-  config = run.config
-  check_workdir_config(config, workdir)
-
   # --- the run: mesh, data, model
-  with user_errors("mesh"):
-    mesh = sharding.mesh_from_config(run.mesh)
-    # Processes that hold replicas of the same batch rows (a model axis across
-    # processes) load the same slice: the mesh, not the process id, decides.
-    data_index, data_count = sharding.data_shard_info(mesh, run.mesh)
+  def place():
+    with user_errors("mesh"):
+      mesh = sharding.mesh_from_config(run.mesh)
+      # Processes that hold replicas of the same batch rows (a model axis across
+      # processes) load the same slice: the mesh, not the process id, decides.
+      return mesh, *sharding.data_shard_info(mesh, run.mesh)
+
+  mesh, data_index, data_count = distributed.agree(place, "building the mesh")
   # Init, train and eval steps traced under the run's mesh: models' own P(...) constraints.
   with sharding.use_mesh(mesh):
     return _train_on_mesh(run, workdir, main, guards, t_start, mesh, data_index, data_count)
 
 
 def _train_on_mesh(run, workdir, main, guards, t_start, mesh, data_index, data_count):
-  config, tc = run.config, run.trainer
-  with user_errors(f"data ({run.data.name})"):
-    dataset = registry.DATASETS.get(run.data.name)(
-      run.data, seed=tc.seed, process_index=data_index, process_count=data_count
-    )
-  with user_errors("mesh"):
-    sharding.check_batch_size(
-      int(dataset.global_batch_size), mesh, run.mesh, run.optimizer.accumulate_steps
-    )
-  model_entry = registry.MODELS.get(run.model.name)
+  config = run.config
 
-  # --- state: abstract -> shardings -> restored from the newest checkpoint, or created
-  with user_errors(f"model ({run.model.name})"):
-    factory = train_state.registered_state_factory(run, dataset.info)
-    abstract = factory.abstract()
-    shardings = abstract.shardings(mesh, run.mesh)
-    unmapped = sharding.unmapped_logical_axes(
-      abstract.spec.templates,
-      [abstract.params, abstract.frozen, abstract.rest],
-      run.mesh,
-      mesh=mesh,
-    )
+  def data():
+    with user_errors(f"data ({run.data.name})"):
+      dataset = registry.DATASETS.get(run.data.name)(
+        run.data, seed=run.trainer.seed, process_index=data_index, process_count=data_count
+      )
+    with user_errors("mesh"):
+      sharding.check_batch_size(
+        int(dataset.global_batch_size), mesh, run.mesh, run.optimizer.accumulate_steps
+      )
+    return dataset
+
+  def model():  # the state: abstract -> shardings -> restored from a checkpoint, or created
+    with user_errors(f"model ({run.model.name})"):
+      factory = train_state.registered_state_factory(run, dataset.info)
+      abstract = factory.abstract()
+      shardings = abstract.shardings(mesh, run.mesh)
+      unmapped = sharding.unmapped_logical_axes(
+        abstract.spec.templates,
+        [abstract.params, abstract.frozen, abstract.rest],
+        run.mesh,
+        mesh=mesh,
+      )
+    return factory, abstract, shardings, unmapped
+
+  def checkpoints():
+    try:
+      return checkpoint.Checkpoints(
+        workdir / "checkpoints", config, data_info=dataset.info, mesh=mesh
+      )
+    except (FileExistsError, PermissionError) as e:
+      raise WorkdirError(f"checkpoints: {e}") from None
+
+  # A failure on one process ends all of them alike, phase by phase (a phase's
+  # collectives, if any, run on every process).
+  dataset = distributed.agree(data, "loading the data")
+  factory, abstract, shardings, unmapped = distributed.agree(model, "building the model")
+  ckpts = distributed.agree(checkpoints, "opening the checkpoints")
+  model_entry = registry.MODELS.get(run.model.name)
   target = train_state.with_shardings(abstract, shardings)
-  try:
-    ckpts = checkpoint.Checkpoints(
-      workdir / "checkpoints", config, data_info=dataset.info, mesh=mesh
-    )
-  except (FileExistsError, PermissionError) as e:
-    raise WorkdirError(f"checkpoints: {e}") from None
   try:
     state, data_state = _restore_newest(
       ckpts, target, workdir, main, migrate=run.checkpoint.migrate_opt_state
@@ -627,6 +683,10 @@ def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts
   steps = train_state.make_run_steps(
     run, model_entry.loss, state_sharding=state_sharding, batch_sharding=batch_sharding
   )
+  # Steps that python -m train.compile saved in WORKDIR/compiled load instead of compiling.
+  steps, note = aot.use_saved_steps(steps, workdir, run, mesh, state, batch_sharding, dataset)
+  if note and main:
+    print(note, flush=True)
   train_step, eval_steps = steps.train, steps.evals
   start = int(state.step)
   # A checkpoint of the first build has {"step": n} only: position == step then.
@@ -659,6 +719,7 @@ def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts
     wd.beat(None, f"the checkpoint save of step {c.step}")
     ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
     wd.beat(f"the checkpoint save of step {c.step}", "training")
+    guards.peers.note = f"step {c.step}"
     costs["saves"] += time.perf_counter() - t
 
   last_good_step = ckpts.latest_step()
@@ -762,6 +823,8 @@ def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts
 
   pending = None  # the metrics of the last dispatched step, read one step late
   first_position = c.position
+  guards.peers.note = f"step {last_good_step}" if last_good_step is not None else ""
+  guards.peers.start()
   profile = Profile(workdir / "profile", tc.profile_steps) if main else None
   t_loop = time.perf_counter()
   try:

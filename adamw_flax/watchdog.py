@@ -24,6 +24,10 @@ Two small pieces of the trainer's side effects, each one idea:
   (the hang of jax#38503: a process alive but never entering a collective).
   Nothing in JAX does this: its heartbeat only notices dead processes.
 
+* :class:`PeerWatch`: with several processes, a process that dies (SIGKILL,
+  a lost host) makes the others exit within ``trainer.peer_timeout_s`` with
+  one line, instead of waiting for JAX's heartbeat to abort them from C++.
+
 Exit statuses (documented in the README): :data:`STALL_EXIT_CODE` (75,
 ``EX_TEMPFAIL``: retry) after a stall; ``128 + signal`` (130 for SIGINT, 143
 for SIGTERM) for a second signal; 130 after a Ctrl-C that saved.
@@ -45,7 +49,7 @@ from typing import Any
 
 from etils import epath
 
-__all__ = ["INTERRUPT_EXIT_CODE", "STALL_EXIT_CODE", "StopSignals", "Watchdog"]
+__all__ = ["INTERRUPT_EXIT_CODE", "STALL_EXIT_CODE", "PeerWatch", "StopSignals", "Watchdog"]
 
 STALL_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: a temporary failure, rerun the job
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -269,6 +273,103 @@ class Watchdog:
       f"error: stalled: nothing completed for {idle:.0f} s (trainer.stall_timeout_s="
       f"{self.timeout_s:g}) in {self._doing}, after {self._done}; stacks in {written}; "
       f"exiting with status {STALL_EXIT_CODE} so the job can be restarted",
+      file=sys.stderr,
+      flush=True,
+    )
+    os._exit(STALL_EXIT_CODE)
+
+
+class PeerWatch:
+  """Several processes: exit (one line, :data:`STALL_EXIT_CODE`) when another one has died.
+
+  When a process dies (SIGKILL, a lost host), the others wait in their next
+  collective until JAX's coordination service misses its heartbeats (100 s by
+  default) and aborts them from C++ with a page of log. Here each process
+  writes a heartbeat file, ``WORKDIR/.alive/<process>``, every few seconds
+  from a thread, and reads the others': one whose file has not changed for
+  ``timeout_s`` (measured on this process's clock, so the hosts' clocks need
+  not agree) is taken for dead, and this process prints one line and exits so
+  the job can be restarted. A process that finishes writes ``done`` and is not
+  watched any more. The workdir is shared by all processes already (Orbax
+  needs it), so the files need nothing else.
+
+  Args:
+    workdir: the run's directory.
+    process_index: this process.
+    process_count: processes in the job (1: nothing to watch).
+    timeout_s: seconds without a sign of life (0: off).
+  """
+
+  def __init__(self, workdir: Any, process_index: int, process_count: int, timeout_s: float):
+    self.root = epath.Path(workdir) / ".alive"
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.timeout_s = float(timeout_s)
+    self.note = ""  # e.g. "the last checkpoint is step 20", for the exit line
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._seen: dict[int, tuple[str, float]] = {}
+
+  def __enter__(self) -> PeerWatch:
+    self.start()
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+  @property
+  def enabled(self) -> bool:
+    return self.process_count > 1 and self.timeout_s > 0
+
+  def start(self) -> None:
+    """Writes the first heartbeat and starts the thread (a no-op for one process)."""
+    if not self.enabled or self._thread is not None:
+      return
+    self.root.mkdir(parents=True, exist_ok=True)
+    self._started = time.monotonic()
+    self._write(f"{time.time():.3f} pid {os.getpid()}")
+    self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+    self._thread.start()
+
+  def close(self) -> None:
+    """Stops watching and tells the others this process is done."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join(timeout=10)
+    with contextlib.suppress(OSError):
+      self._write("done")
+
+  def _write(self, text: str) -> None:
+    (self.root / str(self.process_index)).write_text(text)
+
+  def _watch(self) -> None:
+    interval = min(5.0, max(self.timeout_s / 6, 0.2))
+    while not self._stop.wait(interval):
+      now = time.monotonic()
+      with contextlib.suppress(OSError):
+        self._write(f"{time.time():.3f} pid {os.getpid()}")
+      for peer in range(self.process_count):
+        if peer == self.process_index:
+          continue
+        try:
+          text = (self.root / str(peer)).read_text()
+        except OSError:
+          text = ""
+        if text == "done":
+          continue
+        last_text, since = self._seen.get(peer, ("", self._started))
+        if text != last_text:
+          self._seen[peer] = (text, now)
+        elif now - since > self.timeout_s:
+          self._fire(peer, now - since)
+
+  def _fire(self, peer: int, silent: float) -> None:
+    note = f"; {self.note}" if self.note else ""
+    print(
+      f"error: process {peer} of {self.process_count} has shown no sign of life for "
+      f"{silent:.0f} s (it died, or its host is gone); exiting with status {STALL_EXIT_CODE} "
+      f"so the job can be restarted: rerun every process, they resume from the last "
+      f"checkpoint{note}",
       file=sys.stderr,
       flush=True,
     )

@@ -44,6 +44,8 @@ class Job:
     num_processes: processes (``jax.distributed`` on localhost when > 1).
     devices: CPU devices per process.
     args: more command-line arguments (``--config.x=y``).
+    env: more environment variables.
+    process_args: more arguments for each process (one list per process).
   """
 
   def __init__(
@@ -56,6 +58,7 @@ class Job:
     devices: int = 1,
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    process_args: Sequence[Sequence[str]] | None = None,
   ):
     log_dir.mkdir(parents=True, exist_ok=True)
     self.logs = [log_dir / f"process_{i}.log" for i in range(num_processes)]
@@ -65,6 +68,7 @@ class Job:
     self.started = time.monotonic()
     for i, log in enumerate(self.logs):
       cmd = [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}", *args]
+      cmd += list(process_args[i]) if process_args else []
       if num_processes > 1:
         cmd += [
           f"--coordinator_address={address}",

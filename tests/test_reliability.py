@@ -8,6 +8,7 @@ themselves (:class:`tests.jobs.Job` kills what outlives its deadline).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -141,3 +142,88 @@ def test_two_processes_both_end_when_one_stalls_in_its_data(tmp_path):
   assert codes[1] == watchdog.STALL_EXIT_CODE
   assert "in loading batch 20" in job.output(1).strip().splitlines()[-1]
   assert (tmp_path / "run" / "stall-1.txt").exists()
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def _two(config, workdir, logs, *, timeout, **kw):
+  with Job(config, workdir, logs, num_processes=2, devices=2, **kw) as job:
+    codes, ends = job.wait(timeout=timeout)
+  return job, codes, ends
+
+
+def _last_line(job, i):
+  lines = [line for line in job.output(i).splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_ends_the_other_in_one_line_and_both_resume(tmp_path):
+  config = write_config(tmp_path / "c.py", data__slow_s=0.05, trainer__num_steps=400)
+  workdir = tmp_path / "run"
+  with Job(config, workdir, tmp_path / "logs", num_processes=2, devices=2) as job:
+    job.wait_for_step(25, timeout=240)  # checkpoints at 10 and 20 are on disk
+    killed = time.monotonic() - job.started
+    job.signal(signal.SIGKILL, 1)
+    codes, ends = job.wait(timeout=killed + 120)
+  assert codes[0] == watchdog.STALL_EXIT_CODE, job.output(0)[-3000:]
+  assert ends[0] - killed < 60, (ends, killed)
+  last = _last_line(job, 0)
+  assert last.startswith("error: process 1 of 2 has shown no sign of life for "), last
+  assert "Check failure" not in job.output(0)  # not JAX's abort from C++
+  rerun = write_config(tmp_path / "c.py", data__slow_s=0.0, trainer__num_steps=400)
+  job, codes, _ = _two(rerun, workdir, tmp_path / "logs2", timeout=400,
+                       args=["--config.trainer.allow_config_change=True"])  # fmt: skip
+  assert codes == [0, 0], job.output(0)[-3000:]
+  resumed = re.search(r"resumed from step (\d+) ", job.output(0))
+  assert resumed and int(resumed.group(1)) >= 20
+
+
+@pytest.mark.slow
+def test_a_second_two_process_job_on_a_busy_workdir_is_refused_by_both(tmp_path):
+  config = write_config(tmp_path / "c.py", data__slow_s=0.05, trainer__num_steps=400)
+  workdir = tmp_path / "run"
+  with Job(config, workdir, tmp_path / "logs_a", num_processes=2, devices=2) as first:
+    first.wait_for_step(5, timeout=240)
+    second, codes, _ = _two(config, workdir, tmp_path / "logs_b", timeout=180)
+    assert first.procs[0].poll() is None and first.procs[1].poll() is None  # undisturbed
+  assert codes == [2, 2], (second.output(0)[-2000:], second.output(1)[-2000:])
+  lines = [_last_line(second, i) for i in range(2)]
+  assert lines[0] == lines[1] and "is in use by another trainer" in lines[0], lines
+  assert "Check failure" not in second.output(1)
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_together_from_a_corrupt_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  config = write_config(tmp_path / "c.py", trainer__num_steps=30)
+  job, codes, _ = _two(config, workdir, tmp_path / "logs", timeout=300)
+  assert codes == [0, 0], job.output(0)[-3000:]
+  metadata = workdir / "checkpoints" / "30" / "state" / "_METADATA"
+  if not metadata.exists():
+    (metadata,) = [p for p in (workdir / "checkpoints" / "30").rglob("_METADATA")][:1]
+  metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+  more = ["--config.trainer.num_steps=40", "--config.trainer.allow_config_change=True"]
+  job, codes, _ = _two(config, workdir, tmp_path / "logs2", timeout=300, args=more)
+  assert codes == [0, 0], (job.output(0)[-3000:], job.output(1)[-3000:])
+  assert "checkpoint 30 is unreadable" in job.output(0)
+  assert "resumed from step 20, the newest readable checkpoint" in job.output(0)
+  assert [p.name.split(".")[0] for p in (workdir / "checkpoints.corrupt").iterdir()] == ["30"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["batch", "config"])
+def test_two_processes_end_alike_on_a_start_up_error(tmp_path, case):
+  config = write_config(tmp_path / "c.py", data__batch_size=6 if case == "batch" else 16)
+  per = [[], ["--config.optimizer.learning_rate=0.1"]] if case == "config" else None
+  job, codes, _ = _two(config, tmp_path / "run", tmp_path / "logs", timeout=180, process_args=per)
+  lines = [_last_line(job, i) for i in range(2)]
+  assert codes == [2, 2], (job.output(0)[-2000:], job.output(1)[-2000:])
+  assert lines[0] == lines[1], lines
+  if case == "batch":
+    assert lines[0].startswith("error: data.batch_size=6 does not split over the 4 data devices")
+  else:
+    assert "process 1 was given another config than process 0" in lines[0]
+    assert "optimizer.learning_rate" in lines[0]
+  assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -123,7 +123,7 @@ def test_ema_is_the_hand_computed_ema_and_is_evaluated():
   cfg.trainer.ema_decay = 0.9
   run = plan.make_plan(cfg)
   state = train_state.state_from_config(run, {"features": 4})
-  step = train_state.make_train_step(LOSS, donate=False, ema_decay=0.9)
+  step = train_state.make_train_step(LOSS, donate=False)
   data = _data(cfg)
   ema = [np.asarray(x, np.float32) for x in jax.tree.leaves(state.params)]
   for position in range(5):
@@ -137,6 +137,58 @@ def test_ema_is_the_hand_computed_ema_and_is_evaluated():
   on_ema = float(evaluate(state, batch)["loss"])
   by_hand = state.replace(params=state.extra["ema"])
   assert on_ema == pytest.approx(float(train_state.make_eval_step(LOSS)(by_hand, batch)["loss"]))
+
+
+def test_the_state_carries_its_ema_so_a_default_step_updates_it():
+  cfg = regression_config(num_steps=3)
+  cfg.trainer.ema_decay = 0.9
+  state = train_state.state_from_config(cfg, {"features": 4})
+  step = train_state.make_train_step(LOSS, donate=False)  # no ema_decay: the state's own
+  new, _ = step(state, _data(cfg).train_batch(0))
+  for e0, e1, p in zip(*(jax.tree.leaves(t) for t in (state.extra["ema"], new.extra["ema"],
+                                                      new.params)), strict=True):  # fmt: skip
+    np.testing.assert_allclose(e1, 0.9 * np.asarray(e0) + 0.1 * np.asarray(p), rtol=1e-6)
+  with pytest.raises(ValueError, match="disagrees with the state's EMA decay"):
+    train_state.make_train_step(LOSS, donate=False, ema_decay=0.5)(state, _data(cfg).train_batch(0))
+
+
+def _drift(ema_dtype: str, steps: int = 2000, warmup: bool = False):
+  """The EMA (decay 0.999) of params drifting linearly from 1.0 to 3.0, and its exact value."""
+  rule = plan.EmaRule(0.999, ema_dtype, warmup)
+  path = np.linspace(1.0, 3.0, steps + 1)
+
+  @jax.jit
+  def run(ema):
+    def body(t, ema):
+      p = jnp.full((256,), 1.0 + 2.0 * t / steps, jnp.float32)
+      return train_state.update_ema(rule, ema, p, t, seed=0)
+
+    return jax.lax.fori_loop(1, steps + 1, body, ema)
+
+  got = run(jnp.ones((256,), jnp.dtype(ema_dtype)))
+  exact = 1.0
+  for t in range(1, steps + 1):
+    d = min(0.999, (1 + t) / (10 + t)) if warmup else 0.999
+    exact = d * exact + (1 - d) * path[t]
+  return np.asarray(got, np.float64), exact
+
+
+def test_a_bfloat16_ema_moves_like_the_float32_one():
+  # Rounding d*e + (1-d)*p to nearest bfloat16 each step kept this EMA at 1.0
+  # (the increment is below half an ulp); stochastic rounding follows it.
+  got, exact = _drift("bfloat16")
+  assert exact == pytest.approx(2.136, abs=2e-3)
+  assert abs(got.mean() - exact) < 0.01, (got.mean(), exact)
+  f32, _ = _drift("float32")
+  assert abs(f32.mean() - exact) < 1e-4
+
+
+def test_ema_warmup_ramps_the_decay_like_kauldron():
+  got, exact = _drift("float32", steps=300, warmup=True)
+  assert abs(got.mean() - exact) < 1e-4
+  plain, exact_plain = _drift("float32", steps=300)
+  # Without warmup, 0.999 still holds 74% of the initial weights after 300 steps.
+  assert exact - exact_plain > 0.5 and abs(plain.mean() - exact_plain) < 1e-4
 
 
 def test_ema_through_the_trainer_keep_best_and_restore(tmp_path):

@@ -281,9 +281,9 @@ def test_final_eval_batches_sets_the_last_evaluation(tmp_path, monkeypatch):
   seen = []
   original = trainer.evaluate_all
 
-  def spy(eval_steps, state, dataset, num_batches, mesh, mesh_cfg):
+  def spy(eval_steps, state, dataset, num_batches, mesh, mesh_cfg, **kwargs):
     seen.append(num_batches)
-    return original(eval_steps, state, dataset, num_batches, mesh, mesh_cfg)
+    return original(eval_steps, state, dataset, num_batches, mesh, mesh_cfg, **kwargs)
 
   monkeypatch.setattr(trainer, "evaluate_all", spy)
   cfg = regression_config(num_steps=20)

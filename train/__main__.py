@@ -66,9 +66,9 @@ def main(argv: list[str], overrides: list[str]) -> int:
     traceback.print_exc()
     code = 1
   if multi and code:
-    # A failing process would otherwise wait at JAX's shutdown barrier for the
-    # others, which wait for it until their heartbeat times out.
+    sys.stdout.flush()
     sys.stderr.flush()
+    distributed.leave(timeout_s=15.0)  # the others may still be in the collective that agreed
     os._exit(code)
   return code
 

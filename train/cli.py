@@ -15,9 +15,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from adamw_flax import config as config_lib
-from adamw_flax import trainer, watchdog
+from adamw_flax import watchdog
 from adamw_flax.errors import UserCodeError, UserError
+
+# The config schema and the trainer (jax, flax, orbax: seconds) load where a
+# command needs them, so `--help` and a bad flag answer without them.
 
 USER_ERROR = 2
 
@@ -59,13 +61,23 @@ def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose
     overrides: ``section.key=value`` strings.
     verbose: print tracebacks of user errors too.
   """
+  loaded: list[Any] = []
+
+  def load() -> None:
+    if not workdir:
+      raise UserError("--workdir: missing; pass --workdir=DIR (created if missing)")
+    loaded.append(load_config(config, overrides))
+
+  # A bad config is reported before the trainer (Flax, Orbax, plotting) loads.
+  code = run_reporting_errors(load, verbose=verbose)
+  if code:
+    return code
+  from adamw_flax import trainer  # noqa: PLC0415 (see the imports)
 
   summary: dict[str, Any] = {}
 
   def run() -> None:
-    if not workdir:
-      raise config_lib.ConfigError("--workdir: missing; pass --workdir=DIR (created if missing)")
-    summary.update(trainer.train_and_evaluate(load_config(config, overrides), workdir))
+    summary.update(trainer.train_and_evaluate(loaded[0], workdir))
 
   code = run_reporting_errors(run, verbose=verbose, fatal=(trainer.TrainingDiverged,))
   if code == 0 and summary.get("interrupted"):
@@ -75,6 +87,8 @@ def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose
 
 def load_config(path: str, overrides: Sequence[str]) -> Any:
   """``--config`` (``path`` or ``path:arg``) with the overrides applied, validated."""
+  from adamw_flax import config as config_lib  # noqa: PLC0415 (see the imports)
+
   if not path:
     raise config_lib.ConfigError("--config: missing; pass --config=configs/NAME.py")
   return config_lib.load_config(path, overrides)
@@ -84,7 +98,7 @@ def _short(message: str, limit: int = 3) -> str:
   lines = [line for line in str(message).splitlines() if line.strip()]
   if lines and lines[0].strip() == "invalid config:" and len(lines) > 1:
     lines = lines[1:]  # the keys themselves are the message
-  lines = [line.strip() for line in lines]
+  lines = [line.rstrip() for line in lines]  # indentation kept: a caret under a syntax error
   if len(lines) > limit:
     lines = [*lines[: limit - 1], f"... and {len(lines) - limit + 1} more"]
   return "\n".join(lines)
