@@ -52,6 +52,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from adamw_flax import masks, plan, quantize
@@ -120,11 +121,16 @@ def mesh_from_config(
   Returns:
     A ``jax.sharding.Mesh`` with ``Auto`` axes (GSPMD propagates shardings
     through the step; only inputs and outputs carry explicit shardings), its
-    devices ordered for the hardware's topology by ``jax.make_mesh``.
+    devices ordered for the hardware's topology by ``jax.make_mesh``. Devices
+    of several TPU slices (multi-slice) give a hybrid mesh
+    (``mesh_utils.create_hybrid_device_mesh``): the slices run along the
+    first of ``mesh.data_axes`` whose size their count divides (data
+    parallelism over the data-center network), every other axis within a slice.
 
   Raises:
     ValueError: sizes that do not match (or, with -1, do not divide) the
-      device count, naming both.
+      device count, naming both; a multi-slice mesh with no data axis the
+      slice count divides.
 
   Examples:
     >>> from adamw_flax import config
@@ -138,15 +144,36 @@ def mesh_from_config(
   devices = list(jax.devices() if devices is None else devices)
   axes = tuple(mesh_cfg.axes)
   shape = _resolve_shape(axes, mesh_cfg.shape, len(devices))
-  if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
-    # jax.make_mesh refuses multi-slice device sets; a hybrid (ICI x DCN) mesh
-    # needs a DCN shape this config does not describe yet.
-    raise ValueError(
-      "the devices span several TPU slices; mesh_from_config builds single-slice meshes "
-      "only (use jax.experimental.mesh_utils.create_hybrid_device_mesh and pass the mesh)"
-    )
   axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if num_slices > 1:
+    # jax.make_mesh refuses multi-slice device sets: a hybrid (ICI x DCN) mesh.
+    ici, dcn = _dcn_split(axes, shape, mesh_cfg.data_axes, num_slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, axes, axis_types=axis_types)
   return jax.make_mesh(shape, axes, axis_types, devices=devices)
+
+
+def _dcn_split(
+  axes: tuple[str, ...], shape: tuple[int, ...], data_axes: Sequence[str], num_slices: int
+) -> tuple[list[int], list[int]]:
+  """(ICI shape, DCN shape) of a multi-slice mesh: the slices along the first data axis they divide.
+
+  Data parallelism crosses the slow data-center network between slices (one
+  gradient all-reduce a step); every other axis stays within a slice.
+  """
+  order = [axes.index(a) for a in data_axes if a in axes]
+  order += [i for i in range(len(axes)) if i not in order]
+  for i in order:
+    if shape[i] % num_slices == 0:
+      ici = list(shape)
+      ici[i] //= num_slices
+      return ici, [num_slices if j == i else 1 for j in range(len(axes))]
+  raise ValueError(
+    f"mesh.shape {dict(zip(axes, shape, strict=True))}: the devices span {num_slices} slices, "
+    f"which run along the first data axis whose size they divide; make a data axis "
+    f"({', '.join(data_axes)}) a multiple of {num_slices}"
+  )
 
 
 def abstract_mesh_from_config(
