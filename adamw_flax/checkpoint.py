@@ -103,9 +103,10 @@ class CheckpointMismatchError(UserError, ValueError):
       formats), which ``checkpoint.migrate_opt_state`` converts.
   """
 
-  def __init__(self, message: str, *, opt_state_only: bool = False):
+  def __init__(self, message: str, *, opt_state_only: bool = False, details: str = ""):
     super().__init__(message)
     self.opt_state_only = opt_state_only
+    self.details = details
 
 
 # ----------------------------------------------------------- config and meta
@@ -574,7 +575,8 @@ def _check_fits(meta: dict[str, Any], target: Any, config: Any, where: str, fiel
       raise CheckpointMismatchError(
         fingerprint.opt_state_message(where, meta, wanted, config, first), opt_state_only=True
       )
-    raise CheckpointMismatchError(fingerprint.mismatch_message(where, meta, wanted, config, first))
+    line, details = fingerprint.mismatch_message(where, meta, wanted, config, first)
+    raise CheckpointMismatchError(line, details=details)
   changed = config_diff(meta["fingerprint"]["optimizer"], wanted["optimizer"])
   if changed and fields is None:
     log.warning("restoring %s with a changed optimizer setup: %s", where, "; ".join(changed))

@@ -846,7 +846,7 @@ def load_config(
     if e.text:
       text = e.text.rstrip("\n")
       indent = len(text) - len(text.lstrip())
-      lines += [f"  {text.strip()}", "  " + " " * max((e.offset or 1) - 1 - indent, 0) + "^"]
+      lines += [f"| {text.strip()}", "| " + " " * max((e.offset or 1) - 1 - indent, 0) + "^"]
     raise ConfigError("\n".join(lines)) from None
   except ConfigError:
     raise

@@ -251,18 +251,26 @@ def opt_state_message(
 
 def mismatch_message(
   where: str, saved_meta: dict[str, Any], wanted_fp: dict[str, Any], config: Any, first: tuple
-) -> str:
-  """The refusal of a checkpoint that does not fit: the first difference, what changed, what to do."""
+) -> tuple[str, str]:
+  """The refusal of a checkpoint that does not fit: one line, and its details.
+
+  Returns:
+    ``(line, details)``: the line names what changed in the config
+    (``model.embed_dim 32 → 64``) when the checkpoint's config says so, else
+    the first difference of the state; the details have both.
+  """
   path, theirs, ours = first
-  lines = [
-    f"checkpoint {where} does not fit the state this run builds: first difference at "
-    f"'{path}': the checkpoint has {theirs}, this run expects {ours}."
-  ]
-  changes = changes_since(saved_meta, wanted_fp, config)
+  difference = f"first difference at '{path}': the checkpoint has {theirs}, this run expects {ours}"
+  changes = [c.replace(": ", " ", 1).replace(" -> ", " → ") for c in
+             changes_since(saved_meta, wanted_fp, config)]  # fmt: skip
+  todo = "resume with the config it was written with, or use another --workdir"
   if changes:
-    lines.append("Changed since it was written: " + "; ".join(changes) + ".")
-  lines.append(
-    "Resume with the config it was written with (restore_state(directory) reads it from the "
-    "checkpoint), or use another --workdir."
+    line = f"checkpoint {where} does not fit this run, which changed {'; '.join(changes)}; {todo}"
+  else:
+    line = f"checkpoint {where} does not fit the state this run builds ({difference}); {todo}"
+  details = (
+    f"checkpoint {where} does not fit the state this run builds: {difference}. Changed since it "
+    f"was written: {'; '.join(changes) or 'nothing in the config'}. restore_state(directory) "
+    "reads the checkpoint with its own config."
   )
-  return "\n".join(lines)
+  return line, details

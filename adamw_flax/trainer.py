@@ -28,12 +28,14 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import io
 import json
 import logging
 import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +187,61 @@ def _check_same_config(config: ml_collections.ConfigDict) -> None:
         f"process {i} was given another config than process 0 ({diff[0] if diff else '?'}); "
         "start every process with the same --config and --config.* overrides"
       )
+
+
+# What a full disk, a quota, a file-size limit or a read-only filesystem looks
+# like, from Python's I/O (errno) and from TensorStore's writes in Orbax (text).
+_STORAGE_ERRNOS = {
+  errno.ENOSPC: "the disk is full",
+  errno.EDQUOT: "the disk quota is exceeded",
+  errno.EFBIG: "a file would exceed the size limit",
+  errno.EROFS: "the filesystem is read-only",
+}
+_STORAGE_TEXTS = {
+  "No space left on device": "the disk is full",
+  "Disk quota exceeded": "the disk quota is exceeded",
+  "File too large": "a file would exceed the size limit",
+  "Read-only file system": "the filesystem is read-only",
+}
+
+
+def _storage_failure(e: BaseException) -> str | None:
+  """Why ``e`` (or what caused it) failed to write to storage, or None for another failure."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      return _STORAGE_ERRNOS[e.errno]
+    text = str(e)
+    for needle, reason in _STORAGE_TEXTS.items():
+      if needle in text:
+        return reason
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _check_space(workdir: epath.Path, state_bytes: int, step: int, last: int | None) -> None:
+  """Refuses a save the disk has no room for, before anything of it is written.
+
+  A save that runs out of space halfway fails inside Orbax's threads, with a
+  page of their tracebacks; this says it in one line and keeps the workdir as
+  it was. The checkpoint takes about the state's bytes (Orbax's OCDBT files
+  add little); object stores are not checked.
+  """
+  if fs.is_remote(workdir):
+    return
+  try:
+    free = shutil.disk_usage(os.fspath(workdir)).free
+  except OSError:
+    return
+  need = int(state_bytes * 1.1) + (256 << 10)
+  if free < need:
+    kept = f"the checkpoint of step {last} is kept" if last is not None else "nothing was saved"
+    raise WorkdirError(
+      f"workdir {str(workdir)!r}: the disk is full (the checkpoint of step {step} needs about "
+      f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free); free space or pick another "
+      f"--workdir ({kept}; rerun the same command to resume)"
+    )
 
 
 def _holds_checkpoints(workdir: epath.Path) -> bool:
@@ -573,7 +630,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     peers = watchdog.PeerWatch(workdir, pid, jax.process_count(), tc.peer_timeout_s)
     with watchdog.StopSignals() as signals, guard:
       try:
-        return _train(run, workdir, main, _Guards(signals, guard, peers), t_start)
+        try:
+          return _train(run, workdir, main, _Guards(signals, guard, peers), t_start)
+        except Exception as e:
+          reason = _storage_failure(e)
+          if reason is None:
+            raise
+          raise WorkdirError(
+            f"workdir {str(workdir)!r} cannot be written ({reason}); free space or pick another "
+            "--workdir (checkpoints already written are kept; rerun the same command to resume)"
+          ) from e
       finally:
         peers.close()
   except UserError:
@@ -672,7 +738,14 @@ def _train_on_mesh(run, workdir, main, guards, t_start, mesh, data_index, data_c
       data_state,
     )
   finally:
-    ckpts.close()
+    failing = sys.exc_info()[1]
+    if failing is not None and _storage_failure(failing) is not None:
+      # The failed save's TensorStore writes call back into Orbax's closed event
+      # loop, each printing a traceback: the error that matters is reported.
+      with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(Exception):
+        ckpts.close()
+    else:
+      ckpts.close()
 
 
 def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts, state,
@@ -714,8 +787,11 @@ def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts
 
   wd = guards.watchdog
 
+  state_bytes = sum(math.prod(x.shape) * sharding.itemsize(x.dtype) for x in jax.tree.leaves(state))
+
   def save() -> None:
     t = time.perf_counter()
+    _check_space(workdir, state_bytes, c.step, last_good_step)
     wd.beat(None, f"the checkpoint save of step {c.step}")
     ckpts.save(state, data_state=data_pos(), metrics=eval_metrics or None, force=True)
     wd.beat(f"the checkpoint save of step {c.step}", "training")
@@ -906,12 +982,16 @@ def _loop(run, workdir, main, guards, t_start, mesh, dataset, model_entry, ckpts
       **costs,
       "wall_time": time.perf_counter() - t_start,
     }
-    if main:  # this run's (or this resumption's) fixed costs, beside metrics.jsonl
-      (workdir / "timing.json").write_text(json.dumps({"step": c.step, **timing}, indent=1))
+    # Best effort: on a full disk these fail too, and the error that stopped the run matters.
+    with contextlib.suppress(OSError):
+      if main:  # this run's (or this resumption's) fixed costs, beside metrics.jsonl
+        (workdir / "timing.json").write_text(json.dumps({"step": c.step, **timing}, indent=1))
     if writer:
-      writer.close()
-      if reporting.read_metrics(workdir / "metrics.jsonl"):
-        reporting.plot_losses(workdir)
+      with contextlib.suppress(OSError):
+        writer.close()
+      with contextlib.suppress(OSError):
+        if reporting.read_metrics(workdir / "metrics.jsonl"):
+          reporting.plot_losses(workdir)
 
   summary = {
     "step": int(state.step),

@@ -47,7 +47,7 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _data_args() -> list[str]:
-  return [f"--config.data.path={TEXT}"] if TEXT.exists() else []
+  return [f"--config.data.path={TEXT}"] if TEXT and TEXT.exists() else []
 
 
 def _port() -> int:
@@ -97,7 +97,11 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=10, help="runs of each form")
   parser.add_argument("--deadline", type=float, default=600.0, help="seconds a run may take")
   parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+  parser.add_argument("--text", type=Path, default=TEXT, help="the Tiny Shakespeare text")
+  parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md to update")
   args = parser.parse_args()
+  global TEXT, RESULTS  # noqa: PLW0603 (the paths every helper reads)
+  TEXT, RESULTS = args.text, args.results
   with tempfile.TemporaryDirectory(prefix="stress_") as tmp:
     root = Path(tmp)
     logs = root / "logs"

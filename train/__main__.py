@@ -50,6 +50,7 @@ def main(argv: list[str], overrides: list[str]) -> int:
   if not verbose:
     # Orbax logs every save step at INFO; the trainer prints what users need.
     logging.set_verbosity(logging.WARNING)
+    cli.quiet_library_errors()
   from adamw_flax import distributed  # noqa: PLC0415 (after absl parsed the flags)
 
   multi = distributed.initialize(

@@ -10,6 +10,8 @@ message; ``--verbosity`` adds the traceback.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -22,6 +24,27 @@ from adamw_flax.errors import UserCodeError, UserError
 # command needs them, so `--help` and a bad flag answer without them.
 
 USER_ERROR = 2
+
+
+class _LibraryErrors(logging.Filter):
+  """Drops Orbax's error logs and asyncio's "Task exception was never retrieved".
+
+  A failed checkpoint write (a full disk) reaches the trainer as an exception,
+  which it reports in one line; Orbax logs the same failure from its threads,
+  with tracebacks, first. ``--verbosity`` keeps them.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.CRITICAL:
+      return True
+    return f"{os.sep}orbax{os.sep}" not in record.pathname and record.name != "asyncio"
+
+
+def quiet_library_errors() -> None:
+  """Installs :class:`_LibraryErrors` on the root logger's handlers (absl's among them)."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_LibraryErrors())
 
 
 def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -98,7 +121,7 @@ def _short(message: str, limit: int = 3) -> str:
   lines = [line for line in str(message).splitlines() if line.strip()]
   if lines and lines[0].strip() == "invalid config:" and len(lines) > 1:
     lines = lines[1:]  # the keys themselves are the message
-  lines = [line.rstrip() for line in lines]  # indentation kept: a caret under a syntax error
+  lines = [line.strip() for line in lines]
   if len(lines) > limit:
     lines = [*lines[: limit - 1], f"... and {len(lines) - limit + 1} more"]
   return "\n".join(lines)
@@ -128,6 +151,8 @@ def run_reporting_errors(
   except UserError as e:
     if verbose:
       traceback.print_exc()
+      if getattr(e, "details", ""):
+        print(e.details, file=sys.stderr)
     print(f"error: {_short(str(e))}", file=sys.stderr)
     return USER_ERROR
   except fatal as e:

@@ -161,11 +161,24 @@ def load_text(
   """
   if path:
     p = Path(path).expanduser()
+    if p.is_dir():
+      raise IsADirectoryError(f"data.path={path!r} is a directory; give a plain text file or ''")
     if not p.is_file():
       raise FileNotFoundError(f"data.path={path!r} is not a file; give a plain text file or ''")
-    data = p.read_bytes()
+    try:
+      data = p.read_bytes()
+    except OSError as e:
+      raise FileNotFoundError(
+        f"data.path={path!r} cannot be read ({e.strerror or e}); give a readable text file"
+      ) from None
+    if not data.strip():
+      raise ValueError(f"data.path={path!r} is empty; give the text to train on")
     digest = _sha256(data)
     text = _decode_utf8(data, f"data.path={path!r}")
+    if "\x00" in text:
+      raise ValueError(
+        f"data.path={path!r} holds NUL bytes: not a text file; give a plain text file"
+      )
     if digest == CANONICAL_SHA256:
       logger.info("Tiny Shakespeare: canonical text from data.path=%s", p)
       return TextSource(text, "path", f"canonical text from {p}", canonical=True)
