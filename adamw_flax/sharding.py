@@ -43,9 +43,11 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -71,6 +73,7 @@ __all__ = [
   "param_specs",
   "per_device_bytes",
   "state_shardings",
+  "traced_under_mesh",
   "use_mesh",
 ]
 
@@ -338,7 +341,7 @@ def param_specs_of_groups(
       to read the Variables' annotations.
     rules: apply the partition rules (False: annotations only, for
       non-parameter state).
-    target: the model (``nnx.Module`` or ``LinenTarget``) for ``type:`` rules.
+    target: the model (``nnx.Module``, ``LinenTarget`` or ``masks.Target``) for ``type:`` rules.
     unmapped: if given, collects the logical axis names no rule maps.
 
   Returns:
@@ -359,11 +362,16 @@ def param_specs_of_groups(
       for paths, shapes, _, _ in groups
       for p, shape in zip(paths, shapes, strict=True)
     ]
-    if target is not None and any(r.needs_types for r in mp.partition_rules):
-      known = masks.as_target(target)
-      view = masks.Target(entries, known.owners, known.kind, known.linen)
+    if target is not None:  # the model's name in errors, and its classes for `type:` rules
+      view = dataclasses.replace(masks.as_target(target), entries=entries)
     else:
-      view = masks.Target(entries, None, "model")
+      view = masks.Target(
+        entries,
+        None,
+        "params tree",
+        hint="pass the model (an nnx.Module) to param_specs, or the state factory's target; "
+        "or use path rules ('*/embedding', 're:.*attn.*/kernel')",
+      )
     # Resolved to rule indices, so an error can name the rule that gave a spec.
     indexed = [dataclasses.replace(r, value=i) for i, r in enumerate(mp.partition_rules)]
     ruled = masks.resolve(view, indexed, None, "mesh.partition_rules")
@@ -428,21 +436,66 @@ def param_specs(
   return specs
 
 
-def use_mesh(mesh: Mesh | AbstractMesh) -> Any:
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | AbstractMesh) -> Iterator[None]:
   """A context in which ``mesh`` is the current mesh (``jax.set_mesh``).
 
   Init, train and eval steps are traced inside it, so a model's own
-  activation constraints (``jax.lax.with_sharding_constraint(x, P(...))``,
-  ``nnx.with_partitioning``) resolve against the run's mesh, as their authors
-  intend (outside a mesh, ``P(...)`` constraints are an error).
+  activation constraints (``jax.lax.with_sharding_constraint(x, P(...))``
+  in mesh axis names, as Flax's gemma example and bonsai's models write them)
+  and ``nnx.with_partitioning`` resolve against the run's mesh, as their
+  authors intend (outside a mesh, ``P(...)`` constraints are an error).
+
+  Logical axis names in parameter annotations resolve through
+  ``mesh.logical_axis_rules`` in :func:`param_specs_of_groups` (a name no rule
+  maps replicates), not through Flax's logical-axis-rules context, which this
+  does not set: with it set under a mesh, Flax 0.12's ``DenseGeneral``
+  constrains a logically partitioned 3-D kernel's flat 2-D init value by the
+  kernel's names and fails, in ``init`` and in every ``apply``.
 
   Args:
-    mesh: the run's mesh (a concrete one, or an ``AbstractMesh``).
+    mesh: the run's mesh (a concrete one: ``jax.set_mesh``; or an
+      ``AbstractMesh``: ``jax.sharding.use_abstract_mesh``, for planning).
+
+  Yields:
+    Nothing; the mesh is current inside.
+  """
+  enter = jax.sharding.use_abstract_mesh if isinstance(mesh, AbstractMesh) else jax.set_mesh
+  with enter(mesh):
+    yield
+
+
+def traced_under_mesh(fn: Callable[..., Any], shardings: Any) -> Callable[..., Any]:
+  """``fn`` whose trace runs with the mesh of ``shardings`` as the current (abstract) mesh.
+
+  For functions ``jax.jit`` traces, so they work when called outside
+  :func:`use_mesh` too: ``jax.set_mesh`` is refused inside a trace, so the
+  step enters the mesh's abstract form there, which is all a ``P(...)``
+  constraint needs (the devices are the jit's own, from its
+  ``in_shardings``). A trace already under a mesh, or shardings without a
+  ``NamedSharding``, leave ``fn`` as it is.
+
+  Args:
+    fn: the function ``jax.jit`` will trace.
+    shardings: a tree of shardings (a train state's), or None.
 
   Returns:
-    A context manager.
+    The function to jit.
   """
-  return jax.set_mesh(mesh)
+  is_named = lambda s: isinstance(s, NamedSharding)
+  found = next((s for s in jax.tree.leaves(shardings, is_leaf=is_named) if is_named(s)), None)
+  if found is None:
+    return fn
+  abstract = found.mesh.abstract_mesh
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    if not jax.sharding.get_abstract_mesh().empty:
+      return fn(*args, **kwargs)
+    with jax.sharding.use_abstract_mesh(abstract):
+      return fn(*args, **kwargs)
+
+  return traced
 
 
 def named(mesh: Mesh | AbstractMesh) -> Callable[[Any], Any]:
@@ -632,6 +685,34 @@ def batch_sharding(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> NamedShar
   if not axes:
     return NamedSharding(mesh, PartitionSpec())
   return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, mesh_cfg: Any, accumulate_steps: int = 1):
+  """Refuses a batch the mesh cannot split, at start-up, with the numbers.
+
+  Args:
+    global_batch_size: rows of one global batch (``data.batch_size``).
+    mesh: the device mesh.
+    mesh_cfg: the ``mesh`` section or its plan (``data_axes``).
+    accumulate_steps: micro-batches per step (each must split over the data devices too).
+
+  Raises:
+    ValueError: naming ``data.batch_size``, the data devices and the nearest sizes that work.
+  """
+  axes = _data_axes(mesh_cfg, mesh)
+  ways = math.prod(int(mesh.shape[a]) for a in axes)
+  need = ways * max(int(accumulate_steps), 1)
+  if global_batch_size % need == 0:
+    return
+  lower, upper = (global_batch_size // need) * need, -(-global_batch_size // need) * need
+  near = " or ".join(str(n) for n in (lower, upper) if n > 0)
+  over = f"{ways} data devices (mesh {dict(mesh.shape)}, data axes {tuple(axes)})"
+  if accumulate_steps > 1:
+    over += f" x optimizer.accumulate_steps={accumulate_steps} micro-batches"
+  raise ValueError(
+    f"data.batch_size={global_batch_size} does not split over the {over}; make it a multiple "
+    f"of {need}, e.g. {near}"
+  )
 
 
 def data_shard_info(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> tuple[int, int]:

@@ -18,9 +18,10 @@ graph traversal that ``nnx.jit`` pays on every call (flax PR 4399).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as linen
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from adamw_flax import masks, optim, plan, registry, sharding
+from adamw_flax import masks, optim, plan, quantize, registry, sharding, transform
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -45,11 +46,27 @@ class StateSpec:
   a small model's whole step. Every state of a run shares one spec.
   """
 
-  def __init__(self, graphdef: Any, templates: Any, tx: optax.GradientTransformation, lr_fn: Any):
+  def __init__(
+    self,
+    graphdef: Any,
+    templates: Any,
+    tx: optax.GradientTransformation,
+    lr_fn: Any,
+    *,
+    ema: plan.EmaRule | None = None,
+    spikes: plan.SpikeRule | None = None,
+    module_types: masks.Target | None = None,
+  ):
     self.graphdef = graphdef
     self.templates = templates
     self.tx = tx
     self.lr_fn = lr_fn
+    # The one source of the EMA's and the spike rule's settings: the train step
+    # reads them here, so a state and its step can never disagree about them.
+    self.ema = ema
+    self.spikes = spikes
+    # The class owning each parameter (no arrays), for `type:` partition rules.
+    self.module_types = module_types
 
   __hash__ = object.__hash__
   __eq__ = object.__eq__
@@ -109,7 +126,8 @@ class TrainState(struct.PyTreeNode):
   def shardings(self, mesh: jax.sharding.Mesh, mesh_cfg: Any) -> TrainState:
     """A ``NamedSharding`` for every leaf, as ``jax.jit``'s in/out shardings.
 
-    * ``params``, ``frozen``: partition rules, else the model's own
+    * ``params``, ``frozen``: partition rules (``type:`` rules read the
+      module classes the state's factory recorded), else the model's own
       annotations (logical names through ``mesh.logical_axis_rules``), else
       replicated (:func:`adamw_flax.sharding.param_specs`);
     * ``rest`` (RNG state, batch statistics): annotations, else replicated;
@@ -126,7 +144,11 @@ class TrainState(struct.PyTreeNode):
     """
     templates = self.spec.templates
     params, frozen = sharding.param_specs_of_groups(
-      [self.params, self.frozen], mesh_cfg, mesh=mesh, templates=templates[:2]
+      [self.params, self.frozen],
+      mesh_cfg,
+      mesh=mesh,
+      templates=templates[:2],
+      target=self.spec.module_types,
     )
     (rest,) = sharding.param_specs_of_groups(
       [self.rest], mesh_cfg, mesh=mesh, templates=templates[2:], rules=False
@@ -212,9 +234,10 @@ class StateFactory:
 
   Attributes:
     init: ``() -> TrainState`` at step 0, pure (jit-able).
-    target: the abstract model that mask rules, the report and the sharding
-      annotations are read from (an ``nnx.Module`` of ``ShapeDtypeStruct``
-      leaves, or a :class:`~adamw_flax.masks.LinenTarget` for Linen models).
+    target: the abstract model that mask rules and the report are read from
+      (an ``nnx.Module`` of ``ShapeDtypeStruct`` leaves; for a model with
+      Linen parts, a :class:`~adamw_flax.masks.Target` that also knows their
+      Linen classes).
     frozen_paths: the parameters that ``optimizer.freeze`` selects.
     jit_init: whether :meth:`create` may jit ``init`` (False for a concrete
       module passed in, whose arrays ``init`` only re-arranges).
@@ -242,6 +265,23 @@ class StateFactory:
       params_dtype=optimizer.section.params_dtype,
     )
 
+  def placement(self, shardings: TrainState) -> str:
+    """Where each parameter lives: ``PartitionSpec``, per-device shape and bytes (:func:`adamw_flax.masks.placement`).
+
+    Args:
+      shardings: the state's shardings (:meth:`TrainState.shardings`).
+
+    Returns:
+      The table, ready to print.
+    """
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+    table = {  # path -> sharding, trainable and frozen params alike
+      masks.path_str(kp): s
+      for tree in (shardings.params, shardings.frozen)
+      for kp, s in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sharding)[0]
+    }
+    return masks.placement(self.target, table)
+
   def abstract(self) -> TrainState:
     """The state's ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
     return jax.eval_shape(self.init)
@@ -261,17 +301,48 @@ class StateFactory:
     """
     if mesh is None:
       return self.abstract() if abstract else self.create()
-    shapes = self.abstract()
-    shardings = shapes.shardings(mesh, mesh_cfg)
-    return with_shardings(shapes, shardings) if abstract else self.create(shardings)
+    with sharding.use_mesh(mesh):
+      shapes = self.abstract()
+      shardings = shapes.shardings(mesh, mesh_cfg)
+      return with_shardings(shapes, shardings) if abstract else self.create(shardings)
 
   def create(self, shardings: Any = None) -> TrainState:
-    """The state at step 0, placed by ``shardings`` (a TrainState of Shardings) if given."""
-    if shardings is None:
-      return jax.jit(self.init)() if self.jit_init else self.init()
-    if self.jit_init:
-      return jax.jit(self.init, out_shardings=shardings)()
-    return jax.device_put(self.init(), shardings)
+    """The state at step 0, placed by ``shardings`` (a TrainState of Shardings) if given.
+
+    One compiled ``init`` with those ``out_shardings``: every leaf is created
+    in its shards. On CPU, a state under :data:`FAST_INIT_MAX_PARAMS` params
+    compiles without LLVM's optimizations (:data:`FAST_INIT_OPTIONS`).
+    """
+    if not self.jit_init:
+      state = self.init()
+      return state if shardings is None else jax.device_put(state, shardings)
+    init = jax.jit(self.init) if shardings is None else jax.jit(self.init, out_shardings=shardings)
+    lowered = init.lower()
+    small = param_count(lowered.out_info.params) < FAST_INIT_MAX_PARAMS
+    if small and _platform(shardings) == "cpu":
+      return lowered.compile(FAST_INIT_OPTIONS)()
+    return lowered.compile()()
+
+
+# An init runs once: on XLA:CPU, compiling a small model's init with LLVM's
+# optimizations takes seconds (a 10k-param Linen ResNet: 14 CPU-seconds,
+# against 1.2 without them; the 0.8M-param Tiny Shakespeare model: 4.7
+# against 2.2), longer than running it unoptimised. Eager init is no faster:
+# each op compiles on its own, optimised. The unoptimised init runs about 8x
+# slower (0.18 against 0.02-0.03 CPU-microseconds a param), so above a few
+# million params the optimised compile wins (benchmarks/startup.py). The
+# values agree with the optimised compile's to the last bit or one ulp
+# (floating-point contraction).
+FAST_INIT_MAX_PARAMS = 4_000_000
+FAST_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _platform(shardings: Any) -> str:
+  is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)
+  found = next((s for s in jax.tree.leaves(shardings, is_leaf=is_sharding) if is_sharding(s)), None)
+  if found is None:
+    return jax.default_backend()
+  return next(iter(found.device_set)).platform
 
 
 def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
@@ -285,6 +356,61 @@ def _is_linen(obj: Any) -> bool:
   return isinstance(obj, linen.Module)
 
 
+class BridgedLinen(nnx.bridge.ToNNX):
+  """``nnx.bridge.ToNNX`` of a registered Linen model: batch statistics update in training.
+
+  Flax's imagenet example calls ``apply(..., mutable=["batch_stats"])`` in its
+  train step; ``ToNNX`` calls with ``mutable=False`` unless told, so a Linen
+  ``BatchNorm`` in training fails with "collection batch_stats is immutable".
+  This wrapper makes the module's own non-parameter collections (those its
+  init made: ``batch_stats``, ...; not ``intermediates``) mutable while the
+  model is in training mode (``model.train()``, which the train step sets;
+  ``model.eval()`` in the eval step), and the updated collections become the
+  model's state, as in NNX. A call that passes ``mutable=`` itself is left
+  as it is. Everything else is ``ToNNX``.
+  """
+
+  def __init__(self, module: linen.Module, rngs: Any = None):
+    super().__init__(module, rngs=rngs)
+    self.to_nnx__training = False
+
+  # `Module.train()` / `.eval()` set `use_running_average` on every module that
+  # has it (False / True), as for nnx.BatchNorm: the mode reaches the wrapper.
+  @property
+  def use_running_average(self) -> bool:
+    return not self.to_nnx__training
+
+  @use_running_average.setter
+  def use_running_average(self, value: bool) -> None:
+    self.to_nnx__training = not value
+
+  def _state_collections(self) -> list[str]:
+    attrs = [v for k, v in vars(self).items() if not k.startswith(("to_nnx__", "_pytree__"))]
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    names = {nnx.variable_name_from_type(type(v)) for v in jax.tree.leaves(attrs, is_leaf=is_var)}
+    return sorted(names - {"params", "intermediates"})
+
+  def __call__(self, *args: Any, mutable: Any = None, **kwargs: Any) -> Any:
+    if mutable is None and self.to_nnx__training:  # (lazy_init ignores it)
+      mutable = self._state_collections() or None
+    return super().__call__(*args, mutable=mutable, **kwargs)
+
+
+def _concrete_inputs(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
+  # `example_inputs` may give shapes only (jax.ShapeDtypeStruct): a Linen init
+  # computes with its inputs (a Conv's float(), an LSTM's argmax), so it gets
+  # zeros of those shapes, built inside the trace of the (abstract or jitted)
+  # init; the variables depend on the shapes only.
+  is_shape = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+  return tuple(
+    jax.tree.map(
+      lambda x: jnp.zeros(x.shape, x.dtype) if is_shape(x) else x,
+      tuple(example_inputs),
+      is_leaf=is_shape,
+    )
+  )
+
+
 def _bridge(module: linen.Module, example_inputs: Any, rngs: nnx.Rngs) -> nnx.Module:
   if example_inputs is None:
     raise ValueError(
@@ -292,15 +418,41 @@ def _bridge(module: linen.Module, example_inputs: Any, rngs: nnx.Rngs) -> nnx.Mo
       "variables: pass example_inputs=(x, ...) (one call's inputs), or register the model "
       "with register_model(..., example_inputs=fn)"
     )
-  wrapped = nnx.bridge.ToNNX(module, rngs=rngs)
-  nnx.bridge.lazy_init(wrapped, *example_inputs)
+  wrapped = BridgedLinen(module, rngs=rngs)
+  nnx.bridge.lazy_init(wrapped, *_concrete_inputs(example_inputs))
   return wrapped
 
 
-def _linen_target(module: linen.Module, example_inputs: Any, seed: int) -> masks.LinenTarget:
-  # Module-type rules need the Linen layer classes, which ToNNX hides; this
-  # target carries them, under the same paths as the wrapped state.
-  return masks.linen_target(module, *example_inputs, rngs=jax.random.key(seed))
+def _abstract_module(build: Callable[[], nnx.Module]) -> nnx.Module:
+  """``build()``'s module with ``jax.ShapeDtypeStruct`` leaves, nothing allocated.
+
+  ``nnx.eval_shape`` would also resolve every annotated variable's sharding
+  against the current mesh, where a logical name (``"mlp"``) is not a mesh
+  axis and fails; the run's shardings come from :meth:`TrainState.shardings`
+  instead, which maps logical names through ``mesh.logical_axis_rules``.
+  """
+  graphdefs: list[Any] = []
+
+  def state() -> nnx.State:
+    graphdef, values = nnx.split(build())
+    graphdefs.append(graphdef)
+    return values
+
+  values = jax.eval_shape(state)
+  return nnx.merge(graphdefs[0], values)
+
+
+def _check_has_params(target: masks.Target, module: nnx.Module) -> None:
+  if target.entries:
+    return
+  bridged = any(isinstance(n, nnx.bridge.ToNNX) for _, n in nnx.iter_graph(module))
+  hint = (
+    "; an nnx.bridge.ToNNX creates its variables in lazy_init: build it as "
+    "nnx.bridge.ToNNX(module, rngs=rngs).lazy_init(x)"
+    if bridged
+    else ""
+  )
+  raise ValueError(f"the model {type(module).__name__} has no nnx.Param to train{hint}")
 
 
 def state_factory(
@@ -312,51 +464,59 @@ def state_factory(
 ) -> StateFactory:
   """The :class:`StateFactory` of a model under a config.
 
+  The model is built once here, abstractly (``jax.eval_shape``: shapes,
+  dtypes and annotations, no memory), under the current mesh if any (the
+  trainer's: :func:`adamw_flax.sharding.use_mesh`), with the classes of any
+  Linen modules recorded as they initialise (:class:`~adamw_flax.masks.LinenTypeRecorder`),
+  so module-type rules (``default``, ``type:Dense``) see the Linen layers of
+  a registered Linen model and of one the builder wrapped in
+  ``nnx.bridge.ToNNX`` itself.
+
   Args:
     model: an ``nnx.Module``; a factory ``rngs -> module`` (preferred: the
       state can then be created directly in its shards), whose module may be
-      NNX or Linen; or a Linen module.
+      NNX (or hold ``nnx.bridge.ToNNX`` parts) or Linen; or a Linen module.
     config: a full config or its :class:`~adamw_flax.plan.RunPlan`
       (``optimizer`` and ``trainer`` are read).
-    example_inputs: one call's positional inputs, for Linen modules.
+    example_inputs: one call's positional inputs, for Linen modules: arrays
+      or ``jax.ShapeDtypeStruct`` (the init then sees zeros of that shape).
     tx: an optimizer to use instead of the one ``config.optimizer`` describes
       (its schedule is still the config's, for the ``lr`` metric).
 
   Returns:
-    The factory; the abstract model is built once, here.
+    The factory.
   """
   run = plan.make_plan(config)
   seed = run.trainer.seed
-  linen_module = model if _is_linen(model) else None
   concrete = isinstance(model, nnx.Module)
-  if linen_module is not None or concrete:
-    if not concrete:
-      model = _bridge(linen_module, example_inputs, nnx.Rngs(seed))
+  if concrete:
     module = model
     build = lambda: module
-    target = module if linen_module is None else _linen_target(linen_module, example_inputs, seed)
-  elif callable(model):
-    factory = model
-    holder: dict[str, Any] = {}
+    target = module
+    types = masks.module_target(module)
+  elif callable(model) or _is_linen(model):
+    factory = (lambda rngs: model) if _is_linen(model) else model
 
     def build():
       out = factory(nnx.Rngs(seed))
       if _is_linen(out):
-        holder["linen"] = out
         out = _bridge(out, example_inputs, nnx.Rngs(seed))
       return out
 
     # Placement comes from jit's out_shardings; eager sharding would need a
     # mesh context for every annotated variable (flax 0.12).
-    with nnx.use_eager_sharding(False):
-      target = nnx.eval_shape(build)
-    if "linen" in holder:
-      target = _linen_target(holder["linen"], example_inputs, seed)
+    with nnx.use_eager_sharding(False), masks.LinenTypeRecorder() as recorder:
+      module = _abstract_module(build)
+    types = masks.module_target(module, recorder.calls)
+    # With Linen parts, their classes are in `types`, not in the module.
+    target = types if recorder.calls else module
   else:
     raise TypeError(
       "create_train_state takes an nnx.Module, a factory rngs -> module, or a Linen module; "
       f"got {type(model).__name__}"
     )
+  _check_has_params(types, module)
+  module_types = dataclasses.replace(types, entries=[])
 
   frozen_paths: frozenset[str] = frozenset()
   if run.optimizer.freeze:
@@ -390,7 +550,17 @@ def state_factory(
     if params_dtype is not None:  # trained params stored in this dtype (no float32 copy)
       params = cast_floating(params, jnp.dtype(params_dtype))
     if not specs:  # one spec for every trace of init, so all states share it
-      specs.append(StateSpec(graphdef, treedefs, tx, opt.schedule))
+      specs.append(
+        StateSpec(
+          graphdef,
+          treedefs,
+          tx,
+          opt.schedule,
+          ema=run.trainer.ema,
+          spikes=run.optimizer.spikes,
+          module_types=module_types,
+        )
+      )
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -433,8 +603,10 @@ def create_train_state(
     The :class:`TrainState` at step 0.
   """
   run = plan.make_plan(config)
-  factory = state_factory(model, run, example_inputs=example_inputs, tx=tx)
-  return factory.build(mesh, run.mesh, abstract=abstract)
+  # The model is built (and Linen models initialised) under the mesh, as in training.
+  with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    factory = state_factory(model, run, example_inputs=example_inputs, tx=tx)
+    return factory.build(mesh, run.mesh, abstract=abstract)
 
 
 def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
@@ -503,7 +675,8 @@ def state_from_config(
     A :class:`TrainState` at step 0, or its abstract form.
   """
   run = plan.make_plan(config)
-  return registered_state_factory(run, data_info).build(mesh, run.mesh, abstract=abstract)
+  with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return registered_state_factory(run, data_info).build(mesh, run.mesh, abstract=abstract)
 
 
 # Below this many scalars a tree's norm is taken over one concatenated vector:
@@ -535,14 +708,14 @@ def _accepts_rngs(fn: Callable[..., Any]) -> bool:
 
 
 def init_spike_stats(window: int) -> dict[str, jax.Array]:
-  """The rolling statistics of :class:`~adamw_flax.plan.SpikeRule` before any update.
+  """The rolling statistics of :class:`~adamw_flax.plan.SpikeRule` before any step.
 
   Args:
-    window: updates the statistics hold.
+    window: steps the statistics hold.
 
   Returns:
-    ``loss`` and ``grad_norm`` buffers (float32, ``window``), ``count`` (applied
-    updates seen) and ``skipped`` (spikes skipped), int32.
+    ``loss`` and ``grad_norm`` buffers (float32, ``window``), ``count`` (steps
+    seen) and ``skipped`` (spikes skipped), int32.
   """
   return {
     "loss": jnp.zeros((window,), jnp.float32),
@@ -553,19 +726,20 @@ def init_spike_stats(window: int) -> dict[str, jax.Array]:
 
 
 def is_spike(stats: dict[str, jax.Array], rule: Any, loss: jax.Array, grad_norm: jax.Array):
-  """Whether ``loss`` or ``grad_norm`` is beyond ``rule.threshold`` sigmas of the window.
+  """Whether ``loss`` or ``grad_norm`` is beyond ``rule.threshold`` sigmas above the window's mean.
 
-  The standard deviation is floored at 0.1% of the mean, so a window of
-  (nearly) equal values does not make every tiny rise a spike.
+  The sample standard deviation (Bessel's N - 1, as OLMo-core and MaxText),
+  floored at 1e-6 (as Levanter), so a window of equal values does not make
+  every rise a spike by dividing by zero.
 
   Args:
     stats: from :func:`init_spike_stats` / :func:`push_spike_stats`.
     rule: the :class:`~adamw_flax.plan.SpikeRule`.
-    loss: this update's loss.
-    grad_norm: this update's gradient norm.
+    loss: this step's loss.
+    grad_norm: this step's gradient norm.
 
   Returns:
-    A boolean scalar (False during the rule's warmup).
+    A boolean scalar (False until ``rule.warmup`` steps are in the window).
   """
   window = stats["loss"].shape[0]
   n = jnp.minimum(stats["count"], window)
@@ -573,36 +747,93 @@ def is_spike(stats: dict[str, jax.Array], rule: Any, loss: jax.Array, grad_norm:
 
   def beyond(buf, x):
     mean = jnp.sum(jnp.where(valid, buf, 0.0)) / jnp.maximum(n, 1)
-    var = jnp.sum(jnp.where(valid, jnp.square(buf - mean), 0.0)) / jnp.maximum(n, 1)
-    std = jnp.maximum(jnp.sqrt(var), 1e-3 * jnp.abs(mean))
+    var = jnp.sum(jnp.where(valid, jnp.square(buf - mean), 0.0)) / jnp.maximum(n - 1, 1)
+    std = jnp.maximum(jnp.sqrt(var), 1e-6)
     return x.astype(jnp.float32) - mean > rule.threshold * std
 
-  ready = stats["count"] >= rule.warmup
+  ready = n >= rule.warmup
   return ready & (beyond(stats["loss"], loss) | beyond(stats["grad_norm"], grad_norm))
 
 
-def push_spike_stats(stats, loss, grad_norm, applied, spike) -> dict[str, jax.Array]:
-  """The statistics after an update: an applied one enters the window, a spike is counted.
+def push_spike_stats(stats, loss, grad_norm, finite, spike) -> dict[str, jax.Array]:
+  """The statistics after a step: its loss and gradient norm enter the window, skipped or not.
+
+  As in the references, "so spikes can become the new baseline" (MaxText): a
+  lasting rise of the loss stops being a spike once the window has seen it.
+  A non-finite step (left to ``optimizer.skip_nonfinite``) does not enter.
 
   Args:
     stats: the statistics before.
-    loss: this update's loss.
-    grad_norm: this update's gradient norm.
-    applied: whether the update was applied.
-    spike: whether it was skipped as a spike.
+    loss: this step's loss.
+    grad_norm: this step's gradient norm.
+    finite: whether both are finite.
+    spike: whether the step was skipped as a spike.
 
   Returns:
     The new statistics.
   """
   window = stats["loss"].shape[0]
   i = stats["count"] % window
-  put = lambda buf, x: jnp.where(applied, buf.at[i].set(x.astype(jnp.float32)), buf)
+  put = lambda buf, x: jnp.where(finite, buf.at[i].set(x.astype(jnp.float32)), buf)
   return {
     "loss": put(stats["loss"], loss),
     "grad_norm": put(stats["grad_norm"], grad_norm),
-    "count": stats["count"] + applied.astype(jnp.int32),
+    "count": stats["count"] + finite.astype(jnp.int32),
     "skipped": stats["skipped"] + spike.astype(jnp.int32),
   }
+
+
+# Optimizer-state nodes whose count drives a schedule (learning rate, decay
+# strength): they advance on a step skipped as a spike, as the references'
+# schedules do (OLMo-core, Levanter); Adam's count and moments stay.
+_SCHEDULE_STATES = (optax.ScaleByScheduleState, transform.DecayedWeightsState)
+
+
+def advance_schedules(opt_state: Any) -> Any:
+  """``opt_state`` with the counts of its schedules advanced by one (nothing else changed).
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    The same tree, each ``ScaleByScheduleState`` / ``DecayedWeightsState`` count + 1.
+  """
+  is_node = lambda x: isinstance(x, _SCHEDULE_STATES)
+  bump = lambda x: x._replace(count=optax.safe_increment(x.count)) if is_node(x) else x
+  return jax.tree.map(bump, opt_state, is_leaf=is_node)
+
+
+# A stream of the seed's random bits of its own, for the EMA's stochastic rounding.
+_EMA_STREAM = 0x454D41
+
+
+def update_ema(rule: plan.EmaRule, ema: PyTree, params: PyTree, count: jax.Array, seed: int):
+  """The EMA after applied update ``count`` (1-based): float32 arithmetic, stored in its dtype.
+
+  Args:
+    rule: the :class:`~adamw_flax.plan.EmaRule`.
+    ema: the EMA before.
+    params: the params after the update.
+    count: the update's 1-based count (the warmup and the rounding bits read it).
+    seed: the run's seed (the stochastic rounding's bits).
+
+  Returns:
+    The new EMA, each leaf in its own dtype; bfloat16 leaves rounded stochastically.
+  """
+  decay = jnp.asarray(rule.decay, jnp.float32)
+  if rule.warmup:
+    t = count.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _EMA_STREAM), count)
+  leaves, treedef = jax.tree.flatten(ema)
+  out = []
+  for i, (e, p) in enumerate(zip(leaves, treedef.flatten_up_to(params), strict=True)):
+    new = decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)
+    if e.dtype == jnp.bfloat16:
+      bits = quantize.random_bits16(jax.random.fold_in(key, i), e.shape)
+      new = quantize.round_to_bfloat16(new, "stochastic", bits)
+    out.append(new.astype(e.dtype))
+  return treedef.unflatten(out)
 
 
 def step_key(seed: int, step: Any) -> jax.Array:
@@ -655,6 +886,85 @@ def split_micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(one, batch)
 
 
+def _loss_and_grads(state: TrainState, batch: Batch, loss_fn: LossFn, k: int, key, wants_rngs):
+  """Loss, the loss function's metrics, the new model state and the gradients (accumulated)."""
+
+  def compute_loss(params, rest, batch, key):
+    model = state.merge(params, rest)
+    model.train()
+    extra = {"rngs": nnx.Rngs(key)} if wants_rngs else {}
+    loss, aux = loss_fn(model, batch, train=True, **extra)
+    new_rest = _to_pure(nnx.state(model, nnx.Not(nnx.Param)))
+    return loss, (aux, new_rest)
+
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  if k == 1:
+    (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, key)
+    return loss, aux, rest, grads
+  micro = split_micro_batches(batch, k)
+
+  def body(carry, xs):
+    grads_sum, rest, loss_sum, aux_sum = carry
+    mb, i = xs
+    (loss, (aux, rest)), g = grad_fn(state.params, rest, mb, jax.random.fold_in(key, i))
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return (add(grads_sum, g), rest, loss_sum + loss, add(aux_sum, aux)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  (loss_shape, (aux_shape, _)), _ = jax.eval_shape(grad_fn, state.params, state.rest, first, key)
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  carry = (zeros(state.params), state.rest, zeros(loss_shape), zeros(aux_shape))
+  (grads, rest, loss, aux), _ = jax.lax.scan(body, carry, (micro, jnp.arange(k)))
+  mean = lambda tree: jax.tree.map(lambda x: x / k, tree)
+  return loss / k, mean(aux), rest, mean(grads)
+
+
+def _apply_update(state: TrainState, grads: PyTree, skip: jax.Array | None):
+  """``(params, opt_state, updates)`` after the optimizer update, or kept when ``skip`` is true.
+
+  A skipped update is a branch that never computes the update; its
+  schedules still advance (:func:`advance_schedules`).
+  """
+
+  def apply():
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state, updates
+
+  if skip is None:
+    return apply()
+  shapes = jax.eval_shape(apply)[2]
+  keep = lambda: (
+    state.params,
+    advance_schedules(state.opt_state),
+    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+  )
+  return jax.lax.cond(skip, keep, apply)
+
+
+def _step_rules(state: TrainState, spikes: Any, ema_decay: float | None):
+  """The spike and EMA rules of a step: the state's own (its spec), checked against arguments."""
+  spec_spikes, spec_ema = state.spec.spikes, state.spec.ema
+  if spikes is not None and spec_spikes is None and "spikes" not in state.extra:
+    raise ValueError(
+      "make_train_step(spikes=...): the state has no spike statistics; build it with "
+      "optimizer.skip_spikes=True (its rule then comes with the state)"
+    )
+  # A state whose extra lacks them (state.replace(extra={})) steps without them.
+  rule = spikes if spikes is not None else (spec_spikes if "spikes" in state.extra else None)
+  ema = spec_ema if "ema" in state.extra else None
+  if ema_decay is not None:
+    if spec_ema is not None and float(ema_decay) != spec_ema.decay:
+      raise ValueError(
+        f"make_train_step(ema_decay={ema_decay}) disagrees with the state's EMA decay "
+        f"{spec_ema.decay} (trainer.ema_decay); leave ema_decay unset to use the state's"
+      )
+    if ema_decay and "ema" not in state.extra:
+      raise ValueError("make_train_step(ema_decay=...): the state has no EMA (trainer.ema_decay)")
+    if spec_ema is None and ema_decay:
+      ema = plan.EmaRule(float(ema_decay))
+  return rule, ema
+
+
 def make_train_step(
   loss_fn: LossFn,
   *,
@@ -664,19 +974,27 @@ def make_train_step(
   accumulate_steps: int = 1,
   seed: int = 0,
   spikes: Any = None,
-  ema_decay: float = 0.0,
+  ema_decay: float | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the compiled train step ``step(state, batch) -> (state, metrics)``.
 
-  One call is one optimizer update: ``state.step`` counts updates, and the
-  schedule is read at that count. With ``accumulate_steps=k`` the batch is
-  split into ``k`` micro-batches (:func:`split_micro_batches`) whose gradients
-  are averaged inside the step (a ``jax.lax.scan``): the update, the schedule
-  and the data order are those of ``k=1`` up to float summation order, and
-  only the activations' peak memory shrinks (MaxText's and nanodo's
-  accumulation). A non-finite update skipped by ``optimizer.skip_nonfinite``
+  One call is one step: ``state.step`` counts steps, and the schedules are
+  read at that count. With ``accumulate_steps=k`` the batch is split into
+  ``k`` micro-batches (:func:`split_micro_batches`) whose gradients are
+  averaged inside the step (a ``jax.lax.scan``): the update, the schedule and
+  the data order are those of ``k=1`` up to float summation order, and only
+  the activations' peak memory shrinks (MaxText's and nanodo's accumulation).
+  A non-finite update skipped by ``optimizer.skip_nonfinite``
   (``optax.apply_if_finite``) leaves the whole state as it was, ``step``
-  included, so ``step``, the optimizer's count and the logged ``lr`` agree.
+  included. An update skipped as a spike (:class:`~adamw_flax.plan.SpikeRule`)
+  counts as a step: ``step`` and the schedules advance, params, moments, model
+  state and EMA stay.
+
+  The step's parts, each one job: gradients (:func:`_loss_and_grads`, with
+  accumulation), the update decision (spike; non-finite is
+  ``optax.apply_if_finite``'s inside the optimizer), applying the update
+  (:func:`_apply_update`, rounding is the optimizer's last transform), the EMA
+  (:func:`update_ema`), metrics.
 
   Args:
     loss_fn: ``loss_fn(model, batch, *, train) -> (loss, metrics)`` where
@@ -690,19 +1008,20 @@ def make_train_step(
     batch_sharding: sharding of the batch (a ``jax.sharding.Sharding``), if any.
     state_sharding: shardings of the state pytree, if any; the output keeps them.
     accumulate_steps: micro-batches per update.
-    seed: the run's seed, for the loss's RNG keys.
-    spikes: a :class:`~adamw_flax.plan.SpikeRule`: skip updates whose loss or
-      gradient norm is a spike (the state needs ``extra["spikes"]``,
-      :func:`state_factory` makes it under ``optimizer.skip_spikes``).
-    ema_decay: the decay of ``extra["ema"]``, updated after each applied
-      update: ``ema = d * ema + (1 - d) * params``.
+    seed: the run's seed, for the loss's RNG keys and the EMA's rounding.
+    spikes: a :class:`~adamw_flax.plan.SpikeRule` overriding the state's own
+      (``optimizer.skip_spikes``; the state must hold ``extra["spikes"]``).
+      Default: the state's.
+    ema_decay: checked against the state's EMA decay (``trainer.ema_decay``);
+      default: the state's, which is the one source of the EMA's settings.
 
   Returns:
     A ``jax.jit``-compiled function. Metrics: ``loss`` (mean over the
-    micro-batches), ``lr`` (applied at this update), ``grad_norm``,
-    ``update_norm``, ``applied`` (1, or 0 for a skipped non-finite update),
-    ``skipped`` (total non-finite updates skipped so far) and the loss
-    function's own metrics (means over the micro-batches).
+    micro-batches), ``lr`` (applied at this step), ``grad_norm``,
+    ``update_norm``, ``applied`` (1, or 0 for a skipped update), ``skipped``
+    (total non-finite updates skipped so far), with spike skipping ``spike``
+    and ``skipped_spikes``, and the loss function's own metrics (means over the
+    micro-batches).
   """
   k = int(accumulate_steps)
   if k < 1:
@@ -710,87 +1029,34 @@ def make_train_step(
   wants_rngs = _accepts_rngs(loss_fn)
 
   def step(state: TrainState, batch: Batch):
+    rule, ema = _step_rules(state, spikes, ema_decay)
     key = step_key(seed, state.step)
-
-    def compute_loss(params, rest, batch, key):
-      model = state.merge(params, rest)
-      model.train()
-      extra = {"rngs": nnx.Rngs(key)} if wants_rngs else {}
-      loss, aux = loss_fn(model, batch, train=True, **extra)
-      new_rest = _to_pure(nnx.state(model, nnx.Not(nnx.Param)))
-      return loss, (aux, new_rest)
-
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    if k == 1:
-      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, key)
-    else:
-      micro = split_micro_batches(batch, k)
-
-      def body(carry, xs):
-        grads_sum, rest, loss_sum, aux_sum = carry
-        mb, i = xs
-        (loss, (aux, rest)), g = grad_fn(state.params, rest, mb, jax.random.fold_in(key, i))
-        add = lambda a, b: jax.tree.map(jnp.add, a, b)
-        return (add(grads_sum, g), rest, loss_sum + loss, add(aux_sum, aux)), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(grad_fn, state.params, state.rest, first, key)
-      (loss_shape, (aux_shape, _)), _ = shapes
-      zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-      carry = (zeros(state.params), state.rest, zeros(loss_shape), zeros(aux_shape))
-      (grads, rest, loss, aux), _ = jax.lax.scan(body, carry, (micro, jnp.arange(k)))
-      grads = jax.tree.map(lambda g: g / k, grads)
-      loss = loss / k
-      aux = jax.tree.map(lambda a: a / k, aux)
-
+    loss, aux, rest, grads = _loss_and_grads(state, batch, loss_fn, k, key, wants_rngs)
     grad_norm = _tree_norm(grads)
-
-    def apply_update():
-      updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state, updates
-
     extra = dict(state.extra)
     spike = jnp.zeros((), jnp.bool_)
-    if spikes is None:
-      params, opt_state, updates = apply_update()
-    else:
-      # Decided before the update, which a spike skips altogether (one branch
-      # computes the update, the other keeps params and optimizer state).
-      stats = extra["spikes"]
+    if rule is not None:  # decided before the update, which a spike skips altogether
       finite_inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # non-finite: apply_if_finite
-      spike = finite_inputs & is_spike(stats, spikes, loss, grad_norm)
-      shapes = jax.eval_shape(apply_update)[2]
-      params, opt_state, updates = jax.lax.cond(
-        spike,
-        lambda: (
-          state.params,
-          state.opt_state,
-          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-        ),  # fmt: skip
-        apply_update,
-      )
+      spike = finite_inputs & is_spike(extra["spikes"], rule, loss, grad_norm)
+      extra["spikes"] = push_spike_stats(extra["spikes"], loss, grad_norm, finite_inputs, spike)
+    params, opt_state, updates = _apply_update(state, grads, spike if rule is not None else None)
     finite = _finite_states(opt_state)
-    applied = ~spike
-    skipped = jnp.zeros((), jnp.int32)
+    applied, skipped = ~spike, jnp.zeros((), jnp.int32)
     if finite:
       applied = applied & jnp.logical_and.reduce(jnp.stack([s.last_finite for s in finite]))
       skipped = sum(s.total_notfinite for s in finite)
-    if spikes is not None:
-      extra["spikes"] = push_spike_stats(stats, loss, grad_norm, applied, spike)
-    if "ema" in extra:
-      extra["ema"] = jax.tree.map(
-        lambda e, p: (ema_decay * e.astype(jnp.float32) + (1 - ema_decay) * p).astype(e.dtype),
-        extra["ema"],
-        params,
-      )
+    counted = applied | spike  # a spike consumes its step; a non-finite update moves no counter
+    new_step = state.step + counted.astype(state.step.dtype)
+    if ema is not None:
+      extra["ema"] = update_ema(ema, extra["ema"], params, new_step, seed)
     # A skipped update leaves the state as it was: optax.apply_if_finite keeps
     # params and moments on a non-finite one (and counts it), a spike skips
     # the update above; the model state and the EMA are kept here.
-    keep = lambda ok, new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    if finite or spikes is not None:
-      rest = keep(applied, rest, state.rest)
-      if "ema" in extra:
-        extra["ema"] = keep(applied, extra["ema"], state.extra["ema"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
+    if finite or rule is not None:
+      rest = keep(rest, state.rest)
+      if ema is not None:
+        extra["ema"] = keep(extra["ema"], state.extra["ema"])
     metrics = {
       "loss": loss,
       "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
@@ -800,15 +1066,11 @@ def make_train_step(
       "skipped": jnp.asarray(skipped, jnp.int32),
       **aux,
     }
-    if spikes is not None:
+    if rule is not None:
       metrics["spike"] = spike.astype(jnp.int32)
       metrics["skipped_spikes"] = extra["spikes"]["skipped"]
     new_state = state.replace(
-      step=state.step + applied.astype(state.step.dtype),
-      params=params,
-      rest=rest,
-      opt_state=opt_state,
-      extra=extra,
+      step=new_step, params=params, rest=rest, opt_state=opt_state, extra=extra
     )
     return new_state, metrics
 
@@ -816,7 +1078,8 @@ def make_train_step(
   if state_sharding is not None or batch_sharding is not None:
     kwargs["in_shardings"] = (state_sharding, batch_sharding)
     kwargs["out_shardings"] = (state_sharding, None)
-  return jax.jit(step, **kwargs)
+  # Traced under the state's mesh: the model's own P(...) activation constraints need one.
+  return jax.jit(sharding.traced_under_mesh(step, state_sharding), **kwargs)
 
 
 def make_eval_step(
@@ -857,7 +1120,8 @@ def make_eval_step(
   kwargs: dict[str, Any] = {}
   if state_sharding is not None or batch_sharding is not None:
     kwargs["in_shardings"] = (state_sharding, batch_sharding)
-  return jax.jit(eval_step, **kwargs)
+  # Traced under the state's mesh: the model's own P(...) activation constraints need one.
+  return jax.jit(sharding.traced_under_mesh(eval_step, state_sharding), **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -892,12 +1156,7 @@ def make_run_steps(
   tc = run.trainer
   placed = {"state_sharding": state_sharding, "batch_sharding": batch_sharding}
   train = make_train_step(
-    loss_fn,
-    accumulate_steps=run.optimizer.accumulate_steps,
-    seed=tc.seed,
-    spikes=run.optimizer.spikes,
-    ema_decay=tc.ema_decay,
-    **placed,
+    loss_fn, accumulate_steps=run.optimizer.accumulate_steps, seed=tc.seed, **placed
   )
   evals = {"": make_eval_step(loss_fn, seed=tc.seed, **placed)}
   if tc.ema_decay:  # the EMA weights too: metrics "ema_loss", ...

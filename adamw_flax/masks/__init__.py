@@ -31,7 +31,10 @@ Selectors
     nearest enclosing module (``nnx.List``/``nnx.Dict`` containers are skipped).
     Type rules need the model: pass ``target=`` (an ``nnx.Module``, or
     :func:`linen_target` for Linen, also for a Linen module wrapped in
-    ``nnx.bridge.ToNNX``, whose inner classes NNX does not see).
+    ``nnx.bridge.ToNNX``, whose inner classes NNX does not see). A model
+    built by :func:`adamw_flax.state_factory` (``python -m train``) needs
+    nothing: the Linen classes are recorded while it is built
+    (:class:`LinenTypeRecorder`, :func:`module_target`).
   * ``"ndim>=2"`` (also ``>``, ``<``, ``<=``, ``==``, ``!=``): the number of
     dimensions of the parameter. Prefer paths and types: a stacked (scanned)
     layer adds a dimension, so its biases and norm scales have ``ndim == 2``.
@@ -97,14 +100,16 @@ Examples:
 
 from adamw_flax.masks.paths import (
   LinenTarget,
+  LinenTypeRecorder,
   Target,
   as_target,
   key_str,
   linen_target,
+  module_target,
   path_str,
   tree_paths,
 )
-from adamw_flax.masks.report import ReportRow, report, report_rows
+from adamw_flax.masks.report import ReportRow, placement, report, report_rows
 from adamw_flax.masks.resolve import (
   RuleFn,
   frozen_fn,
@@ -130,6 +135,7 @@ __all__ = [
   "DEFAULT_DECAY_TYPES",
   "PRESETS",
   "LinenTarget",
+  "LinenTypeRecorder",
   "ReportRow",
   "Rule",
   "RuleFn",
@@ -139,11 +145,13 @@ __all__ = [
   "key_str",
   "linen_target",
   "lr_multiplier_fn",
+  "module_target",
   "parse_partition_rules",
   "parse_rules",
   "partition_selector",
   "path_str",
   "path_values",
+  "placement",
   "report",
   "report_rows",
   "resolve",

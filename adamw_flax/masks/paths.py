@@ -7,6 +7,7 @@ params tree (paths only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -167,6 +168,7 @@ class Target:
   owners: dict[str, type] | None  # param path -> owning module class; None: no type info
   kind: str
   linen: bool = False
+  hint: str = ""  # what to do when type rules meet a target without types
 
 
 def _nearest_owner(path: str, modules: Mapping[str, type]) -> type | None:
@@ -189,24 +191,150 @@ def _nnx_module_types(model: nnx.Module) -> dict[str, type]:
   }
 
 
+class LinenTypeRecorder:
+  """Records the classes of the Linen modules that run while it is active.
+
+  A context manager around ``flax.linen.intercept_methods``: each outermost
+  Linen call (an ``init`` or ``apply``, such as the one
+  ``nnx.bridge.ToNNX(...).lazy_init(x)`` makes) gives one entry of
+  :attr:`calls`, ``"/"``-joined module path (``""``: the root) -> class.
+  :func:`module_target` matches them to the ``ToNNX`` parts of a model, whose
+  Linen classes NNX does not see. Used by
+  :func:`adamw_flax.train_state.state_factory` around the model's abstract
+  build, so module-type rules (``default``, ``type:Dense``) work for a Linen
+  model the user wrapped in ``ToNNX`` themselves.
+
+  Attributes:
+    calls: one ``{module path: class}`` per outermost Linen call, in call order.
+  """
+
+  def __init__(self) -> None:
+    self.calls: list[dict[str, type]] = []
+    self._depth = 0
+    self._stack = contextlib.ExitStack()
+
+  def _record(self, next_fun, args, kwargs, context):
+    if self._depth == 0:
+      self.calls.append({})
+    # Inside lifted transforms a module is also seen at a relative path; the
+    # first sighting of a path is the one in the outer tree.
+    path = "/".join(str(k) for k in context.module.path)
+    self.calls[-1].setdefault(path, type(context.module))
+    self._depth += 1
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self._depth -= 1
+
+  def __enter__(self) -> LinenTypeRecorder:
+    self._stack.enter_context(nn.intercept_methods(self._record))
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self._stack.close()
+
+
+def _bridged_parts(types: Mapping[str, type]) -> list[str]:
+  """Paths of the ``nnx.bridge.ToNNX`` modules of a model (their Linen classes are hidden)."""
+  return [path for path, cls in types.items() if issubclass(cls, nnx.bridge.ToNNX)]
+
+
+def _linen_owner(
+  path: str, part: str, calls: Sequence[Mapping[str, type]], root: type | None, used: set[int]
+) -> tuple[int, type] | None:
+  """The recorded call of ``ToNNX`` part ``part`` (root class ``root``), and ``path``'s owner in it.
+
+  Of the calls with that root class, the one that knows the innermost module
+  above ``path`` (a Linen call that only ran ``setup`` knows the root alone);
+  between equals, one not matched to another part yet.
+  """
+  parents = (path[len(part) + 1 :] if part else path).split("/")[:-1]
+  best: tuple[int, int, int] | None = None  # (depth, unused, -index)
+  for i, call in enumerate(calls):
+    if call.get("") is not root:
+      continue
+    depth = next(d for d in range(len(parents), -1, -1) if "/".join(parents[:d]) in call)
+    rank = (depth, i not in used, -i)
+    if best is None or rank > best:
+      best = rank
+  if best is None:
+    return None
+  i = -best[2]
+  return i, _nearest_owner("/".join(parents + ["_"]), calls[i])
+
+
+def module_target(model: nnx.Module, linen_calls: Sequence[Mapping[str, type]] = ()) -> Target:
+  """The target of an NNX model: its ``nnx.Param`` paths and the class owning each.
+
+  The classes of Linen modules inside ``nnx.bridge.ToNNX`` parts come from
+  ``linen_calls`` (a :class:`LinenTypeRecorder`'s, recorded while the model
+  was built); without them such a model carries no module types for its
+  bridged parameters, and type rules are an error that says what to do.
+
+  Args:
+    model: the NNX module (abstract or concrete).
+    linen_calls: the recorded Linen calls (:attr:`LinenTypeRecorder.calls`).
+
+  Returns:
+    A :class:`Target`.
+  """
+  entries, _ = flatten_paths(nnx.state(model, nnx.Param))
+  types = _nnx_module_types(model)
+  owners = {path: _nearest_owner(path, types) for path, _ in entries}
+  parts = sorted(_bridged_parts(types), key=len, reverse=True)  # the innermost part first
+  if not parts:
+    return Target(entries, owners, f"NNX model {type(model).__name__}")
+  nodes = {
+    "/".join(str(k) for k in p): n
+    for p, n in nnx.iter_graph(model)
+    if "/".join(str(k) for k in p) in parts
+  }
+  used: set[int] = set()
+  unknown = []
+  for path, _ in entries:
+    part = next((p for p in parts if not p or path.startswith(p + "/")), None)
+    if part is None:
+      continue
+    root = type(nodes[part].to_nnx__module)
+    found = _linen_owner(path, part, linen_calls, root, used)
+    if found is None:
+      unknown.append(path)
+      continue
+    used.add(found[0])
+    owners[path] = found[1]
+  if unknown:
+    # The Linen modules inside nnx.bridge.ToNNX are not NNX graph nodes: their
+    # classes are unknown here unless their init was recorded.
+    return Target(
+      entries,
+      None,
+      f"NNX model {type(model).__name__} wrapping Linen via nnx.bridge.ToNNX, whose Linen "
+      "module types NNX does not see",
+      hint="build the ToNNX and call its lazy_init inside the model factory (the registered "
+      "builder), where its Linen classes are recorded; or pass "
+      "linen_target(linen_module, *example_inputs) instead, its paths are the same; or use "
+      "path rules such as weight_decay_mask='*/kernel=true, *=false'",
+    )
+  name = type(model).__name__
+  if "" in parts:
+    name = f"{type(nodes[''].to_nnx__module).__name__} (Linen, through nnx.bridge.ToNNX)"
+  return Target(entries, owners, f"model {name}")
+
+
 def as_target(target: Any) -> Target:
+  """``target`` as the rules see it: paths, owning classes (when known) and a name.
+
+  Args:
+    target: a :class:`Target`, an ``nnx.Module`` (:func:`module_target`), a
+      :class:`LinenTarget`, or a params tree (paths only).
+
+  Returns:
+    A :class:`Target`.
+  """
   if isinstance(target, Target):
     return target
   if isinstance(target, nnx.Module):
-    entries, _ = flatten_paths(nnx.state(target, nnx.Param))
-    types = _nnx_module_types(target)
-    owners = {path: _nearest_owner(path, types) for path, _ in entries}
-    if any(owner is not None and issubclass(owner, nnx.bridge.ToNNX) for owner in owners.values()):
-      # The Linen modules inside nnx.bridge.ToNNX are not NNX graph nodes: their
-      # classes are unknown here (linen_target records them).
-      return Target(
-        entries,
-        None,
-        f"NNX model {type(target).__name__} wrapping Linen via "
-        "nnx.bridge.ToNNX, whose Linen module types NNX does not see; pass "
-        "linen_target(linen_module, *example_inputs) instead, its paths are the same",
-      )
-    return Target(entries, owners, f"NNX model {type(target).__name__}")
+    return module_target(target)
   if isinstance(target, LinenTarget):
     entries, _ = flatten_paths(target.params)
     owners = {path: _nearest_owner(path, target.module_types) for path, _ in entries}

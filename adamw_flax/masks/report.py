@@ -30,6 +30,8 @@ class ReportRow:
     lr_multiplier: its learning-rate multiplier.
     frozen: whether it is frozen.
     per_device_bytes: bytes of one shard, when shardings were given.
+    spec: its ``PartitionSpec``, when named shardings were given.
+    device_shape: the shape of one shard, when shardings were given.
   """
 
   path: str
@@ -42,6 +44,8 @@ class ReportRow:
   lr_multiplier: float
   frozen: bool
   per_device_bytes: int | None = None
+  spec: Any = None
+  device_shape: tuple[int, ...] | None = None
 
 
 def _sharding_table(shardings: Any, paths: Sequence[str]) -> dict[str, Any]:
@@ -112,9 +116,11 @@ def report_rows(
       dtype = np.dtype(params_dtype)
     size = math.prod(shape)
     owner = params.owners.get(path) if params.owners else None
-    per_device = None
+    per_device = spec = device_shape = None
     if table is not None:
-      per_device = math.prod(table[path].shard_shape(shape)) * dtype.itemsize
+      device_shape = tuple(int(d) for d in table[path].shard_shape(shape))
+      per_device = math.prod(device_shape) * dtype.itemsize
+      spec = getattr(table[path], "spec", None)
     rows.append(
       ReportRow(
         path=path,
@@ -127,9 +133,18 @@ def report_rows(
         lr_multiplier=lr[path],
         frozen=frz[path],
         per_device_bytes=per_device,
+        spec=spec,
+        device_shape=device_shape,
       )
     )
   return rows
+
+
+def _spec_str(spec: Any) -> str:
+  if spec is None:
+    return "-"
+  entries = list(spec)
+  return "replicated" if not any(e is not None for e in entries) else repr(spec)
 
 
 def _human_bytes(n: int) -> str:
@@ -165,7 +180,7 @@ def report(
 
   Columns: path, owning module class (when known), shape, dtype, weight decay,
   learning-rate multiplier, frozen, and per-device bytes when ``shardings``
-  is given. Totals count tensors, elements and bytes for all parameters and
+  is given (:func:`placement` shows the specs and shard shapes). Totals count tensors, elements and bytes for all parameters and
   for the trainable decayed, trainable not-decayed and frozen groups (these
   three add up to the total).
 
@@ -232,4 +247,49 @@ def report(
     _group_line("not decayed", [r for r in trainable if not r.decay], total, with_device),
     _group_line("frozen", [r for r in rows if r.frozen], total, with_device),
   ]
+  return "\n".join(lines)
+
+
+def placement(target: Any, shardings: Any) -> str:
+  """A table of where every parameter lives: its ``PartitionSpec``, per-device shape and bytes.
+
+  Args:
+    target: as for :func:`report_rows` (the parameters' paths and shapes).
+    shardings: a tree of ``jax.sharding.Sharding`` like the params, or a dict
+      path -> Sharding (named shardings show their ``PartitionSpec``).
+
+  Returns:
+    The table and the per-device total, ready to print.
+
+  Examples:
+    >>> import jax, numpy as np
+    >>> from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+    >>> mesh = AbstractMesh((2,), ("model",))
+    >>> params = {"w": np.ones((4, 8), np.float32), "b": np.zeros(8, np.float32)}
+    >>> print(placement(params, {"w": NamedSharding(mesh, P(None, "model")), "b": NamedSharding(mesh, P())}))
+    path  shape   sharding          device shape  per device
+    b     (8,)    replicated        (8,)          32 B
+    w     (4, 8)  P(None, 'model')  (4, 4)        64 B
+    per device: 96 B of 160 B
+  """
+  rows = report_rows(target, decay_rules="all", shardings=shardings)
+  header = ["path", "shape", "sharding", "device shape", "per device"]
+  table = [header] + [
+    [
+      r.path,
+      str(r.shape),
+      _spec_str(r.spec),
+      str(r.device_shape),
+      _human_bytes(r.per_device_bytes or 0),
+    ]
+    for r in rows
+  ]
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines = [
+    "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+  ]
+  per_device = sum(r.per_device_bytes or 0 for r in rows)
+  lines.append(
+    f"per device: {_human_bytes(per_device)} of {_human_bytes(sum(r.bytes for r in rows))}"
+  )
   return "\n".join(lines)

@@ -23,14 +23,17 @@ from adamw_flax.masks.rules import (
 PyTree = Any
 
 
-def check_types_available(rules: Sequence[Rule], kind: str, what: str) -> None:
+def check_types_available(rules: Sequence[Rule], kind: str, what: str, hint: str = "") -> None:
   for i, rule in enumerate(rules, 1):
     if rule.needs_types:
+      hint = hint or (
+        "pass the model as `target` (an nnx.Module, or "
+        "adamw_flax.masks.linen_target(module, *example_inputs) for Linen), or use path "
+        "rules ('*/bias', 're:.*norm.*/scale')"
+      )
       raise ValueError(
         f"{what} rule #{i} {rule.selector!r} selects by module type, but the target "
-        f"({kind}) carries no module types; pass the model as `target` (an nnx.Module, "
-        "or adamw_flax.masks.linen_target(module, *example_inputs) for Linen), or use path "
-        "rules ('*/bias', 're:.*norm.*/scale')"
+        f"({kind}) carries no module types; {hint}"
       )
 
 
@@ -67,7 +70,7 @@ def _diagnose_unmatched(rule: Rule, params: list[ParamInfo]) -> str:
 
 def resolve(target: Target, rules: Sequence[Rule], default: Any, what: str) -> dict[str, Any]:
   if target.owners is None:
-    check_types_available(rules, target.kind, what)
+    check_types_available(rules, target.kind, what, target.hint)
   params = [
     ParamInfo(path, leaf_ndim(leaf), mro_names(target.owners.get(path)) if target.owners else None)
     for path, leaf in target.entries
