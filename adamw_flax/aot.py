@@ -495,21 +495,22 @@ def build_job(config: Any, devices: Sequence[Any], topology: Topology | None = N
   """
   run = plan.make_plan(config)
   check_registered(run.config)
+  # In the trainer's order: mesh, data, model.
+  mesh = slice_mesh(run.mesh, devices, topology)
   with user_errors(f"data ({run.data.name})"):
     dataset = registry.DATASETS.get(run.data.name)(
       run.data, seed=run.trainer.seed, process_index=0, process_count=1
     )
-  mesh = slice_mesh(run.mesh, devices, topology)
-  entry = registry.MODELS.get(run.model.name)
-  with user_errors(f"model ({run.model.name})"):
-    factory = train_state.registered_state_factory(run, dataset.info)
-    abstract = factory.abstract()
-    shardings = abstract.shardings(mesh, run.mesh)
   with user_errors("mesh"):
     batch_sharding = sharding.batch_sharding(mesh, run.mesh)
   batch, eval_batch = batch_specs(dataset, batch_sharding)
   rows = next(iter(batch.values())).shape[0]
   _check_batch(run, mesh, rows)
+  entry = registry.MODELS.get(run.model.name)
+  with user_errors(f"model ({run.model.name})"):
+    factory = train_state.registered_state_factory(run, dataset.info)
+    abstract = factory.abstract()
+    shardings = abstract.shardings(mesh, run.mesh)
   steps = train_state.make_run_steps(
     run, entry.loss, state_sharding=shardings, batch_sharding=batch_sharding
   )
@@ -772,7 +773,7 @@ def _largest_buffers(
       continue
     seen.add(inst)
     short = re.sub(r"\{[^}]*\}", "", shape)
-    rows.append((b, "temps", f"temp {inst} {short}: {ops.get(inst, '?')}"))
+    rows.append((b, "temps", f"temp {inst} {short}: {ops.get(inst, 'no op metadata')}"))
   return tuple(sorted(rows, key=lambda r: -r[0])[:n])
 
 
@@ -1251,9 +1252,11 @@ def variant(config: ml_collections.ConfigDict, overrides: Sequence[str] = (), **
 def fsdp_rules(job: Job) -> tuple[tuple[str, tuple[Any, ...]], ...] | None:
   """Partition rules that also shard every parameter over the data axes it does not use yet (FSDP).
 
-  Each parameter keeps its spec and gains the free data axes on its first
-  unsharded dimension their size divides (ZeRO-3 / FSDP; XLA gathers the
-  params in the forward pass). One rule per parameter path.
+  Each parameter keeps its spec and gains the free data axes (ZeRO-3 /
+  FSDP; XLA gathers the params in the forward pass): on a dimension it is
+  sharded on already when that dimension divides (so 8-bit moments, blocked
+  along the last axis, keep whole blocks), else on the first unsharded one
+  their size divides. One rule per parameter path.
 
   Args:
     job: the job (its state's shardings and mesh).
@@ -1263,19 +1266,21 @@ def fsdp_rules(job: Job) -> tuple[tuple[str, tuple[Any, ...]], ...] | None:
   """
   sizes = {str(k): int(v) for k, v in job.mesh.shape.items()}
   data_axes = [a for a in job.run.mesh.data_axes if sizes.get(a, 1) > 1]
+  axes_of = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
   rules, changed = [], False
   for tree in (job.state.params, job.state.frozen):
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       spec = list(leaf.sharding.spec) + [None] * (len(leaf.shape) - len(leaf.sharding.spec))
-      used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
-      free = [a for a in data_axes if a not in used]
+      used = {a for e in spec for a in axes_of(e)}
+      free = tuple(a for a in data_axes if a not in used)
       k = math.prod(sizes[a] for a in free)
-      if k > 1:
-        for dim, n in enumerate(leaf.shape):
-          if spec[dim] is None and n % k == 0:
-            spec[dim] = free[0] if len(free) == 1 else tuple(free)
-            changed = True
-            break
+      dims = sorted(range(len(spec)), key=lambda d: spec[d] is None)  # sharded dims first
+      for dim in dims if k > 1 else ():
+        axes = axes_of(spec[dim]) + free
+        if leaf.shape[dim] % math.prod(sizes[a] for a in axes) == 0:
+          spec[dim] = axes[0] if len(axes) == 1 else axes
+          changed = True
+          break
       path = _leaf_name(keypath)
       rules.append((re.sub(r"([*?\[\]])", r"[\1]", path), tuple(spec)))
   return tuple(rules) if changed else None
@@ -1304,14 +1309,24 @@ class Trial:
   error: str = ""
 
 
+def _short_error(e: BaseException) -> str:
+  """An exception in one line: a user error's message, else its type and first line (or two)."""
+  lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+  text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+  text = re.sub(r"^model \([^)]*\): ", "", text)
+  return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
+
+
 def _trial(label: str, config: Any, devices: Sequence[Any], topology: Topology, say) -> Trial:
   say(f"trying {label} ...")
   try:
     result = compile_run(config, devices, topology, evals=False, details=False, progress=say)
   except DoesNotFit as e:
     return Trial(label, None, None, False, error=str(e))
-  except (UserError, ValueError) as e:
-    return Trial(label, None, None, False, error=str(e).splitlines()[0])
+  except Exception as e:  # noqa: BLE001 (a variant that fails is one row, not the whole table)
+    error = _short_error(e)
+    say(f"  {label}: fails to compile ({error[:300]})")
+    return Trial(label, None, None, False, error=error)
   m = result.train.memory
   say(f"  {label}: peak {gib(m.peak)} GiB ({'fits' if m.fits else 'does not fit'})")
   return Trial(label, m.peak, m.temps, m.fits, result.train.cost.seconds, mfu(result))
@@ -1385,7 +1400,7 @@ def advise(
 
 def _suggestion(label: str, t: Trial, base: MemoryReport) -> str:
   if t.peak is None:
-    return f"{label} does not compile either ({t.error[:120]})"
+    return f"{label} fails to compile ({t.error[:120]})"
   verdict = "fits" if t.fits else "still does not fit"
   if label.startswith("accumulate_steps"):
     return f"{label} cuts temps to about {gib(t.temps)} GiB (peak {gib(t.peak)} GiB, {verdict})"
@@ -1442,10 +1457,10 @@ def compare(
 ) -> list[tuple[str, str, Trial]]:
   """The job compiled with each state format under each sharding variant.
 
-  Formats: :data:`FORMATS`. Shardings: the config's; ZeRO-1 (moments also
-  over the data axes, ``mesh.shard_opt_state=data``) unless the config has
-  it; FSDP (params also over the data axes, :func:`fsdp_rules`) where the
-  model's shapes allow it.
+  Formats: :data:`FORMATS`. Shardings: the config's (``config``); ZeRO-1
+  (moments also over the data axes, ``mesh.shard_opt_state=data``) unless
+  the config has it; FSDP (params, and so moments, also over the data axes,
+  :func:`fsdp_rules`) where the model's shapes allow it.
 
   Args:
     config: the job's config.
@@ -1458,8 +1473,8 @@ def compare(
   """
   say = progress or (lambda line: None)
   run = result.job.run
-  own = "ZeRO-1" if run.mesh.shard_opt_state == "data" else "params"
-  shardings: list[tuple[str, list[str], dict[str, Any]]] = [(f"config ({own})", [], {})]
+  own = "config (ZeRO-1)" if run.mesh.shard_opt_state == "data" else "config"
+  shardings: list[tuple[str, list[str], dict[str, Any]]] = [(own, [], {})]
   if run.mesh.shard_opt_state != "data":
     shardings.append(("ZeRO-1", ["mesh.shard_opt_state=data"], {}))
   rules = fsdp_rules(result.job)
@@ -1476,7 +1491,12 @@ def compare(
           (shard_label, fmt, Trial(label, None, None, False, error=str(e).splitlines()[0]))
         )
         continue
-      rows.append((shard_label, fmt, _trial(label, cfg, devices, result.topology, say)))
+      if config_json(cfg) == config_json(run.config):  # the job itself: compiled already
+        m = result.train.memory
+        t = Trial(label, m.peak, m.temps, m.fits, result.train.cost.seconds, mfu(result))
+      else:
+        t = _trial(label, cfg, devices, result.topology, say)
+      rows.append((shard_label, fmt, t))
   return rows
 
 
@@ -1497,7 +1517,7 @@ def compare_table(rows: Sequence[tuple[str, str, Trial]], usable: int | None) ->
   ]
   for shard, fmt, t in rows:
     if t.peak is None:
-      lines.append(f"| {shard} | {fmt} | - | no | {t.error[:80]} | - |")
+      lines.append(f"| {shard} | {fmt} | - | no | fails: {t.error[:160]} | - |")
       continue
     est = _ms(t.seconds) if t.seconds else "none"
     util = f"{t.mfu:.1%}" if t.mfu is not None else "-"

@@ -10,7 +10,9 @@ Usage::
 1. **Reports** (``python -m train.compile``'s lines) of pod_lm's default
    (fsdp) variant on v5p-32 and v5e-256: the figures of configs/pod_lm.py's
    docstring and train/README.md.
-2. **--compare tables** of pod_lm on v5e-256, v5p-128 and v6e-64: each state
+2. **A job that does not fit**: the zero1 variant on v5e-16 (params
+   replicated, 16 sequences per chip), with the command's compiled advice.
+3. **--compare tables** of pod_lm on v5e-256, v5p-128 and v6e-64: each state
    format (float32; bf16 mu; int8 moments; bf16 params + int8 moments) under
    the config's sharding, ZeRO-1 and FSDP over all chips, compiled one after
    the other in this process (one libtpu). On v6e-64 pod_lm's 16-way FSDP
@@ -55,6 +57,8 @@ from common import cpu_model, write_section  # noqa: E402
 
 TITLE = "Pod LM compiled for TPU slices"
 REPORTS = ("v5p-32", "v5e-256")
+# A job that does not fit: the zero1 variant (params replicated) with 16 sequences per chip.
+MISFIT = ("v5e-16", "zero1")
 COMPARES = (("v5e-256", []), ("v5p-128", []), ("v6e-64", ["mesh.shape=(-1, 8)"]))
 QUICK = [
   "model.num_layers=1",
@@ -78,11 +82,11 @@ MEMORY_FIELDS = (
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def pod_config(extra: list[str], quick: bool) -> object:
+def pod_config(extra: list[str], quick: bool, variant: str | None = None) -> object:
   overrides = list(extra) + (QUICK if quick else [])
   if SHARED_TEXT.is_file():  # no download on machines that hold the text
     overrides.append(f"data.path={SHARED_TEXT}")
-  cfg = config_lib.load_config(ROOT / "configs" / "pod_lm.py", overrides)
+  cfg = config_lib.load_config(ROOT / "configs" / "pod_lm.py", overrides, arg=variant)
   config_lib.check_registered(cfg)
   return cfg
 
@@ -104,7 +108,7 @@ def commit() -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="report,compare", help="report,compare")
+  parser.add_argument("--parts", default="report,misfit,compare", help="report,misfit,compare")
   parser.add_argument("--quick", action="store_true", help="a one-block pod_lm")
   parser.add_argument("--no-write", action="store_true", help="print only")
   args = parser.parse_args()
@@ -114,6 +118,7 @@ def main() -> None:
   load_before = os.getloadavg()[0]
 
   reports: dict[str, list[str]] = {}
+  compiled: dict[str, aot.RunCompile] = {}
   if "report" in parts:
     for name in REPORTS:
       topology = aot.parse_topology(name)
@@ -136,7 +141,26 @@ def main() -> None:
       }
       print("\n".join([f"$ python -m train.compile --config=configs/pod_lm.py --topology={name}",
                        *lines, ""]), flush=True)  # fmt: skip
+      if "compare" in parts and name in dict(COMPARES):
+        compiled[name] = result  # the base of that topology's --compare table
       del result
+
+  misfit: list[str] = []
+  if "misfit" in parts:
+    name, variant = MISFIT
+    topology = aot.parse_topology(name)
+    devices = aot.topology_devices(topology)
+    cfg = pod_config([], args.quick, variant)
+    t = time.perf_counter()
+    result = aot.compile_run(cfg, devices, topology, progress=say)
+    misfit = aot.report_lines(result)
+    if not result.fits:
+      tips = aot.advise(cfg, result, devices, progress=say)
+      misfit.append("error: " + aot.does_not_fit_message(result, tips))
+    results[f"misfit {name} {variant}"] = {"lines": misfit, "seconds": time.perf_counter() - t}
+    print("\n".join([f"$ python -m train.compile --config=configs/pod_lm.py:{variant} "
+                     f"--topology={name}", *misfit, ""]), flush=True)  # fmt: skip
+    del result
 
   tables: dict[str, list[str]] = {}
   if "compare" in parts:
@@ -145,7 +169,9 @@ def main() -> None:
       devices = aot.topology_devices(topology)
       cfg = pod_config(extra, args.quick)
       t = time.perf_counter()
-      base = aot.compile_run(cfg, devices, topology, evals=False, details=False, progress=say)
+      base = compiled.pop(name, None) if not extra else None
+      if base is None:
+        base = aot.compile_run(cfg, devices, topology, evals=False, details=False, progress=say)
       rows = aot.compare(cfg, base, devices, progress=say)
       table = aot.compare_table(rows, topology.usable_hbm_bytes)
       tables[name] = table
@@ -183,6 +209,10 @@ def main() -> None:
   for name, lines in reports.items():
     body += [f"`python -m train.compile --config=configs/pod_lm.py --topology={name}`:", "",
              "```", *lines, "```", ""]  # fmt: skip
+  if misfit:
+    name, variant = MISFIT
+    body += [f"`python -m train.compile --config=configs/pod_lm.py:{variant} --topology={name}` "
+             "(exit status 2):", "", "```", *misfit, "```", ""]  # fmt: skip
   for name, extra in COMPARES:
     if name in tables:
       note = f" with `--config.{extra[0]}` (the proposed mesh)" if extra else ""
