@@ -722,8 +722,8 @@ def _temp_values(text: str) -> list[tuple[int, str, str]]:
   return out
 
 
-def _hlo_tables(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
-  """(instruction -> op_name, stack frame id -> "function file:line") of an HLO module's text."""
+def _op_names(hlo: str) -> dict[str, str]:
+  """``instruction -> "op_name (function file:line)"`` of an HLO module's text."""
   sections: dict[str, dict[int, str]] = {}
   current = None
   for line in hlo.splitlines():
@@ -757,7 +757,7 @@ def _hlo_tables(hlo: str) -> tuple[dict[str, str], dict[str, str]]:
   ):
     op = re.sub(r"^jit\([^)]*\)/", "", m[2])
     ops[m[1]] = f"{op} ({frames[m[3]]})" if m[3] in frames else op
-  return ops, frames
+  return ops
 
 
 def _largest_buffers(
@@ -954,7 +954,7 @@ def compile_step(
   collectives: dict[str, tuple[int, int]] = {}
   if details:
     hlo = compiled.as_text()
-    ops, _ = _hlo_tables(hlo)
+    ops = _op_names(hlo)
     buffers = _largest_buffers(named, _temp_values(assignment), ops, num_buffers)
     collectives = count_collectives(hlo)
   peak = (
@@ -1145,8 +1145,8 @@ def _estimate_line(result: RunCompile) -> str:
     else:
       kind = result.job.mesh.devices.flat[0].device_kind
       why = (
-        f"XLA's cost model gave {step.cost.raw_seconds:.4g} s, negative: no estimate "
-        f"(libtpu {libtpu_version()}'s model is broken for {kind})"
+        f"XLA's cost model gave {step.cost.raw_seconds:.4g} s, a negative time, so no "
+        f"estimate (libtpu {libtpu_version()} on {kind})"
       )
     return f"step estimate: unavailable ({why}), {tflop}; no MFU without a time"
   flops, source = model_flops(result)
@@ -1202,7 +1202,8 @@ def report_lines(result: RunCompile) -> list[str]:
     f"  model {job.run.model.name}: {job.param_count:,} trainable params; "
     f"{job.tokens_per_step:,} {'tokens' if job.sequence_model else 'examples'} per step; "
     f"params {o.params_dtype or 'as built'}, mu {o.mu_dtype or 'like params'}, "
-    f"nu {o.nu_dtype or 'like params'}, opt state sharded like {job.run.mesh.shard_opt_state}"
+    f"nu {o.nu_dtype or 'like params'}, "
+    + ("ZeRO-1" if job.run.mesh.shard_opt_state == "data" else "moments sharded like the params")
     + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else "")
   )
   mem = result.train.memory

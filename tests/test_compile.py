@@ -254,7 +254,7 @@ def test_negative_cost_estimate_is_no_estimate(smoke_v5e4):
     assert aot.mfu(result) is None
   finally:
     result.train.cost = saved
-  assert line.startswith("step estimate: unavailable (XLA's cost model gave -0.9999 s, negative")
+  assert line.startswith("step estimate: unavailable (XLA's cost model gave -0.9999 s, a negative")
   assert "MFU" not in line.replace("no MFU", "") and " ms" not in line
 
 
