@@ -74,10 +74,13 @@ def config_report(config: Any, *, num_devices: int | None = None) -> str:
   run = plan.make_plan(config)
   config_lib.check_registered(run.config)
   with config_lib.user_errors("mesh"):
-    if num_devices is None:
-      mesh = sharding.mesh_from_config(run.mesh)
-    else:
+    if num_devices is not None:
       mesh = sharding.abstract_mesh_from_config(run.mesh, num_devices)
+    else:
+      try:
+        mesh = sharding.mesh_from_config(run.mesh)
+      except ValueError as e:
+        raise ValueError(f"{e}; or plan for the job's devices with --num_devices=N") from None
   with config_lib.user_errors(f"model ({run.model.name})"), sharding.use_mesh(mesh):
     factory = train_state.registered_state_factory(run, data_info(run))
     abstract = factory.abstract()
