@@ -51,6 +51,7 @@ from etils import epath
 
 __all__ = ["INTERRUPT_EXIT_CODE", "STALL_EXIT_CODE", "PeerWatch", "StopSignals", "Watchdog"]
 
+FIRST_STEP_MIN_S = 300.0  # the least time start-up and the first (compiling) step get
 STALL_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: a temporary failure, rerun the job
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
@@ -186,7 +187,7 @@ class Watchdog:
   The loop calls :meth:`beat` whenever something completes (a step, an
   evaluation batch, a save) and names what it does next; a thread checks the
   time since the last beat. Start-up and the first step (which compiles) get
-  ``first_factor`` times the timeout.
+  ``first_factor`` times the timeout, and at least :data:`FIRST_STEP_MIN_S`.
 
   Args:
     timeout_s: seconds without progress before the process exits (0: off).
@@ -245,7 +246,9 @@ class Watchdog:
   def _watch(self) -> None:
     poll = min(5.0, max(self.timeout_s / 10, 0.05))
     while not self._stop.wait(poll):
-      budget = self.timeout_s * self._factor
+      budget = self.timeout_s
+      if self._factor != 1.0:  # start-up and the first step, which compiles: longer, >= 5 min
+        budget = max(self.timeout_s * self._factor, FIRST_STEP_MIN_S)
       idle = time.monotonic() - self._last
       if idle > budget:
         self._fire(idle, budget)

@@ -46,8 +46,8 @@ def _env(devices: int) -> dict[str, str]:
   return env
 
 
-def _data_args() -> list[str]:
-  return [f"--config.data.path={TEXT}"] if TEXT and TEXT.exists() else []
+def _data_args(text: Path | None) -> list[str]:
+  return [f"--config.data.path={text}"] if text and text.exists() else []
 
 
 def _port() -> int:
@@ -73,9 +73,9 @@ def _kill(procs: list[subprocess.Popen]) -> None:
     p.wait()
 
 
-def one_run(form: str, workdir: Path, logs: Path, deadline_s: float) -> tuple[list, float]:
+def one_run(form: str, workdir: Path, logs: Path, deadline_s: float, text: Path | None):
   """One run of the command in ``form`` ("1x4" or "2x2"); returns (statuses, seconds)."""
-  base = [sys.executable, "-m", "train", *ARGS, *_data_args(), f"--workdir={workdir}"]
+  base = [sys.executable, "-m", "train", *ARGS, *_data_args(text), f"--workdir={workdir}"]
   if form == "1x4":
     cmds, env = [base], _env(4)
   else:
@@ -100,22 +100,20 @@ def main() -> None:
   parser.add_argument("--text", type=Path, default=TEXT, help="the Tiny Shakespeare text")
   parser.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md to update")
   args = parser.parse_args()
-  global TEXT, RESULTS  # noqa: PLW0603 (the paths every helper reads)
-  TEXT, RESULTS = args.text, args.results
   with tempfile.TemporaryDirectory(prefix="stress_") as tmp:
     root = Path(tmp)
     logs = root / "logs"
     logs.mkdir()
     # The load beside it: another training process, the same job at full length.
     load_cmd = [sys.executable, "-m", "train", "--config=configs/tiny_shakespeare.py",
-                *_data_args(), f"--workdir={root / 'load'}", "--config.trainer.num_steps=100000",
+                *_data_args(args.text), f"--workdir={root / 'load'}", "--config.trainer.num_steps=100000",
                 "--config.trainer.progress=False"]  # fmt: skip
     load = _start(load_cmd, _env(1), logs / "load.log")
     rows = []
     try:
       for i in range(args.runs):
         for form in ("1x4", "2x2"):
-          codes, took = one_run(form, root / f"{form}_{i}", logs, args.deadline)
+          codes, took = one_run(form, root / f"{form}_{i}", logs, args.deadline, args.text)
           ok = all(c == 0 for c in codes)
           rows.append((form, i, codes, took, ok))
           print(f"{form} run {i}: statuses {codes}, {took:.1f} s, {'ok' if ok else 'FAILED'}")
@@ -130,7 +128,7 @@ def main() -> None:
   summary = f"{len(rows) - len(failed)} of {len(rows)} runs ended with status 0"
   print(summary)
   if not args.no_write:
-    _write(rows, summary)
+    _write(rows, summary, args.results)
   sys.exit(1 if failed else 0)
 
 
@@ -145,7 +143,7 @@ def _cpu() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def _write(rows, summary: str) -> None:
+def _write(rows, summary: str, results: Path) -> None:
   import jax  # noqa: PLC0415 (only for the versions line)
 
   times = {form: [r[3] for r in rows if r[0] == form] for form in ("1x4", "2x2")}
@@ -176,7 +174,7 @@ def _write(rows, summary: str) -> None:
     "eval steps are in flight and the metrics are summed on the host.",
     "",
   ]
-  text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+  text = results.read_text() if results.exists() else "# Benchmark results\n\n"
   head = "## Final evaluation under load (reliability)"
   if head in text:
     start = text.index(head)
@@ -184,7 +182,7 @@ def _write(rows, summary: str) -> None:
     text = text[:start] + "\n".join(lines) + (text[end + 1 :] if end != -1 else "")
   else:
     text = text.rstrip("\n") + "\n\n" + "\n".join(lines)
-  RESULTS.write_text(text)
+  results.write_text(text)
 
 
 if __name__ == "__main__":

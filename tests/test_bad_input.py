@@ -189,22 +189,23 @@ def test_a_workdir_on_a_full_disk_keeps_its_checkpoints(tmp_path):
     assert f"the checkpoint of step {kept[-1]} is kept" in lines[0]
 
 
+# Starts python -m train with a file-size limit (what a quota looks like to the
+# process): writes beyond it fail with EFBIG, SIGXFSZ ignored (both survive exec).
+_LIMITED = (
+  "import os, resource, signal, sys\n"
+  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+  "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))\n"
+  "os.execv(sys.executable, [sys.executable, '-m', 'train', *sys.argv[1:]])\n"
+)
+
+
 def test_an_unwritable_disk_mid_run_is_one_line_too(tmp_path):
-  # A file-size limit (what a quota looks like to the process): writes beyond it fail.
-  import resource  # noqa: PLC0415 (POSIX only)
-  import signal  # noqa: PLC0415
-
-  def limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-
   workdir = tmp_path / "run"
   run = subprocess.run(
-    [sys.executable, "-m", "train", f"--config={SMOKE}", f"--workdir={workdir}", *_data(),
+    [sys.executable, "-c", _LIMITED, f"--config={SMOKE}", f"--workdir={workdir}", *_data(),
      "--config.trainer.num_steps=20", "--config.checkpoint.every_steps=10",
      "--config.checkpoint.async_save=False", "--config.trainer.progress=False"],
     cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240,
-    preexec_fn=limit,
   )  # fmt: skip
   lines = _error_lines(run)
   assert run.returncode == 2, run.stderr[-3000:]

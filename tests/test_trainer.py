@@ -279,13 +279,13 @@ def test_wandb_setting_without_the_package_changes_nothing(tmp_path, monkeypatch
 
 def test_final_eval_batches_sets_the_last_evaluation(tmp_path, monkeypatch):
   seen = []
-  original = trainer.evaluate_all
+  original = trainer.actions.evaluate_all
 
   def spy(eval_steps, state, dataset, num_batches, mesh, mesh_cfg, **kwargs):
     seen.append(num_batches)
     return original(eval_steps, state, dataset, num_batches, mesh, mesh_cfg, **kwargs)
 
-  monkeypatch.setattr(trainer, "evaluate_all", spy)
+  monkeypatch.setattr(trainer.actions, "evaluate_all", spy)
   cfg = regression_config(num_steps=20)
   cfg.trainer.final_eval_batches = 7
   trainer.train_and_evaluate(cfg, tmp_path)

@@ -126,7 +126,7 @@ BAD = [
     "does not fit the state this run builds: its optimizer state has another format or tree "
     "(first difference at 'opt_state/0/mu/",
   ),
-  (["model.width=16", "trainer.allow_config_change=True"], "'params/bn1/bias': the checkpoint"),
+  (["model.width=16", "trainer.allow_config_change=True"], "which changed model.width 8 → 16"),
 ]
 
 

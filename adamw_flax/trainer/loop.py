@@ -1,0 +1,315 @@
+"""Config in, trained and checkpointed model out: start-up in phases, then the loop.
+
+``train_and_evaluate(config, workdir)`` reads top to bottom: plan the run,
+claim the workdir, build the mesh, the data and the abstract state, restore
+the newest checkpoint or create the state, write ``config.json``, print the
+start-up report, compile the steps, loop. Every start-up phase runs on every
+process and ends them all alike when it fails on one
+(:func:`adamw_flax.distributed.agree`). The loop dispatches a step, reads the
+previous one's metrics (one step late, so the host never waits for the
+device between steps) and hands everything else to its actions
+(:mod:`adamw_flax.trainer.actions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from adamw_flax import (
+  aot,
+  checkpoint,
+  distributed,
+  fs,
+  plan,
+  registry,
+  reporting,
+  sharding,
+  train_state,
+  watchdog,
+)
+from adamw_flax.config import check_registered, config_json, user_errors
+from adamw_flax.errors import UserError, WorkdirError
+from adamw_flax.trainer import actions, report
+from adamw_flax.trainer import workdir as wd_lib
+from adamw_flax.trainer.actions import Loop, StepResult
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains the model and data that ``config`` names, in ``workdir``.
+
+  Rerunning the same command resumes from the latest complete checkpoint.
+
+  Args:
+    config: a full config (validated here).
+    workdir: the run's directory (created if missing).
+
+  Returns:
+    A summary: ``step`` reached, last ``train_loss`` and ``eval_loss``,
+    ``wall_time``, ``preempted`` (stopped by a signal, after saving),
+    ``interrupted`` (by SIGINT, Ctrl-C) and ``skipped`` (updates skipped).
+
+  Raises:
+    UserError: an invalid config, a workdir of another run or in use, a
+      checkpoint that does not fit (nothing in the workdir is changed).
+    TrainingDiverged: the loss stayed non-finite; the last good checkpoint is kept.
+  """
+  t_start = time.perf_counter()
+  run = plan.make_plan(config)
+  check_registered(config)
+  workdir = fs.as_path(workdir)
+  main = jax.process_index() == 0
+  lock = wd_lib.WorkdirLock(workdir)
+  created = False
+
+  def claim() -> None:
+    nonlocal created
+    if main:  # process 0 claims the workdir for the job; the others learn the outcome
+      created = wd_lib.prepare_workdir(workdir)
+      lock.acquire()
+
+  try:
+    # Each phase runs the same collectives on every process, failed or not.
+    distributed.agree(claim, "claiming the workdir")
+    wd_lib.check_same_config(config)
+    distributed.agree(lambda: wd_lib.check_workdir_config(config, workdir), "reading the workdir")
+    with _guards(run, workdir) as guards:
+      try:
+        return _train(run, workdir, main, guards, t_start)
+      except Exception as e:
+        if (reason := wd_lib.storage_failure(e)) is None:
+          raise
+        raise WorkdirError(
+          f"workdir {str(workdir)!r} cannot be written ({reason}); free space or pick another "
+          "--workdir (checkpoints already written are kept; rerun the same command to resume)"
+        ) from e
+  except UserError:
+    if created and main and not fs.is_remote(workdir):
+      lock.release()
+      # A refused start leaves no trace: the workdir this call made is removed if empty.
+      with contextlib.suppress(OSError):
+        os.rmdir(os.fspath(workdir))
+    raise
+  finally:
+    lock.release()
+
+
+@contextlib.contextmanager
+def _guards(run: plan.RunPlan, workdir: epath.Path):
+  pid, tc = jax.process_index(), run.trainer
+  stall = watchdog.Watchdog(tc.stall_timeout_s, workdir, pid)
+  # Started with the loop (nothing is written into the workdir before that).
+  peers = watchdog.PeerWatch(workdir, pid, jax.process_count(), tc.peer_timeout_s)
+  with watchdog.StopSignals() as signals, stall:
+    try:
+      yield actions.Guards(signals, stall, peers)
+    finally:
+      peers.close()
+
+
+def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: float):
+  def place():
+    with user_errors("mesh"):
+      mesh = sharding.mesh_from_config(run.mesh)
+      # Processes that hold replicas of the same batch rows (a model axis across
+      # processes) load the same slice: the mesh, not the process id, decides.
+      return mesh, *sharding.data_shard_info(mesh, run.mesh)
+
+  mesh, data_index, data_count = distributed.agree(place, "building the mesh")
+  # Init, train and eval steps traced under the run's mesh: models' own P(...) constraints.
+  with sharding.use_mesh(mesh):
+    dataset = distributed.agree(lambda: _data(run, mesh, data_index, data_count), "loading data")
+    built = distributed.agree(lambda: _model(run, mesh, dataset), "building the model")
+    ckpts = distributed.agree(
+      lambda: _checkpoints(run, workdir, mesh, dataset), "opening checkpoints"
+    )
+    try:
+      loop = _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, *built)
+      return _loop(loop)
+    finally:
+      _close_checkpoints(ckpts, sys.exc_info()[1])
+
+
+def _data(run: plan.RunPlan, mesh, data_index: int, data_count: int):
+  with user_errors(f"data ({run.data.name})"):
+    dataset = registry.DATASETS.get(run.data.name)(
+      run.data, seed=run.trainer.seed, process_index=data_index, process_count=data_count
+    )
+  with user_errors("mesh"):
+    sharding.check_batch_size(
+      int(dataset.global_batch_size), mesh, run.mesh, run.optimizer.accumulate_steps
+    )
+  return dataset
+
+
+def _model(run: plan.RunPlan, mesh, dataset):
+  """The state's factory, abstract form, shardings, and the logical axes no rule maps."""
+  with user_errors(f"model ({run.model.name})"):
+    factory = train_state.registered_state_factory(run, dataset.info)
+    abstract = factory.abstract()
+    shardings = abstract.shardings(mesh, run.mesh)
+    trees = [abstract.params, abstract.frozen, abstract.rest]
+    unmapped = sharding.unmapped_logical_axes(abstract.spec.templates, trees, run.mesh, mesh=mesh)
+  return factory, abstract, shardings, unmapped
+
+
+def _checkpoints(run: plan.RunPlan, workdir: epath.Path, mesh, dataset) -> checkpoint.Checkpoints:
+  try:
+    return checkpoint.Checkpoints(
+      workdir / "checkpoints", run.config, data_info=dataset.info, mesh=mesh
+    )
+  except (FileExistsError, PermissionError) as e:
+    raise WorkdirError(f"checkpoints: {e}") from None
+
+
+def _close_checkpoints(ckpts: checkpoint.Checkpoints, failing: BaseException | None) -> None:
+  if failing is not None and wd_lib.storage_failure(failing) is not None:
+    # The failed save's TensorStore writes call back into Orbax's closed event
+    # loop, each printing a traceback: the error that matters is reported.
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(Exception):
+      ckpts.close()
+  else:
+    ckpts.close()
+
+
+def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, factory, abstract, shardings,
+           unmapped) -> Loop:  # fmt: skip
+  """Restores or creates the state, writes ``config.json``, reports, compiles: the :class:`Loop`."""
+  target = train_state.with_shardings(abstract, shardings)
+  migrate = run.checkpoint.migrate_opt_state
+  state, data_state = wd_lib.restore_newest(ckpts, target, workdir, main, migrate=migrate)
+  if state is None:
+    state, data_state = factory.create(shardings), {}
+  elif main:
+    print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
+  wd_lib.write_workdir_config(run.config, workdir)  # only now is this workdir this config's run
+  if main:
+    print(report.startup_report(run, state, mesh, factory, unmapped), flush=True)
+  batch_sharding = sharding.batch_sharding(mesh, run.mesh)
+  loss = registry.MODELS.get(run.model.name).loss
+  steps = train_state.make_run_steps(
+    run, loss, state_sharding=shardings, batch_sharding=batch_sharding
+  )
+  # Steps that python -m train.compile saved in WORKDIR/compiled load instead of compiling.
+  steps, note = aot.use_saved_steps(steps, workdir, run, mesh, state, batch_sharding, dataset)
+  if note and main:
+    print(note, flush=True)
+  tc, start = run.trainer, int(state.step)
+  writer = None
+  if main:
+    wandb = reporting.wandb_writer(
+      workdir, tc.wandb_project, config_json(run.config), tc.wandb_mode or None
+    )
+    writer = reporting.MetricsWriter(workdir, resume_step=start, wandb=wandb)
+  # A checkpoint of the first build has {"step": n} only: position == step then.
+  position = int(data_state.get("position", data_state.get("step", start)))
+  progress = reporting.ProgressBar(tc.num_steps, start=start, enabled=main and tc.progress)
+  return Loop(run, workdir, main, mesh, dataset, ckpts, steps, guards, state, start, position,
+              t_start, writer, progress, last_good_step=ckpts.latest_step())  # fmt: skip
+
+
+def _loop(loop: Loop) -> dict[str, Any]:
+  """Dispatches the steps, reads each one late, runs the actions; returns the summary."""
+  tc, num_steps = loop.run.trainer, loop.run.trainer.num_steps
+  plots, log = actions.Plots(), actions.TrainLog(loop)
+  per_step = [actions.Divergence(loop.run), actions.SkipLog(loop.run), log]
+  boundary = [actions.Evaluate(loop, log, plots), actions.Save(loop), actions.Stop()]
+  profile = actions.Profile(loop.workdir / "profile", tc.profile_steps if loop.main else ())
+  loop.guards.peers.note = f"step {loop.last_good_step}" if loop.last_good_step is not None else ""
+  loop.guards.peers.start()
+  pending, first, t_loop = None, loop.position, time.perf_counter()
+  try:
+    while loop.step + (pending is not None) < num_steps:
+      profile.at(loop.step + (pending is not None), loop.state)
+      dispatched = _dispatch(loop, pending is not None, first=loop.position == first)
+      if pending is not None:  # the previous step, read with this one already dispatched
+        _read(loop, pending, per_step, t_loop)
+      pending, step = dispatched, loop.step + 1  # the step count if this one is applied
+      due = [action for action in boundary if action.due(loop, step)]  # asks every action
+      if not due and step != num_steps:
+        continue
+      applied = _read(loop, pending, per_step, t_loop)  # a boundary: the state is read back
+      pending = None
+      for action in due:
+        action.run(loop, applied)
+      if loop.stopped:
+        break
+    if pending is not None:
+      _read(loop, pending, per_step, t_loop)
+    if not loop.stopped:
+      if final := tc.final_eval_batches or tc.eval_batches:
+        actions.run_evaluation(loop, final)
+      if loop.ckpts.latest_step() != loop.step:
+        actions.save(loop)
+      actions.wait_for_writes(loop)
+  finally:
+    profile.close(loop.state)
+    loop.progress.close()
+    timing = actions.write_timing(loop, t_loop, plots.close())
+    actions.close_writer(loop)
+  return _summary(loop, timing)
+
+
+def _dispatch(loop: Loop, behind: bool, *, first: bool) -> tuple[Any, int]:
+  """Loads the next batch and dispatches its step; returns ``(metrics, position)``."""
+  wd, n = loop.guards.watchdog, loop.step + 1 + behind
+  wd.beat(None, f"loading batch {loop.position} (train step {n})")
+  batch = sharding.global_batch(
+    loop.dataset.train_batch(loop.position),
+    loop.mesh,
+    loop.run.mesh,
+    global_batch_size=loop.dataset.global_batch_size,
+  )
+  wd.beat(None, f"train step {n}")
+  with actions.user_code("the train step (your model and loss)", batch) if first else _nothing():
+    loop.state, metrics = loop.steps.train(loop.state, batch)  # traced at the first call
+  loop.position += 1
+  return metrics, loop.position - 1
+
+
+def _read(loop: Loop, dispatched, per_step, t_loop: float) -> bool:
+  """Reads a dispatched step's metrics and runs the per-step actions; True if it counted."""
+  metrics, position = dispatched
+  m = jax.device_get(metrics)
+  loop.guards.watchdog.beat(
+    f"train step {loop.step + 1}", f"train step {loop.step + 2}", first=False
+  )
+  if not loop.costs["first_step"]:  # dispatch to done of the first step: compilation, mostly
+    loop.costs["first_step"] = time.perf_counter() - t_loop
+  loop.skipped_total = int(m["skipped"]) + int(m.get("skipped_spikes", 0))
+  result = StepResult(m, position, bool(m["applied"]), bool(m.get("spike", 0)))
+  divergence, *after = per_step
+  divergence.on_step(loop, result)
+  loop.step += result.applied or result.spike  # a spike consumes its step; a non-finite one not
+  for action in after:
+    action.on_step(loop, result)
+  return result.applied or result.spike  # a boundary's eval and save run for a counted step
+
+
+@contextlib.contextmanager
+def _nothing():
+  yield
+
+
+def _summary(loop: Loop, timing: dict[str, float]) -> dict[str, Any]:
+  summary = {
+    "step": int(loop.state.step),
+    "train_loss": loop.train_loss,
+    "eval_loss": loop.eval_metrics.get("loss", float("nan")),
+    "wall_time": time.perf_counter() - loop.t_start,
+    "preempted": bool(loop.stopped),
+    "interrupted": loop.stopped == "interrupted",
+    "skipped": loop.skipped_total,
+  }
+  if loop.main:
+    print(report.summary_lines(summary, timing), flush=True)
+  return summary

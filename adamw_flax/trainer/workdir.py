@@ -1,0 +1,330 @@
+"""The workdir: its lock, its config, its checkpoints' faults, its disk.
+
+One trainer (one job) writes a workdir at a time (:class:`WorkdirLock`); it
+holds a run only once it holds a checkpoint (:func:`check_workdir_config`);
+``config.json`` is written once the state is built or restored
+(:func:`write_workdir_config`); an unreadable checkpoint is moved aside and
+the newest readable one restores, on every process alike
+(:func:`restore_newest`); a disk without room for a save is said before the
+save writes anything (:func:`check_space`), and any failure to write is one
+line (:func:`storage_failure`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import ml_collections
+from etils import epath
+
+from adamw_flax import checkpoint, distributed, fs
+from adamw_flax.config import ConfigError, config_diff, config_json, config_with_defaults
+from adamw_flax.errors import WorkdirError
+
+log = logging.getLogger("adamw_flax")
+
+# Keys whose change never needs allow_config_change: they say how to run, not what.
+RUN_ONLY_KEYS = (
+  "trainer.allow_config_change",
+  "trainer.progress",
+  "trainer.stall_timeout_s",
+  "trainer.peer_timeout_s",
+  "checkpoint.migrate_opt_state",
+)
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir (``.lock``), so two trainers never write one run.
+
+  ``fcntl.flock`` is released by the kernel when the process exits, also
+  after a crash or ``kill -9``: a lock file left by a dead process is taken
+  over (with a message naming its pid). Object-store workdirs (``gs://``)
+  cannot be locked; there the lock is skipped with a warning.
+  """
+
+  def __init__(self, workdir: epath.Path):
+    self.workdir = workdir
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    if fs.is_remote(self.workdir):
+      log.warning("%s is an object store: no workdir lock; run one trainer on it", self.workdir)
+      return
+    path = os.fspath(self.workdir / ".lock")
+    while True:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+          raise WorkdirError(
+            f"workdir {str(self.workdir)!r} is in use by another trainer (pid {holder}); wait "
+            "for it to finish or stop it, or use another --workdir"
+          ) from None
+        raise
+      # The holder removes the file when it releases: a lock taken on a file
+      # that was unlinked meanwhile guards nothing, so take the new one.
+      try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if previous and previous != str(os.getpid()):
+      print(
+        f"taking over the lock of {self.workdir} left by process {previous} (no longer running)",
+        flush=True,
+      )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.fspath(self.workdir / ".lock"))  # while still holding it
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+
+def prepare_workdir(workdir: epath.Path) -> bool:
+  """Creates the workdir; a file in its place or a read-only one is a :class:`WorkdirError`.
+
+  Returns:
+    Whether the workdir was created here.
+  """
+  existed = workdir.exists()
+  if existed and not workdir.is_dir():
+    raise WorkdirError(f"workdir {str(workdir)!r} is a file; pass a directory as --workdir")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(
+      f"workdir {str(workdir)!r} cannot be created ({e.strerror or e}); pick a writable --workdir"
+    ) from None
+  if not fs.is_remote(workdir) and not os.access(os.fspath(workdir), os.W_OK | os.X_OK):
+    raise WorkdirError(f"workdir {str(workdir)!r} is not writable; pick a writable --workdir")
+  return not existed
+
+
+def check_same_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses a job whose processes were given different configs (naming the first difference)."""
+  if jax.process_count() == 1:
+    return
+  texts = distributed.exchange_text(json.dumps(config_json(config), sort_keys=True))
+  for i, text in enumerate(texts[1:], start=1):
+    if text != texts[0]:
+      diff = config_diff(json.loads(texts[0]), json.loads(text))
+      raise ConfigError(
+        f"process {i} was given another config than process 0 ({diff[0] if diff else '?'}); "
+        "start every process with the same --config and --config.* overrides"
+      )
+
+
+# What a full disk, a quota, a file-size limit or a read-only filesystem looks
+# like, from Python's I/O (errno) and from TensorStore's writes in Orbax (text).
+_STORAGE_ERRNOS = {
+  errno.ENOSPC: "the disk is full",
+  errno.EDQUOT: "the disk quota is exceeded",
+  errno.EFBIG: "a file would exceed the size limit",
+  errno.EROFS: "the filesystem is read-only",
+}
+_STORAGE_TEXTS = {
+  "No space left on device": "the disk is full",
+  "Disk quota exceeded": "the disk quota is exceeded",
+  "File too large": "a file would exceed the size limit",
+  "Read-only file system": "the filesystem is read-only",
+}
+
+
+def storage_failure(e: BaseException) -> str | None:
+  """Why ``e`` (or what caused it) failed to write to storage, or None for another failure."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      return _STORAGE_ERRNOS[e.errno]
+    text = str(e)
+    for needle, reason in _STORAGE_TEXTS.items():
+      if needle in text:
+        return reason
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def check_space(workdir: epath.Path, state_bytes: int, step: int, last: int | None) -> None:
+  """Refuses a save the disk has no room for, before anything of it is written.
+
+  A save that runs out of space halfway fails inside Orbax's threads, with a
+  page of their tracebacks; this says it in one line and keeps the workdir as
+  it was. The checkpoint takes about the state's bytes (Orbax's OCDBT files
+  add little); object stores are not checked.
+  """
+  if fs.is_remote(workdir):
+    return
+  try:
+    free = shutil.disk_usage(os.fspath(workdir)).free
+  except OSError:
+    return
+  need = int(state_bytes * 1.1) + (256 << 10)
+  if free < need:
+    kept = f"the checkpoint of step {last} is kept" if last is not None else "nothing was saved"
+    raise WorkdirError(
+      f"workdir {str(workdir)!r}: the disk is full (the checkpoint of step {step} needs about "
+      f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free); free space or pick another "
+      f"--workdir ({kept}; rerun the same command to resume)"
+    )
+
+
+def holds_checkpoints(workdir: epath.Path) -> bool:
+  """Whether ``workdir`` has a committed checkpoint, or unreadable ones moved aside."""
+  # Orbax names a committed step's directory by the bare step number; a save in
+  # progress (or interrupted) is "<step>.orbax-checkpoint-tmp-<n>".
+  for name in ("checkpoints", "checkpoints.corrupt"):
+    root = workdir / name
+    if root.is_dir() and any(
+      p.name.isdigit() or name.endswith("corrupt") for p in root.iterdir() if p.is_dir()
+    ):
+      return True
+  return False
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
+  """Refuses a workdir holding a run of another config (unless allowed).
+
+  Reads ``config.json`` only: nothing is written until the state is built.
+
+  Returns:
+    The changed keys (empty for the same config or a new workdir).
+
+  Raises:
+    ConfigError: listing the keys that differ, and how to proceed.
+
+  Args:
+    config: this run's config.
+    workdir: the run's directory.
+  """
+  path = workdir / "config.json"
+  if not path.exists() or not holds_checkpoints(workdir):
+    # A run that failed before its first checkpoint (a loss that raises at
+    # step 1, a batch the mesh cannot split) holds no run: start this config.
+    return []
+  try:
+    old = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise WorkdirError(
+      f"{path} is unreadable ({e}); move it away to start over in this workdir"
+    ) from None
+  old = config_json(config_with_defaults(old))  # fields added to the schema since: defaults
+  changes = [
+    c for c in config_diff(old, config_json(config)) if c.split(":")[0] not in RUN_ONLY_KEYS
+  ]
+  # Converting the optimizer state is a decision to change the optimizer, so
+  # migrate_opt_state allows optimizer.* changes; others need allow_config_change.
+  needing = [
+    c for c in changes if not (config.checkpoint.migrate_opt_state and c.startswith("optimizer."))
+  ]
+  if needing and not config.trainer.allow_config_change:
+    shown = needing[:3] + ([f"... {len(needing) - 3} more"] if len(needing) > 3 else [])
+    hint = (
+      " (an optimizer change may also need --config.checkpoint.migrate_opt_state=True, which "
+      "converts the saved optimizer state)"
+      if any(c.startswith("optimizer.") for c in needing)
+      else ""
+    )
+    raise ConfigError(
+      f"workdir {str(workdir)!r} holds a run with another config ({'; '.join(shown)}); use "
+      f"another --workdir, or --config.trainer.allow_config_change=True to resume it{hint}"
+    )
+  if changes and jax.process_index() == 0:
+    print(f"resuming {workdir} with a changed config: {'; '.join(changes)}", flush=True)
+  return changes
+
+
+def write_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Writes ``config.json`` atomically (process 0).
+
+  Args:
+    config: the run's config.
+    workdir: the run's directory.
+  """
+  if jax.process_index() != 0:
+    return
+  path = workdir / "config.json"
+  text = json.dumps(config_json(config), indent=2, sort_keys=True) + "\n"
+  if fs.is_remote(path):
+    path.write_text(text)  # an object write is atomic
+  else:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def move_aside(ckpts: checkpoint.Checkpoints, workdir: epath.Path, step: int) -> epath.Path:
+  """Moves an unreadable checkpoint step out of ``checkpoints/`` (kept, never deleted)."""
+  dest_root = workdir / "checkpoints.corrupt"
+  dest_root.mkdir(parents=True, exist_ok=True)
+  dest = dest_root / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+  shutil.move(os.fspath(ckpts.directory / str(step)), os.fspath(dest))
+  ckpts.reload()
+  return dest
+
+
+def restore_newest(ckpts, target, workdir: epath.Path, main: bool, migrate: bool = False):
+  """Restores the newest checkpoint that reads; unreadable ones are moved aside.
+
+  Returns:
+    ``(state, data_state)``, or ``(None, None)`` without any checkpoint.
+
+  Raises:
+    CheckpointMismatchError: the newest readable one does not fit this run.
+    WorkdirError: checkpoints exist and none restores.
+  """
+  moved = []
+  while (step := ckpts.latest_step()) is not None:
+
+    def attempt(step=step):
+      try:
+        return ckpts.restore(target, step=step, migrate=migrate), ""
+      except checkpoint.CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 (any failure to read a step: TensorStore, JSON, I/O)
+        return None, (str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+
+    # Every process tries the step; if it fails to read on any, all of them
+    # fall back to the same earlier one (a process may read only its shards).
+    restored, reason = distributed.agree(attempt, f"restoring checkpoint {step}")
+    reasons = [r for r in distributed.exchange_text(reason) if r]
+    if reasons:
+      dest = move_aside(ckpts, workdir, step) if main else None
+      distributed.exchange_text("")  # every process waits until process 0 has moved it
+      if not main:
+        ckpts.reload()
+      if main:
+        print(f"checkpoint {step} is unreadable ({reasons[0]}); moved to {dest}", flush=True)
+      moved.append(step)
+      continue
+    state, data_state = restored
+    if moved:
+      print(f"resumed from step {step}, the newest readable checkpoint", flush=True)
+    return state, data_state
+  if moved:
+    raise WorkdirError(
+      f"no checkpoint in {str(workdir / 'checkpoints')!r} restores (unreadable: "
+      f"{', '.join(map(str, moved))}, moved to checkpoints.corrupt/); remove "
+      "checkpoints.corrupt/ and config.json to start over"
+    )
+  return None, None
