@@ -31,8 +31,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from adamw_flax import masks, registry, schedules, transform
-from adamw_flax.errors import UserError
+from adamw_flax import errors, masks, offload, registry, schedules, transform
+from adamw_flax.errors import UserCodeError, UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 MOMENT_DTYPES = (*DTYPES, "int8")  # int8: 8-bit block-quantized (adamw_flax.quantize)
@@ -102,6 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
   o.float_moments = "embeddings"  # int8 moments: rules "selector=true" keeping float32 moments
   o.params_dtype = _optional(str)  # trained params' dtype; None = as built; "bfloat16"
   o.params_rounding = "stochastic"  # bfloat16 params: "stochastic", "kahan" or "nearest"
+  o.moments_rounding = "nearest"  # int8 moments: codes rounded "nearest" or "stochastic"
+  o.offload = ""  # optimizer state in host memory between steps: "opt_state" or fields "mu, nu"
   o.nesterov = False  # Nesterov momentum (NAdamW)
   o.update_from_stored_moments = False  # 16-bit mu: faster update, not optax's numbers
   o.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off
@@ -228,6 +230,21 @@ def _check_ranges(c: ml_collections.ConfigDict, errors: list[str]) -> None:
     o.params_rounding in transform.ROUNDINGS,
     "optimizer.params_rounding",
     f"must be one of {', '.join(map(repr, transform.ROUNDINGS))}, got {o.params_rounding!r}",
+  )
+  offload_error = ""
+  if not isinstance(o.offload, str):
+    offload_error = f"must be a string such as 'opt_state' or 'mu,nu', got {o.offload!r}"
+  else:
+    try:
+      offload.parse(o.offload)
+    except ValueError as e:
+      offload_error = str(e)
+  need(not offload_error, "optimizer.offload", offload_error)
+  need(
+    o.moments_rounding in transform.MOMENTS_ROUNDINGS,
+    "optimizer.moments_rounding",
+    f"must be one of {', '.join(map(repr, transform.MOMENTS_ROUNDINGS))}, "
+    f"got {o.moments_rounding!r}",
   )
   need(
     o.quantize_block_size >= 16,
@@ -530,6 +547,9 @@ def user_errors(what: str) -> Iterator[None]:
   except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
     text = str(e)
     named = re.match(rf"({'|'.join(SECTIONS)})\.\w", text)  # the message names its key
+    if not named and not isinstance(e, OSError) and errors.user_frame(e) is not None:
+      # Raised by the user's own code (a model's __init__), not about a config value.
+      raise UserCodeError(errors.describe_user_exception(e, f"{what}, in your code")) from e
     raise ConfigError(text if named else f"{what}: {text}") from e
 
 

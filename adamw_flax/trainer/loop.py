@@ -140,7 +140,8 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
 
 
 def _data(run: plan.RunPlan, mesh, data_index: int, data_count: int):
-  with user_errors(f"data ({run.data.name})"):
+  where = f"data ({run.data.name})"
+  with actions.user_code(f"{where}, building the dataset"), user_errors(where):
     dataset = registry.DATASETS.get(run.data.name)(
       run.data, seed=run.trainer.seed, process_index=data_index, process_count=data_count
     )
@@ -152,13 +153,20 @@ def _data(run: plan.RunPlan, mesh, data_index: int, data_count: int):
 
 
 def _model(run: plan.RunPlan, mesh, dataset):
-  """The state's factory, abstract form, shardings, and the logical axes no rule maps."""
-  with user_errors(f"model ({run.model.name})"):
+  """The state's factory, abstract form, shardings, and the logical axes no rule maps.
+
+  The parameter table is made here too, so a rule that matches nothing of this
+  model (the ``default`` decay preset on a model with no kernel) is a one-line
+  config error before anything is built.
+  """
+  where = f"model ({run.model.name})"
+  with actions.user_code(f"{where}, building the model"), user_errors(where):
     factory = train_state.registered_state_factory(run, dataset.info)
     abstract = factory.abstract()
     shardings = abstract.shardings(mesh, run.mesh)
     trees = [abstract.params, abstract.frozen, abstract.rest]
     unmapped = sharding.unmapped_logical_axes(abstract.spec.templates, trees, run.mesh, mesh=mesh)
+    factory.report(run.optimizer)
   return factory, abstract, shardings, unmapped
 
 
