@@ -661,6 +661,9 @@ def program_hash(lowered: Any) -> str:
 
 def _tiled_bytes(shape: Sequence[int], layout: Any, dtype: Any) -> int:
   """Bytes of an array of ``shape`` in a device layout: its tiles padded (XLA's tiling rules)."""
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # laid out as its key data
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(tuple(shape), dtype))
+    shape, dtype = data.shape, data.dtype
   dims = [int(shape[i]) for i in layout.major_to_minor]
   for tile in layout.tiling:
     k = len(tile)
@@ -668,7 +671,7 @@ def _tiled_bytes(shape: Sequence[int], layout: Any, dtype: Any) -> int:
       dims = [1] * (k - len(dims)) + dims
     outer, inner = dims[:-k], dims[-k:]
     dims = outer + [-(-d // t) for d, t in zip(inner, tile, strict=True)] + list(tile)
-  bits = layout.sub_byte_element_size_in_bits or sharding.itemsize(dtype) * 8
+  bits = layout.sub_byte_element_size_in_bits or np.dtype(dtype).itemsize * 8
   return math.prod(dims) * bits // 8
 
 

@@ -109,6 +109,8 @@ def commit() -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--parts", default="report,misfit,compare", help="report,misfit,compare")
+  parser.add_argument("--compare_on", default=",".join(n for n, _ in COMPARES),
+                      help="the topologies of the --compare tables")  # fmt: skip
   parser.add_argument("--quick", action="store_true", help="a one-block pod_lm")
   parser.add_argument("--no-write", action="store_true", help="print only")
   args = parser.parse_args()
@@ -165,6 +167,8 @@ def main() -> None:
   tables: dict[str, list[str]] = {}
   if "compare" in parts:
     for name, extra in COMPARES:
+      if name not in args.compare_on.split(","):
+        continue
       topology = aot.parse_topology(name)
       devices = aot.topology_devices(topology)
       cfg = pod_config(extra, args.quick)

@@ -222,6 +222,28 @@ def test_report_bytes_are_memory_analysis_bytes(smoke_v5e4):
 
 
 @needs_libtpu
+@pytest.mark.parametrize(
+  "name, mesh",
+  [
+    ("cnn", {"data": 4}),  # NNX: BatchNorm, Dropout, nnx.Rngs (PRNG keys in the state)
+    pytest.param("mlp", {"data": 2, "model": 2}, marks=pytest.mark.slow),  # annotations, ZeRO-1
+    pytest.param("linen", {"data": 4, "model": 1}, marks=pytest.mark.slow),  # bridged Linen
+  ],
+)
+def test_users_models_compile_and_every_argument_byte_is_attributed(repo_root, name, mesh):
+  cfg = C.load_config(repo_root / "tests" / "configs" / "user.py", arg=name)
+  topology = aot.parse_topology("v5e-4")
+  result = aot.compile_run(cfg, aot.topology_devices(topology), topology)
+  assert dict(result.job.mesh.shape) == mesh
+  for step in [result.train, *result.evals.values()]:
+    mem = step.memory
+    assert mem.unattributed == 0 and mem.fits
+    assert mem.params + mem.opt_state + mem.batch + mem.other == mem.argument
+  if name == "cnn":  # batch statistics and the dropout's RNG key: the state beyond params
+    assert result.train.memory.other > 0
+
+
+@needs_libtpu
 def test_collectives_are_counted_per_step_with_loop_trip_counts():
   devices = aot.topology_devices(aot.parse_topology("v5e-4"))
   mesh = jax.sharding.Mesh(np.array(devices), ("x",))
