@@ -1,0 +1,245 @@
+"""Start-up time of ``python -m train``: launch to the first train step dispatched.
+
+Each measurement launches the command line exactly as a user does (its
+re-exec for the malloc settings included) and times, from the launch:
+
+* the first train step dispatched (its call returned: traced, compiled and
+  on its way; nothing after it is timed), for small models of each kind, with
+  the state's init compiled without LLVM's optimizations (the trainer's
+  default under ``train_state.FAST_INIT_MAX_PARAMS``) and, side by side in
+  the same rounds, with them (the start-up before: ``FAST_INIT_MAX_PARAMS = 0``);
+  with where the time went: imports done (``adamw_flax.trainer`` loaded),
+  state created, first step dispatched; and a later launch with JAX's
+  persistent compilation cache warm (``JAX_COMPILATION_CACHE_DIR``);
+* ``python -m train --help``, and a config error (an unknown key).
+
+Rounds are interleaved, so other processes' load spreads over all variants;
+medians of wall time and of the process's CPU time (user + system, from
+``wait4``) are reported with the load average. The timestamps come from a
+``sitecustomize`` module put on the child's ``PYTHONPATH`` that wraps two
+library functions and ends the process at the first dispatch; the code under
+test is not changed.
+
+Run: ``python benchmarks/startup.py [--rounds=3]`` (writes the "Start-up"
+section of benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, write_section  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# The child's instrumentation: timestamps into $STARTUP_OUT, exit at the first dispatch.
+HOOK = textwrap.dedent(
+  """
+  import importlib.abc, importlib.util, json, os, sys, time
+
+  OUT = os.environ["STARTUP_OUT"]
+  marks = {}
+
+  def mark(name):
+    marks.setdefault(name, time.time())
+
+  def patch_train_state(m):
+    if os.environ.get("STARTUP_FAST_INIT") == "0":
+      m.FAST_INIT_MAX_PARAMS = 0  # the init compiled with LLVM's optimizations, as before
+    create = m.StateFactory.create
+    def timed_create(self, *a, **k):
+      out = create(self, *a, **k)
+      mark("state")
+      return out
+    m.StateFactory.create = timed_create
+    make = m.make_run_steps
+    def timed_make(*a, **k):
+      steps = make(*a, **k)
+      train = steps.train
+      def first(*args, **kw):
+        out = train(*args, **kw)
+        mark("dispatched")
+        marks["params"] = m.param_count(args[0].params)
+        with open(OUT, "w") as f:
+          json.dump(marks, f)
+        os._exit(0)
+      return type(steps)(train=first, evals=steps.evals)
+    m.make_run_steps = timed_make
+
+  PATCHES = {"adamw_flax.train_state": patch_train_state,
+             "adamw_flax.trainer": lambda m: mark("imported")}
+
+  class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+      if name not in PATCHES:
+        return None
+      sys.meta_path.remove(self)
+      try:
+        spec = importlib.util.find_spec(name)
+      finally:
+        sys.meta_path.insert(0, self)
+      run = spec.loader.exec_module
+      def exec_module(module):
+        run(module)
+        PATCHES[name](module)
+      spec.loader.exec_module = exec_module
+      return spec
+
+  sys.meta_path.insert(0, Hook())
+  """
+)
+
+MODELS = {
+  # label: (config, overrides)
+  "Linen ResNet (BatchNorm, batch_stats)": (
+    "tests/configs/model_kinds.py:resnet",
+    ["model.filters=8", "model.stages=(2, 2)"],
+  ),
+  "NNX CNN (BatchNorm, Dropout, Rngs)": ("tests/configs/user.py:cnn", []),
+  "NNX gemma-style (own shardings, 1 device)": (
+    "tests/configs/model_kinds.py:gemma",
+    ["mesh.shape=(1, 1)"],
+  ),
+  "Tiny Shakespeare char transformer": (
+    "configs/tiny_shakespeare.py",
+    [f"data.path={SHARED}"] if SHARED.exists() else [],
+  ),
+}
+
+
+def _launch(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+  """(wall seconds, CPU seconds, exit status) of one launch."""
+  t0 = time.time()
+  proc = subprocess.Popen(
+    args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return time.time() - t0, usage.ru_utime + usage.ru_stime, proc.returncode
+
+
+def _env(hook_dir: str, **extra: str) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([hook_dir, str(ROOT)])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env.update(extra)
+  return env
+
+
+def first_step(
+  hook_dir: str, config: str, overrides: list[str], fast: bool, cache: str = ""
+) -> dict[str, float]:
+  with tempfile.TemporaryDirectory() as work:
+    out = Path(work) / "marks.json"
+    args = [sys.executable, "-m", "train", f"--config={config}", f"--workdir={work}/run"]
+    args += [f"--config.{o}" for o in overrides]
+    t0 = time.time()
+    env = _env(hook_dir, STARTUP_OUT=str(out), STARTUP_FAST_INIT="1" if fast else "0")
+    if cache:  # JAX's persistent compilation cache, as a user would set it
+      env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    wall, cpu, code = _launch(args, env)
+    if code != 0 or not out.exists():
+      raise RuntimeError(f"{config}: exit status {code}, no first step")
+    marks = json.loads(out.read_text())
+  return {
+    "first": marks["dispatched"] - t0,
+    "imported": marks["imported"] - t0,
+    "state": marks["state"] - t0,
+    "cpu": cpu,
+    "params": marks["params"],
+    "wall": wall,
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--rounds", type=int, default=3)
+  rounds = parser.parse_args().rounds
+  runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+  small: dict[str, list[tuple[float, float]]] = {"help": [], "config error": []}
+  loads = []
+  variants = {"fast": (True, False), "before": (False, False), "cached": (True, True)}
+  with tempfile.TemporaryDirectory() as hook_dir, tempfile.TemporaryDirectory() as caches:
+    (Path(hook_dir) / "sitecustomize.py").write_text(HOOK)
+    cache_of = {label: f"{caches}/{i}" for i, label in enumerate(MODELS)}
+    for label, (config, overrides) in MODELS.items():  # fills each model's cache
+      first_step(hook_dir, config, overrides, True, cache_of[label])
+    for r in range(rounds):
+      loads.append(os.getloadavg()[0])
+      for label, (config, overrides) in MODELS.items():
+        for variant, (fast, cached) in variants.items():
+          cache = cache_of[label] if cached else ""
+          got = first_step(hook_dir, config, overrides, fast, cache)
+          runs.setdefault((label, variant), []).append(got)
+          print(f"round {r} {label} {variant}: {got}", flush=True)
+      env = _env(hook_dir)
+      wall, cpu, _ = _launch([sys.executable, "-m", "train", "--help"], env)
+      small["help"].append((wall, cpu))
+      bad = [sys.executable, "-m", "train", "--config=configs/smoke.py", "--workdir=/tmp/x",
+             "--config.optimizer.lerning_rate=1"]  # fmt: skip
+      wall, cpu, code = _launch(bad, env)
+      assert code == 2, code
+      small["config error"].append((wall, cpu))
+      print(f"round {r}: help {small['help'][-1]}, config error {small['config error'][-1]}")
+
+  med = lambda rows, key: statistics.median(row[key] for row in rows)
+  lines = [
+    "| model | params | launch to first step dispatched, s (CPU s) | imports done | state created "
+    "| before: init compiled optimised | ratio (CPU) | warm compilation cache |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for label in MODELS:
+    fast, slow, warm = (runs[(label, v)] for v in variants)
+    lines.append(
+      f"| {label} | {int(fast[0]['params']):,} | {med(fast, 'first'):.2f} ({med(fast, 'cpu'):.2f}) "
+      f"| {med(fast, 'imported'):.2f} | {med(fast, 'state'):.2f} "
+      f"| {med(slow, 'first'):.2f} ({med(slow, 'cpu'):.2f}) "
+      f"| {med(fast, 'cpu') / med(slow, 'cpu'):.2f} "
+      f"| {med(warm, 'first'):.2f} ({med(warm, 'cpu'):.2f}) |"
+    )
+  import jax  # noqa: PLC0415 (versions for the header only)
+
+  body = "\n".join(
+    [
+      f"Measured {time.strftime('%Y-%m-%d')} on a {os.cpu_count()}-core {cpu_model()} "
+      f"(`lscpu`), jax {jax.__version__}, CPU backend (`JAX_PLATFORMS=cpu`); load average "
+      f"{', '.join(f'{x:.1f}' for x in loads)} at the rounds' starts (other jobs shared the "
+      f"machine); medians of {rounds} interleaved rounds. Wall time from launch "
+      "(`python -m train`, its re-exec included) to the first train step's call "
+      "returning; CPU s is the process's user + system time, the wall time an idle "
+      'machine would approach. "imports done" and "state created": seconds from '
+      "launch to `adamw_flax.trainer` loaded and to the state created; the rest to the "
+      'first dispatch is mostly the train step\'s compile. "before": the init compiled '
+      "with LLVM's optimizations (`FAST_INIT_MAX_PARAMS = 0`), the start-up before; "
+      '"warm compilation cache": a later launch with `JAX_COMPILATION_CACHE_DIR` set. '
+      "`benchmarks/startup.py`.",
+      "",
+      *lines,
+      "",
+      "| command | wall s | CPU s |",
+      "|---|---|---|",
+      *(
+        f"| `{name}` | {statistics.median(w for w, _ in v):.2f} | "
+        f"{statistics.median(c for _, c in v):.2f} |"
+        for name, v in small.items()
+      ),
+    ]
+  )
+  print(body)
+  write_section("Start-up", body)
+
+
+if __name__ == "__main__":
+  main()
