@@ -89,6 +89,21 @@ class DoesNotFit(UserError):
   """The job needs more HBM per chip than the topology has; the message says what would help."""
 
 
+class TooBig(DoesNotFit):
+  """XLA:TPU refused to compile a step as far too big for the chip: no memory analysis exists.
+
+  Attributes:
+    step: the step's name.
+    needed: the bytes per chip XLA:TPU's out-of-memory message names (None: none named).
+    usable: the chip's usable HBM in bytes.
+  """
+
+  def __init__(self, step: str, needed: int | None, usable: int | None, reason: str):
+    self.step, self.needed, self.usable = step, needed, usable
+    about = f"; needs about {gib(needed)} GiB per chip" if needed else ""
+    super().__init__(f"XLA:TPU refused to compile the {step} step as too big{about} ({reason})")
+
+
 # ---------------------------------------------------------------- topologies
 
 
@@ -902,6 +917,33 @@ def _oom_message(error: Exception) -> str:
   return text[:400]
 
 
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _needed_bytes(lowered: Any, error: Exception) -> int | None:
+  """The bytes per chip an XLA:TPU out-of-memory error names.
+
+  A program far beyond the chip's HBM fails even with ``xla_tpu_no_crash_on_oom``
+  ("Invalid TPU program"), naming no size; compiled again without it, XLA:TPU
+  stops at its memory check with the total ("... (22.00G) exceeds available
+  HBM (15.75G)", "Used 22.00G of 15.75G hbm").
+  """
+  for attempt in (error, None):
+    if attempt is None:
+      try:
+        lowered.compile()
+        return None
+      except jax.errors.JaxRuntimeError as e:
+        attempt = e
+    m = re.search(
+      r"\(([\d.]+)([KMGT])\) exceeds available HBM|Used ([\d.]+)([KMGT]) of", str(attempt)
+    )
+    if m:
+      value, unit = (m[1], m[2]) if m[1] else (m[3], m[4])
+      return int(float(value) * _UNITS[unit])
+  return None
+
+
 def compile_step(
   name: str,
   fn: Any,
@@ -937,8 +979,8 @@ def compile_step(
     try:
       compiled = lowered.compile(_compile_options(platform, dump if details else None))
     except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" in str(e) or "Invalid TPU program" in str(e):
-        raise DoesNotFit(f"does not fit: XLA:TPU refused the {name} step: {_oom_message(e)}") from e
+      if platform == "tpu" and ("RESOURCE_EXHAUSTED" in str(e) or "Invalid TPU program" in str(e)):
+        raise TooBig(name, _needed_bytes(lowered, e), usable_hbm, _oom_message(e)) from e
       raise
     seconds = time.perf_counter() - t
     assignment = ""
@@ -1173,6 +1215,31 @@ def _collectives_line(collectives: Mapping[str, tuple[int, int]]) -> str:
   return "collectives per step: " + ", ".join(parts)
 
 
+def _header_lines(job: Job, topo: Topology | None) -> list[str]:
+  """The topology line (a contract with scripts), the hosts and chip figures, the model and state."""
+  mesh = {str(k): int(v) for k, v in job.mesh.shape.items()}
+  kind = job.mesh.devices.flat[0].device_kind
+  if topo is None:
+    lines = [f"devices: {job.mesh.devices.size} x {kind}, mesh {mesh}"]
+  else:
+    lines = [
+      f"topology {topo.name}: {topo.chips} chips ({kind}), {topo.num_slices} slice(s), mesh {mesh}",
+      f"  {topo.hosts} host{'s' if topo.hosts > 1 else ''} of {topo.chips_per_host} chips; HBM "
+      f"{topo.chip.hbm_gb:g} GB per chip ({topo.chip.usable_hbm_gib:g} GiB usable by XLA:TPU), "
+      f"peak {topo.chip.peak_tflops:g} TFLOP/s bf16 per chip",
+    ]
+  o = job.run.optimizer.section
+  lines.append(
+    f"  model {job.run.model.name}: {job.param_count:,} trainable params; "
+    f"{job.tokens_per_step:,} {'tokens' if job.sequence_model else 'examples'} per step; "
+    f"params {o.params_dtype or 'as built'}, mu {o.mu_dtype or 'like params'}, "
+    f"nu {o.nu_dtype or 'like params'}, "
+    + ("ZeRO-1" if job.run.mesh.shard_opt_state == "data" else "moments sharded like the params")
+    + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else "")
+  )
+  return lines
+
+
 def report_lines(result: RunCompile) -> list[str]:
   """The command's report of a compiled run (the prefixes are a contract with scripts).
 
@@ -1184,31 +1251,7 @@ def report_lines(result: RunCompile) -> list[str]:
     buffers under it, ``step estimate: ...``, ``collectives per step: ...``,
     and one line per eval step.
   """
-  job, topo = result.job, result.topology
-  mesh = {str(k): int(v) for k, v in job.mesh.shape.items()}
-  kind = job.mesh.devices.flat[0].device_kind
-  if topo is not None:
-    head = (
-      f"topology {topo.name}: {topo.chips} chips ({kind}), {topo.num_slices} slice(s), mesh {mesh}"
-    )
-    hosts = (
-      f"  {topo.hosts} host{'s' if topo.hosts > 1 else ''} of {topo.chips_per_host} chips; HBM {topo.chip.hbm_gb:g} GB per "
-      f"chip ({topo.chip.usable_hbm_gib:g} GiB usable by XLA:TPU), peak "
-      f"{topo.chip.peak_tflops:g} TFLOP/s bf16 per chip"
-    )
-  else:
-    head = f"devices: {job.mesh.devices.size} x {kind}, mesh {mesh}"
-    hosts = None
-  lines = [head] + ([hosts] if hosts else [])
-  o = job.run.optimizer.section
-  lines.append(
-    f"  model {job.run.model.name}: {job.param_count:,} trainable params; "
-    f"{job.tokens_per_step:,} {'tokens' if job.sequence_model else 'examples'} per step; "
-    f"params {o.params_dtype or 'as built'}, mu {o.mu_dtype or 'like params'}, "
-    f"nu {o.nu_dtype or 'like params'}, "
-    + ("ZeRO-1" if job.run.mesh.shard_opt_state == "data" else "moments sharded like the params")
-    + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else "")
-  )
+  lines = _header_lines(result.job, result.topology)
   mem = result.train.memory
   lines.append(_memory_line(mem))
   lines.append(
@@ -1229,6 +1272,27 @@ def report_lines(result: RunCompile) -> list[str]:
     )
     lines.append(f"{_eval_name(prefix)} step: peak {gib(m.peak)} GiB per chip{verdict}, {est}")
   return lines
+
+
+def too_big_lines(job: Job, topology: Topology, error: TooBig) -> list[str]:
+  """The report of a job XLA:TPU would not compile at all (far beyond the chip's HBM).
+
+  Args:
+    job: the job.
+    topology: its topology.
+    error: the refusal.
+
+  Returns:
+    The header lines, then ``per-chip HBM: needs about P GiB of H GiB (DOES NOT FIT)``
+    (or without a size when XLA:TPU named none) and why there is nothing more.
+  """
+  needs = f"needs about {gib(error.needed)} GiB" if error.needed else "needs more"
+  return [
+    *_header_lines(job, topology),
+    f"per-chip HBM: {needs} of {gib(topology.usable_hbm_bytes)} GiB (DOES NOT FIT)",
+    f"  XLA:TPU refused to compile the {error.step} step as too big for the chip (its "
+    "out-of-memory check), so there is no breakdown, estimate or collective count",
+  ]
 
 
 # ------------------------------------------------------------------ variants
@@ -1325,8 +1389,9 @@ def _trial(label: str, config: Any, devices: Sequence[Any], topology: Topology, 
   say(f"trying {label} ...")
   try:
     result = compile_run(config, devices, topology, evals=False, details=False, progress=say)
-  except DoesNotFit as e:
-    return Trial(label, None, None, False, error=str(e))
+  except TooBig as e:  # its size, as XLA:TPU's out-of-memory check names it
+    say(f"  {label}: too big to compile")
+    return Trial(label, e.needed, None, False, error="too big to compile")
   except Exception as e:  # noqa: BLE001 (a variant that fails is one row, not the whole table)
     error = _short_error(e)
     say(f"  {label}: fails to compile ({error[:300]})")
@@ -1348,8 +1413,10 @@ def _accumulation(job: Job) -> int | None:
 
 def advise(
   config: Any,
-  result: RunCompile,
+  job: Job,
+  topology: Topology,
   devices: Sequence[Any],
+  base_peak: int | None = None,
   progress: Callable[[str], None] | None = None,
 ) -> list[tuple[str, Trial]]:
   """What would make a job that does not fit fit: each change compiled, not guessed.
@@ -1360,23 +1427,25 @@ def advise(
 
   Args:
     config: the job's config.
-    result: its compiled run (with a topology).
+    job: the job (:func:`build_job`).
+    topology: its topology.
     devices: the topology's devices.
+    base_peak: the job's own per-chip peak (None: XLA:TPU would not compile it).
     progress: called with a line per compile.
 
   Returns:
     ``(suggestion text, trial)`` pairs, in the order tried.
   """
   say = progress or (lambda line: None)
-  run, topo, base = result.job.run, result.topology, result.train.memory
+  run = job.run
   o = run.optimizer.section
   tries: list[tuple[str, list[str]]] = []
   if not (o.mu_dtype == "int8" and o.nu_dtype == "int8"):
     tries.append(("int8 moments", ["optimizer.mu_dtype=int8", "optimizer.nu_dtype=int8"]))
-  data_ways = math.prod(int(result.job.mesh.shape[a]) for a in run.mesh.data_axes)
+  data_ways = math.prod(int(job.mesh.shape[a]) for a in run.mesh.data_axes)
   if run.mesh.shard_opt_state != "data" and data_ways > 1:
     tries.append(("ZeRO-1 over data", ["mesh.shard_opt_state=data"]))
-  k = _accumulation(result.job)
+  k = _accumulation(job)
   if k is not None:
     tries.append((f"accumulate_steps={k}", [f"optimizer.accumulate_steps={k}"]))
   out: list[tuple[str, Trial]] = []
@@ -1390,25 +1459,30 @@ def advise(
         (f"{label}: not possible ({reason})", Trial(label, None, None, False, error=reason))
       )
       continue
-    t = _trial(label, cfg, devices, topo, say)
-    out.append((_suggestion(label, t, base), t))
-    if t.peak is not None and t.peak < base.peak:
+    t = _trial(label, cfg, devices, topology, say)
+    out.append((_suggestion(label, t, base_peak), t))
+    if t.peak is not None and (base_peak is None or t.peak < base_peak):
       helping.append((label, overrides))
   if len(helping) > 1 and not any(t.fits for _, t in out):
     label = " + ".join(lbl for lbl, _ in helping)
     both = variant(run.config, [o for _, overrides in helping for o in overrides])
-    t = _trial(label, both, devices, topo, say)
-    out.append((_suggestion(f"together, {label}", t, base), t))
+    t = _trial(label, both, devices, topology, say)
+    out.append((_suggestion(f"together, {label}", t, base_peak), t))
   return out
 
 
-def _suggestion(label: str, t: Trial, base: MemoryReport) -> str:
+def _suggestion(label: str, t: Trial, base_peak: int | None) -> str:
+  if t.error == "too big to compile":
+    about = f" about {gib(t.peak)} GiB" if t.peak else " more"
+    return f"{label} still needs{about} (XLA:TPU would not compile it)"
   if t.peak is None:
     return f"{label} fails to compile ({t.error[:120]})"
   verdict = "fits" if t.fits else "still does not fit"
   if label.startswith("accumulate_steps"):
     return f"{label} cuts temps to about {gib(t.temps)} GiB (peak {gib(t.peak)} GiB, {verdict})"
-  saved = base.peak - t.peak
+  if base_peak is None:
+    return f"{label} needs {gib(t.peak)} GiB ({verdict})"
+  saved = base_peak - t.peak
   if saved <= 0:
     return f"{label} would not save memory (peak {gib(t.peak)} GiB)"
   return f"{label} would save {gib(saved)} GiB (peak {gib(t.peak)} GiB, {verdict})"
@@ -1443,6 +1517,27 @@ def does_not_fit_message(result: RunCompile, suggestions: Sequence[tuple[str, Tr
     head += f" (the {worst.name} step)"
   tips = "; ".join(text for text, _ in suggestions) or "no change this command tries would help"
   return f"{head}; {_largest_consumer(mem)}; {tips}"
+
+
+def too_big_message(
+  error: TooBig, topology: Topology, suggestions: Sequence[tuple[str, Trial]]
+) -> str:
+  """:func:`does_not_fit_message` for a job XLA:TPU would not compile at all.
+
+  Args:
+    error: the refusal.
+    topology: the topology.
+    suggestions: from :func:`advise`.
+
+  Returns:
+    ``"does not fit: needs about P GiB per chip, H GiB on a v5e chip; ..."``.
+  """
+  needs = f"needs about {gib(error.needed)} GiB per chip" if error.needed else "needs more HBM"
+  tips = "; ".join(text for text, _ in suggestions) or "no change this command tries would help"
+  return (
+    f"does not fit: {needs}, {gib(topology.usable_hbm_bytes)} GiB on a "
+    f"{topology.chip.generation} chip; XLA:TPU would not compile the {error.step} step at all; {tips}"
+  )
 
 
 FORMATS = (
@@ -1520,6 +1615,10 @@ def compare_table(rows: Sequence[tuple[str, str, Trial]], usable: int | None) ->
     "|---|---|---|---|---|---|",
   ]
   for shard, fmt, t in rows:
+    if t.error == "too big to compile":
+      about = f"about {gib(t.peak)}" if t.peak else "-"
+      lines.append(f"| {shard} | {fmt} | {about} | no | too big to compile | - |")
+      continue
     if t.peak is None:
       lines.append(f"| {shard} | {fmt} | - | no | fails: {t.error[:160]} | - |")
       continue
@@ -1803,7 +1902,14 @@ def run_command(
   topology = parse_topology(topology_name, num_slices)
   with quiet():
     devices = topology_devices(topology)
-  result = compile_run(config, devices, topology, progress=progress)
+  job = build_job(config, devices, topology)
+  try:
+    result = compile_job(job, topology, progress=progress)
+  except TooBig as e:
+    for line in too_big_lines(job, topology, e):
+      out(line)
+    tips = advise(config, job, topology, devices, None, progress)
+    raise DoesNotFit(too_big_message(e, topology, tips)) from e
   for line in report_lines(result):
     out(line)
   if compare_variants:
@@ -1811,7 +1917,8 @@ def run_command(
     for line in compare_table(rows, topology.usable_hbm_bytes):
       out(line)
   if not result.fits:
-    raise DoesNotFit(does_not_fit_message(result, advise(config, result, devices, progress)))
+    tips = advise(config, job, topology, devices, result.train.memory.peak, progress)
+    raise DoesNotFit(does_not_fit_message(result, tips))
   if workdir:
     record = save_steps(result, workdir)
     out(
@@ -1834,6 +1941,7 @@ __all__ = [
   "RunCompile",
   "StepResult",
   "Topology",
+  "TooBig",
   "TopologyError",
   "Trial",
   "advise",
@@ -1846,6 +1954,8 @@ __all__ = [
   "compile_step",
   "count_collectives",
   "does_not_fit_message",
+  "too_big_lines",
+  "too_big_message",
   "fsdp_rules",
   "libtpu_version",
   "model_flops",

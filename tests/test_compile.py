@@ -300,6 +300,22 @@ def test_job_that_does_not_fit_exits_2_with_checked_advice_last(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.slow
+def test_a_job_xla_will_not_compile_at_all_still_gets_its_size_and_advice():
+  # 8.6B parameters (the 2^28-row position embedding): 96 GiB a chip, 6x a v5e's HBM.
+  big = [a.replace("67108864", "268435456") for a in TOO_BIG]
+  out = run_cli("train.compile", "--config=configs/smoke.py", "--topology=v5e-4", DATA, *big)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "per-chip HBM: needs about 96.00 GiB of 15.75 GiB (DOES NOT FIT)" in out.stdout
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+    "error: does not fit: needs about 96.00 GiB per chip, 15.75 GiB on a v5e chip; XLA:TPU "
+    "would not compile the train step at all; int8 moments "
+  )
+  assert "ZeRO-1 over data still needs about 80.00 GiB (XLA:TPU would not compile it)" in last
+
+
+@needs_libtpu
 def test_a_mesh_that_does_not_map_onto_the_slice_proposes_one(repo_root):
   cfg = C.load_config(repo_root / "configs" / "pod_lm.py", overrides([DATA, *TINY_POD]))
   topology = aot.parse_topology("v6e-64")
