@@ -28,8 +28,9 @@ from typing import Any
 
 import ml_collections
 
-from adamw_flax import masks
-from adamw_flax.config import rule_field, validate_config
+from adamw_flax import masks, schema
+from adamw_flax.config import validate_config
+from adamw_flax.schema import rule_field
 
 Rules = tuple[masks.Rule, ...]
 
@@ -86,33 +87,33 @@ class EmaRule:
 class OptimizerPlan:
   """The ``optimizer`` section, parsed.
 
+  Every key of the section reads as an attribute (``plan.learning_rate``,
+  from :attr:`section`); the parsed forms are fields of their own.
+
   Attributes:
-    section: the validated section itself (registered optimizer factories read it).
+    section: the validated section as a frozen dataclass
+      (:func:`adamw_flax.schema.settings`; registered optimizer factories read it).
     num_steps: optimizer updates of the run (the schedule's length when
       ``decay_steps`` is 0).
     decay_rules / lr_multipliers / freeze: the parsed rules (``()``: none).
     float_moments: the rules of params whose moments stay float32 when
       ``mu_dtype``/``nu_dtype`` is ``"int8"``.
-    accumulate_steps: micro-batches per optimizer update.
-    skip_nonfinite: skip updates whose gradients are not finite.
-    grad_clip_norm: global-norm clipping (0: off).
+    spikes: the spike-skipping rule, or None.
   """
 
-  section: ml_collections.ConfigDict
+  section: Any
   num_steps: int
   decay_rules: Rules
   lr_multipliers: Rules
   freeze: Rules
-  accumulate_steps: int
-  skip_nonfinite: bool
-  grad_clip_norm: float
   spikes: SpikeRule | None = None
-  update_rms_clip: float = 0.0
   float_moments: Rules = ()
 
-  @property
-  def name(self) -> str:
-    return str(self.section.name)
+  def __getattr__(self, name: str) -> Any:
+    # Only reached for names that are not fields: the section's keys.
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(self.section, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,27 +128,8 @@ class MeshPlan:
   logical_axis_rules: tuple[tuple[str, Any], ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainerPlan:
-  """The ``trainer`` section."""
-
-  num_steps: int
-  log_every: int
-  eval_every: int
-  eval_batches: int
-  seed: int
-  max_nonfinite_steps: int
-  allow_config_change: bool
-  progress: bool
-  ema_decay: float
-  ema_dtype: str
-  profile_steps: tuple[int, ...]
-  wandb_project: str
-  wandb_mode: str
-  final_eval_batches: int = 0
-  ema_warmup: bool = False
-  stall_timeout_s: float = 900.0
-  peer_timeout_s: float = 30.0
+class TrainerPlan(schema.section_type("trainer")):
+  """The ``trainer`` section: one typed field per declared key (:mod:`adamw_flax.schema`)."""
 
   @property
   def ema(self) -> EmaRule | None:
@@ -155,17 +137,8 @@ class TrainerPlan:
     return EmaRule(self.ema_decay, self.ema_dtype, self.ema_warmup) if self.ema_decay else None
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointPlan:
-  """The ``checkpoint`` section."""
-
-  every_steps: int
-  keep: int
-  keep_best_by: str
-  best_mode: str
-  keep_period: int
-  async_save: bool
-  migrate_opt_state: bool = False
+class CheckpointPlan(schema.section_type("checkpoint")):
+  """The ``checkpoint`` section: one typed field per declared key (:mod:`adamw_flax.schema`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +146,7 @@ class RunPlan:
   """A whole launch: the validated config and its parsed sections.
 
   ``model`` and ``data`` stay ``ConfigDict`` sections: their fields belong to
-  the registered model and dataset.
+  the registered model and dataset, whose builders read them.
   """
 
   config: ml_collections.ConfigDict
@@ -183,10 +156,6 @@ class RunPlan:
   trainer: TrainerPlan
   checkpoint: CheckpointPlan
   mesh: MeshPlan
-
-
-def _fields(cls: type, section: Any) -> dict[str, Any]:
-  return {f.name: section[f.name] for f in dataclasses.fields(cls)}
 
 
 def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPlan:
@@ -203,27 +172,17 @@ def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPl
   """
   if isinstance(section, OptimizerPlan):
     return section
-  if num_steps is None:
-    num_steps = int(section.decay_steps) or 0
+  o = schema.settings("optimizer", section)
+  spikes = SpikeRule(o.spike_window, o.spike_threshold, o.spike_warmup,
+                     o.skip_spikes_max_consecutive)  # fmt: skip
   return OptimizerPlan(
-    section=section,
-    num_steps=int(num_steps),
-    decay_rules=rule_field(section.weight_decay_mask, "weight_decay_mask"),
-    lr_multipliers=rule_field(section.lr_multipliers, "lr_multipliers"),
-    freeze=rule_field(section.freeze, "freeze"),
-    accumulate_steps=int(section.accumulate_steps),
-    skip_nonfinite=bool(section.skip_nonfinite),
-    grad_clip_norm=float(section.grad_clip_norm),
-    spikes=SpikeRule(
-      int(section.spike_window),
-      float(section.spike_threshold),
-      int(section.spike_warmup),
-      int(section.skip_spikes_max_consecutive),
-    )
-    if section.skip_spikes
-    else None,
-    update_rms_clip=float(section.update_rms_clip),
-    float_moments=rule_field(section.float_moments, "float_moments"),
+    section=o,
+    num_steps=int(o.decay_steps or 0) if num_steps is None else int(num_steps),
+    decay_rules=rule_field(o.weight_decay_mask, "weight_decay_mask"),
+    lr_multipliers=rule_field(o.lr_multipliers, "lr_multipliers"),
+    freeze=rule_field(o.freeze, "freeze"),
+    spikes=spikes if o.skip_spikes else None,
+    float_moments=rule_field(o.float_moments, "float_moments"),
   )
 
 
@@ -238,16 +197,16 @@ def as_mesh_plan(section: Any) -> MeshPlan:
   """
   if isinstance(section, MeshPlan):
     return section
+  m = schema.settings("mesh", section)
+  rules = tuple((str(n), None if a is None else a if isinstance(a, str) else tuple(a))
+                for n, a in m.logical_axis_rules)  # fmt: skip
   return MeshPlan(
-    axes=tuple(str(a) for a in section.axes),
-    shape=tuple(int(s) for s in section.shape),
-    partition_rules=masks.parse_partition_rules(section.partition_rules),
-    data_axes=tuple(str(a) for a in section.data_axes),
-    shard_opt_state=str(section.shard_opt_state),
-    logical_axis_rules=tuple(
-      (str(name), None if axes is None else axes if isinstance(axes, str) else tuple(axes))
-      for name, axes in section.logical_axis_rules
-    ),
+    axes=tuple(str(a) for a in m.axes),
+    shape=tuple(int(s) for s in m.shape),
+    partition_rules=masks.parse_partition_rules(m.partition_rules),
+    data_axes=tuple(str(a) for a in m.data_axes),
+    shard_opt_state=m.shard_opt_state,
+    logical_axis_rules=rules,
   )
 
 
@@ -262,9 +221,7 @@ def as_trainer_plan(section: Any) -> TrainerPlan:
   """
   if isinstance(section, TrainerPlan):
     return section
-  fields = _fields(TrainerPlan, section)
-  fields["profile_steps"] = tuple(int(s) for s in fields["profile_steps"])
-  return TrainerPlan(**fields)
+  return TrainerPlan(**dataclasses.asdict(schema.settings("trainer", section)))
 
 
 def as_checkpoint_plan(section: Any) -> CheckpointPlan:
@@ -278,7 +235,7 @@ def as_checkpoint_plan(section: Any) -> CheckpointPlan:
   """
   if isinstance(section, CheckpointPlan):
     return section
-  return CheckpointPlan(**_fields(CheckpointPlan, section))
+  return CheckpointPlan(**dataclasses.asdict(schema.settings("checkpoint", section)))
 
 
 def make_plan(config: ml_collections.ConfigDict) -> RunPlan:

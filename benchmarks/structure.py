@@ -75,25 +75,32 @@ def _code_text(source: str) -> str:
 
 
 def config_keys() -> list[str]:
-  """The config's field names of 8+ characters (all sections)."""
-  from adamw_flax import config as config_lib  # noqa: PLC0415 (after sys.path)
+  """The declared keys (``section.field``) whose field name has 8+ characters."""
+  from adamw_flax import schema  # noqa: PLC0415 (after sys.path)
 
-  cfg = config_lib.default_config()
-  names = set()
-  for section in cfg.keys():
-    if hasattr(cfg[section], "keys"):
-      names.update(k for k in cfg[section].keys() if len(k) >= 8)
-  return sorted(names)
+  return sorted(k.name for k in schema.DECLARATIONS if len(k.field) >= 8)
 
 
-def key_spread() -> tuple[float, dict[str, list[str]]]:
-  """The mean number of library modules naming each key, and ``key -> modules``."""
+def key_spread(reads_only: bool = False) -> tuple[float, dict[str, list[str]]]:
+  """The mean number of library modules naming each key, and ``key -> modules``.
+
+  Args:
+    reads_only: count a module only where it reads the key from a config or
+      plan (``.key`` attribute access, or the text ``"section.key"``), not
+      where the word is a function's parameter (``adamw(learning_rate=...)``,
+      optax's own signature) or a local name.
+  """
   texts = {
     str(p.relative_to(LIBRARY)): _code_text(p.read_text()) for p in sorted(LIBRARY.rglob("*.py"))
   }
   where = {}
   for key in config_keys():
-    pattern = re.compile(rf"\b{re.escape(key)}\b")
+    word = re.escape(key.split(".", 1)[1])
+    pattern = (
+      re.compile(rf"\.{word}\b(?!\s*=[^=])|{re.escape(key)}\b")
+      if reads_only
+      else re.compile(rf"\b{word}\b")
+    )
     where[key] = [m for m, text in texts.items() if pattern.search(text)]
   mean = sum(len(v) for v in where.values()) / max(len(where), 1)
   return mean, where
@@ -120,15 +127,20 @@ def main() -> None:
   args = parser.parse_args()
   lengths = function_lengths()
   mean, where = key_spread()
+  reads, read_where = key_spread(reads_only=True)
   imports = function_imports()
   if args.json:
-    print(json.dumps({"longest": lengths[:10], "key_spread": mean, "imports": imports}, indent=1))
+    figures = {"longest": lengths[:10], "key_spread": mean, "key_reads": reads, "imports": imports}
+    print(json.dumps(figures, indent=1))
     return
   print("longest functions (lines of code):")
   for n, name in lengths[:10]:
     print(f"  {n:4d}  {name}")
   print(f"config keys (8+ characters) named in {mean:.2f} library modules on average")
   for key, modules in sorted(where.items(), key=lambda kv: -len(kv[1]))[:8]:
+    print(f"  {len(modules)}  {key}: {', '.join(modules)}")
+  print(f"config keys read (.key or 'section.key') in {reads:.2f} library modules on average")
+  for key, modules in sorted(read_where.items(), key=lambda kv: -len(kv[1]))[:8]:
     print(f"  {len(modules)}  {key}: {', '.join(modules)}")
   print(f"function-level imports without a comment: {len(imports)} {imports}")
 
