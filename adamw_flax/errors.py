@@ -10,8 +10,10 @@ frame and the batch, status 1. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -82,26 +84,73 @@ def _shapes(batch: Any) -> str:
   return ", ".join(parts) or "(empty)"
 
 
-def describe_user_exception(exc: BaseException, where: str, *, batch: Any = None) -> str:
+def _missing_key(exc: BaseException, batch: Any) -> str | None:
+  """The batch key a KeyError is about: the user's line reads ``name[key]`` of a batch-like dict.
+
+  ``name`` must be a local of the user's frame holding the batch's keys (the
+  traced batch or a micro-batch of it), so a KeyError of another dict on the
+  same line gets the general advice.
+  """
+  if not isinstance(exc, KeyError) or not isinstance(batch, dict) or len(exc.args) != 1:
+    return None
+  key, frame = exc.args[0], user_frame(exc)
+  if not isinstance(key, str) or key in batch or frame is None:
+    return None
+  read = rf"""(\w+)\s*\[\s*['"]{re.escape(key)}['"]\s*\]"""
+  names = set(re.findall(read, frame.line or ""))
+  tb, frames = exc.__traceback__, []
+  while tb is not None:
+    frames.append((tb.tb_frame, tb.tb_lineno))
+    tb = tb.tb_next
+  for f, lineno in reversed(frames):  # the frame user_frame found, with its locals
+    if f.f_code.co_filename == frame.filename and lineno == frame.lineno:
+      local = f.f_locals
+      held = [n for n in names if isinstance(local.get(n), Mapping) and set(local[n]) == set(batch)]
+      return key if held else None
+  return None
+
+
+def describe_user_exception(
+  exc: BaseException, where: str, *, batch: Any = None, batch_fn: Any = None
+) -> str:
   """A short report of an exception raised in user code: what, where, the batch, what to do.
 
   Args:
     exc: the exception.
-    where: what was running (``"the train step"``, ``"the model's constructor"``).
+    where: what was running (``"the train step (your model and loss)"``,
+      ``"model (my.models:cnn)"``).
     batch: the batch it ran on, if any (its keys, dtypes and shapes are shown).
+    batch_fn: called for the batch when ``batch`` is not given (the eval
+      step's, read again only to be described); its own failure shows no batch.
 
   Returns:
-    Two to four lines.
+    Two to four lines: ``error: Type: message``, the user's innermost frame
+    (file:line, function and the line of code), the batch, one line of advice.
   """
   message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
   what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
   frame = user_frame(exc)
+  code = (frame.line or "").strip() if frame is not None else ""
   if frame is not None:
     where_line = f"{os.path.relpath(frame.filename)}:{frame.lineno} (in {frame.name})"
-    lines = [f"error: {what[:300]}", f"  in {where} at {where_line}: {(frame.line or '').strip()}"]
+    lines = [f"error: {what[:300]}", f"  in {where} at {where_line}: {code[:160]}"]
   else:
     lines = [f"error: {what[:300]}", f"  in {where} (no frame of your code in the traceback)"]
+  if batch is None and batch_fn is not None:
+    try:
+      batch = batch_fn()
+    except Exception:  # noqa: BLE001 (the batch is only described; the error is exc's)
+      batch = None
   if batch is not None:
     lines.append(f"  batch: {_shapes(batch)}")
-  lines.append("  (this is your code's exception; the full traceback: --verbosity=1)")
+  if (key := _missing_key(exc, batch)) is not None:
+    lines.append(
+      f"  your code reads batch[{key!r}], which the dataset does not give: read one of its "
+      "keys above, or add it in the dataset (the full traceback: --verbosity=1)"
+    )
+  else:
+    lines.append(
+      "  (your code raised this: fix it and rerun the same command; the full traceback: "
+      "--verbosity=1)"
+    )
   return "\n".join(lines)

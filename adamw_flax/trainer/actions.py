@@ -127,12 +127,14 @@ class StepResult(NamedTuple):
 
 
 @contextlib.contextmanager
-def user_code(where: str, batch: Any = None) -> Iterator[None]:
+def user_code(where: str, batch: Any = None, *, batch_fn: Any = None) -> Iterator[None]:
   """Reports an exception raised in the user's code (traced at a step's first call) in short.
 
   Args:
     where: what was running (``"the train step (your model and loss)"``).
     batch: the batch it ran on, if any.
+    batch_fn: called for the batch to describe when there is no ``batch``
+      (only if the user's code raised).
 
   Returns:
     A context manager.
@@ -144,7 +146,8 @@ def user_code(where: str, batch: Any = None) -> Iterator[None]:
   except Exception as e:  # noqa: BLE001 (any exception of the user's model, loss or data)
     if errors.user_frame(e) is None:
       raise  # every frame is library code: a bug of ours (or theirs), with its traceback
-    raise UserCodeError(errors.describe_user_exception(e, where, batch=batch)) from e
+    report = errors.describe_user_exception(e, where, batch=batch, batch_fn=batch_fn)
+    raise UserCodeError(report) from e
 
 
 # ------------------------------------------------------------------ evaluation
@@ -230,7 +233,11 @@ def run_evaluation(loop: Loop, num_batches: int) -> dict[str, float]:
   wd = loop.guards.watchdog
   wd.beat(None, what)
   t = time.perf_counter()
-  with user_code("the eval step (your model and loss, train=False)"):
+  # The batch the eval step was traced on, read again only to be described when it raised.
+  first = lambda: sharding.global_batch(
+    next(iter(loop.dataset.eval_batches(1))), loop.mesh, loop.run.mesh
+  )
+  with user_code("the eval step (your model and loss, train=False)", batch_fn=first):
     loop.eval_metrics = evaluate_all(
       loop.steps.evals, loop.state, loop.dataset, num_batches, loop.mesh, loop.run.mesh,
       beat=lambda i: wd.beat(f"batch {i} of {what}", what),

@@ -141,7 +141,7 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
 
 def _data(run: plan.RunPlan, mesh, data_index: int, data_count: int):
   where = f"data ({run.data.name})"
-  with actions.user_code(f"{where}, building the dataset"), user_errors(where):
+  with actions.user_code(where), user_errors(where):
     dataset = registry.DATASETS.get(run.data.name)(
       run.data, seed=run.trainer.seed, process_index=data_index, process_count=data_count
     )
@@ -160,7 +160,7 @@ def _model(run: plan.RunPlan, mesh, dataset):
   config error before anything is built.
   """
   where = f"model ({run.model.name})"
-  with actions.user_code(f"{where}, building the model"), user_errors(where):
+  with actions.user_code(where), user_errors(where):
     factory = train_state.registered_state_factory(run, dataset.info)
     abstract = factory.abstract()
     shardings = abstract.shardings(mesh, run.mesh)
@@ -271,12 +271,14 @@ def _dispatch(loop: Loop, behind: bool, *, first: bool) -> tuple[Any, int]:
   """Loads the next batch and dispatches its step; returns ``(metrics, position)``."""
   wd, n = loop.guards.watchdog, loop.step + 1 + behind
   wd.beat(None, f"loading batch {loop.position} (train step {n})")
-  batch = sharding.global_batch(
-    loop.dataset.train_batch(loop.position),
-    loop.mesh,
-    loop.run.mesh,
-    global_batch_size=loop.dataset.global_batch_size,
-  )
+  reading = actions.user_code(f"the train_batch of data ({loop.run.data.name})")
+  with reading if first else _nothing():
+    batch = sharding.global_batch(
+      loop.dataset.train_batch(loop.position),
+      loop.mesh,
+      loop.run.mesh,
+      global_batch_size=loop.dataset.global_batch_size,
+    )
   wd.beat(None, f"train step {n}")
   with actions.user_code("the train step (your model and loss)", batch) if first else _nothing():
     loop.state, metrics = loop.steps.train(loop.state, batch)  # traced at the first call
