@@ -89,7 +89,7 @@ def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose
   def load() -> None:
     if not workdir:
       raise UserError("--workdir: missing; pass --workdir=DIR (created if missing)")
-    loaded.append(load_config(config, overrides))
+    loaded.append(load_plan(config, overrides))
 
   # A bad config is reported before the trainer (Flax, Orbax, plotting) loads.
   code = run_reporting_errors(load, verbose=verbose)
@@ -110,11 +110,21 @@ def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose
 
 def load_config(path: str, overrides: Sequence[str]) -> Any:
   """``--config`` (``path`` or ``path:arg``) with the overrides applied, validated."""
+  return load_plan(path, overrides).config
+
+
+def load_plan(path: str, overrides: Sequence[str]) -> Any:
+  """``--config`` with the overrides applied, as its run plan (the config validated once, here).
+
+  The trainer and ``train.inspect`` take the plan as it is, so a launch
+  validates its config once.
+  """
   from adamw_flax import config as config_lib  # noqa: PLC0415 (see the imports)
+  from adamw_flax import plan  # noqa: PLC0415
 
   if not path:
     raise config_lib.ConfigError("--config: missing; pass --config=configs/NAME.py")
-  return config_lib.load_config(path, overrides)
+  return plan.make_plan(config_lib.load_config(path, overrides, validate=False))
 
 
 def _short(message: str, limit: int = 3) -> str:

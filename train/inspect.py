@@ -121,7 +121,7 @@ def main(args: Sequence[str], overrides: Sequence[str]) -> int:
     logging.set_verbosity(logging.WARNING)
   return cli.run_reporting_errors(
     lambda: print(
-      config_report(cli.load_config(_CONFIG.value, overrides), num_devices=_NUM_DEVICES.value)
+      config_report(cli.load_plan(_CONFIG.value, overrides), num_devices=_NUM_DEVICES.value)
     ),
     verbose=verbose,
   )

@@ -50,7 +50,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   Rerunning the same command resumes from the latest complete checkpoint.
 
   Args:
-    config: a full config (validated here).
+    config: a full config (validated here), or its :class:`~adamw_flax.plan.RunPlan`.
     workdir: the run's directory (created if missing).
 
   Returns:
@@ -65,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """
   t_start = time.perf_counter()
   run = plan.make_plan(config)
-  check_registered(config)
+  check_registered(run.config)
   workdir = fs.as_path(workdir)
   main = jax.process_index() == 0
   lock = wd_lib.WorkdirLock(workdir)
@@ -80,8 +80,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   try:
     # Each phase runs the same collectives on every process, failed or not.
     distributed.agree(claim, "claiming the workdir")
-    wd_lib.check_same_config(config)
-    distributed.agree(lambda: wd_lib.check_workdir_config(config, workdir), "reading the workdir")
+    wd_lib.check_same_config(run.config)
+    distributed.agree(
+      lambda: wd_lib.check_workdir_config(run.config, workdir), "reading the workdir"
+    )
     with _guards(run, workdir) as guards:
       try:
         return _train(run, workdir, main, guards, t_start)
