@@ -41,18 +41,41 @@ class UserCodeError(Exception):
     self.report = report
 
 
-def _library_dirs() -> tuple[str, ...]:
+# The packages whose frames are library code wherever they are installed: this
+# library's own dependencies (and theirs that appear in tracebacks). A user's
+# own package installed into site-packages is the user's code.
+_LIBRARY_PACKAGES = frozenset({
+  "absl", "chex", "etils", "flax", "grain", "jax", "jaxlib", "ml_collections", "ml_dtypes",
+  "numpy", "optax", "orbax", "tensorstore", "treescope", "typing_extensions", "_pytest",
+  "pytest", "pluggy", "xdist", "execnet", "tensorboardX", "matplotlib", "PIL", "google",
+  "msgpack", "simplejson", "yaml", "wandb", "array_record", "cloudpickle",
+})  # fmt: skip
+
+
+def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(the standard library's and adamw_flax's dirs, the installed packages' dirs)."""
   paths = sysconfig.get_paths()
-  dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-  dirs.add(os.path.dirname(os.path.abspath(__file__)))  # adamw_flax itself
-  return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+  own = {paths[k] for k in ("stdlib", "platstdlib") if k in paths}
+  own.add(os.path.dirname(os.path.abspath(__file__)))  # adamw_flax itself
+  installed = {paths[k] for k in ("purelib", "platlib") if k in paths}
+  norm = lambda dirs: tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+  return norm(own), norm(installed)
+
+
+def _is_library(path: str, own: tuple[str, ...], installed: tuple[str, ...]) -> bool:
+  for root in installed:  # first: site-packages sits inside the standard library's dir
+    if path.startswith(root):
+      top = path[len(root) :].split(os.sep, 1)[0].removesuffix(".py")
+      return top in _LIBRARY_PACKAGES or top.startswith(("_virtualenv", "__editable__"))
+  return path.startswith(own)
 
 
 def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
   """The innermost frame of ``exc``'s traceback in the user's own code, if any.
 
-  The user's code is any file outside the standard library, the installed
-  packages and ``adamw_flax``.
+  The user's code is any file outside the standard library, ``adamw_flax``
+  and the packages it builds on (jax, flax, optax, orbax, numpy, ...): a
+  user's own package installed into site-packages is the user's code too.
 
   Args:
     exc: an exception with its traceback.
@@ -60,11 +83,11 @@ def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
   Returns:
     The frame, or None when every frame is library code.
   """
-  lib = _library_dirs()
+  own, installed = _library_dirs()
   frames = traceback.extract_tb(exc.__traceback__)
   for frame in reversed(frames):
     path = os.path.realpath(frame.filename)
-    if frame.filename.startswith("<") or path.startswith(lib):
+    if frame.filename.startswith("<") or _is_library(path, own, installed):
       continue
     return frame
   return None

@@ -173,7 +173,7 @@ def run_reporting_errors(
   except UserCodeError as e:  # the user's own code raised: their frame, not JAX's internals
     if verbose:
       traceback.print_exc()
-    print(e.report, file=sys.stderr)
+    print(e.report, file=sys.stderr)  # last, also after the traceback
     return 1
   except KeyboardInterrupt:  # Ctrl-C before training took the signal over (or after)
     if verbose:
