@@ -11,6 +11,10 @@ import pytest
 # The tests run on CPU; with libtpu installed (the tpu extra), JAX would otherwise
 # spend seconds at every start looking for a TPU. Children inherit it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Both xdist workers may load libtpu for XLA:TPU compiles (it allows one process otherwise),
+# and on a machine that is not a TPU VM it must not query the metadata server.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
