@@ -15,13 +15,27 @@ Variants (``--config=configs/pod_lm.py:VARIANT``):
                   parallelism), AdamW moments sharded over all chips (ZeRO-1).
 
 Model: 24 blocks, width 1024, 16 heads, context 1024: 303.2M params (302.0M
-in the blocks), bfloat16 compute, float32 params and moments. Per chip on 32
-chips (computed from the shardings by tests/test_sharding.py on an abstract
-mesh): fsdp: params 72.5 MiB, optimizer state 144.9 MiB; zero1: params
-1156.4 MiB, optimizer state 72.3 MiB. Activations and gradients come on top.
+in the blocks), bfloat16 compute, float32 params and moments; a global batch
+of 256 x 1024 tokens.
+
+Per chip, everything included (params, optimizer state, batch, activations,
+gradients), as XLA:TPU compiles the train step for the slice, on a CPU
+machine (``python -m train.compile --config=configs/pod_lm.py --topology=v5p-32``;
+benchmarks/pod_compile.py, benchmarks/RESULTS.md):
+  v5p-32  16 chips, mesh data 1 x fsdp 16: peak 44.66 GiB of the 95.74 XLA
+          can use (params 0.07, optimizer state 0.14, temps 44.45 GiB: the
+          activations, the largest the float32 attention scores, 1 GiB
+          each); XLA's step estimate 225 ms, MFU 28.8% by 6·N·tokens.
+  v5e-256 256 chips, mesh data 16 x fsdp 16: peak 2.91 GiB of 15.75 (temps
+          2.69 GiB); no step estimate (libtpu 0.0.42.1's v5e cost model
+          gives a negative time).
+  zero1 on v5e-32 (params replicated, 8 sequences per chip) does not fit:
+          about 17.99 GiB per chip (XLA:TPU refuses to compile it); the
+          command's advice, compiled: accumulate_steps=4 cuts temps to 6.29
+          GiB (peak 7.49 GiB, fits); int8 moments still need about 17.95.
 Data: Tiny Shakespeare (vocabulary 65), so the run works as is; name your
-own registered dataset in ``data.name`` for real training. Not run here (no
-TPU): no measured step time or loss yet.
+own registered dataset in ``data.name`` for real training. Not run on a TPU
+here: no measured step time or loss yet.
 """
 
 from __future__ import annotations
@@ -44,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.max_len = 1024  # context length (= data.seq_len)
   m.dropout = 0.0  # no dropout at this data scale per step
   m.dtype = "bfloat16"  # compute dtype; params stay float32
+  m.attention = "einsum"  # attention kernel: "einsum", "dot_product", "splash" (Pallas TPU)
+  m.attention_dtype = "float32"  # attention matmuls' inputs (scores, softmax stay float32)
+  m.remat = "none"  # per block: "none" (keep activations), "full", "dots" (keep matmuls)
 
   d = c.data
   d.batch_size = 256  # global batch (sequences); a multiple of the chip count
