@@ -479,18 +479,6 @@ def batch_specs(dataset: Any, batch_sharding: Any, process_count: int = 1) -> tu
   return train, (_abstract(evals[0], batch_sharding, process_count) if evals else None)
 
 
-def _check_batch(run: plan.RunPlan, mesh: Any, rows: int) -> None:
-  ways = math.prod(int(mesh.shape[a]) for a in run.mesh.data_axes)
-  k = run.optimizer.accumulate_steps
-  if rows % (ways * k):
-    raise ConfigError(
-      f"data.batch_size={rows} does not split over the {ways} data devices (mesh "
-      f"{dict(mesh.shape)}, data axes {run.mesh.data_axes})"
-      + (f" x optimizer.accumulate_steps={k}" if k > 1 else "")
-      + f"; make it a multiple of {ways * k}"
-    )
-
-
 def build_job(config: Any, devices: Sequence[Any], topology: Topology | None = None) -> Job:
   """The run's abstract state, batches and steps on a mesh over ``devices``.
 
@@ -516,11 +504,13 @@ def build_job(config: Any, devices: Sequence[Any], topology: Topology | None = N
     dataset = registry.DATASETS.get(run.data.name)(
       run.data, seed=run.trainer.seed, process_index=0, process_count=1
     )
-  with user_errors("mesh"):
+  with user_errors("mesh"):  # the trainer's own check and message
+    sharding.check_batch_size(
+      int(dataset.global_batch_size), mesh, run.mesh, run.optimizer.accumulate_steps
+    )
     batch_sharding = sharding.batch_sharding(mesh, run.mesh)
   batch, eval_batch = batch_specs(dataset, batch_sharding)
   rows = next(iter(batch.values())).shape[0]
-  _check_batch(run, mesh, rows)
   entry = registry.MODELS.get(run.model.name)
   with user_errors(f"model ({run.model.name})"):
     factory = train_state.registered_state_factory(run, dataset.info)
@@ -568,6 +558,7 @@ class MemoryReport:
       in ``other``; 0 in every program seen).
     buffers: the largest buffers, ``(bytes, part, description)``, largest first (part:
       ``params``, ``opt_state``, ``batch``, ``other`` or ``temps``).
+    host: arguments in host memory (``optimizer.offload``), not in HBM.
   """
 
   params: int
@@ -584,6 +575,7 @@ class MemoryReport:
   usable: int | None
   unattributed: int = 0
   buffers: tuple[tuple[int, str, str], ...] = ()
+  host: int = 0
 
   @property
   def fits(self) -> bool:
@@ -705,6 +697,8 @@ def _argument_parts(compiled: Any, args: tuple[Any, ...]) -> tuple[dict[str, int
   for fmt, (keypath, leaf) in zip(formats, leaves, strict=True):
     layout = getattr(fmt, "layout", None)
     if layout is None or not hasattr(layout, "tiling"):  # an argument the step does not use
+      continue
+    if getattr(leaf.sharding, "memory_kind", None) == "pinned_host":  # offloaded: not HBM
       continue
     shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
     n = _tiled_bytes(shard, layout, leaf.dtype)
@@ -1020,6 +1014,7 @@ def compile_step(
     usable=usable_hbm,
     unattributed=unattributed,
     buffers=buffers,
+    host=m.host_argument_size_in_bytes,
   )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else (cost or {})
@@ -1178,6 +1173,7 @@ def _memory_line(mem: MemoryReport) -> str:
   return (
     f"per-chip HBM: params {gib(mem.params)} GiB, optimizer state {gib(mem.opt_state)} GiB, "
     f"batch {gib(mem.batch)} GiB, temps {gib(mem.temps)} GiB, peak {gib(mem.peak)} GiB{verdict}"
+    + (f"; in host memory {gib(mem.host)} GiB (optimizer.offload)" if mem.host else "")
   )
 
 
@@ -1863,11 +1859,6 @@ def use_saved_steps(
 # ------------------------------------------------------------------ the command
 
 
-@contextlib.contextmanager
-def _no_op() -> Iterator[None]:
-  yield
-
-
 def run_command(
   config: Any,
   topology_name: str,
@@ -1877,7 +1868,7 @@ def run_command(
   compare_variants: bool = False,
   out: Callable[[str], None] = print,
   progress: Callable[[str], None] | None = None,
-  quiet: Callable[[], Any] = _no_op,
+  quiet: Callable[[], Any] = contextlib.nullcontext,
 ) -> RunCompile:
   """What ``python -m train.compile`` does after parsing its flags.
 
