@@ -7,9 +7,9 @@ Usage::
   python benchmarks/pod_compile.py --quick         # a one-block pod_lm: checks the script (~5 min)
   python benchmarks/pod_compile.py --no-write      # print only
 
-1. **Reports** (``python -m train.compile``'s lines) of pod_lm's default
-   (fsdp) variant on v5p-32 and v5e-256: the figures of configs/pod_lm.py's
-   docstring and train/README.md.
+1. **Reports** (``python -m train.compile``'s lines) of pod_lm's two
+   variants (fsdp, the default, and zero1) on v5p-32 and v5e-256: the
+   figures of configs/pod_lm.py's docstring and train/README.md.
 2. **A job that does not fit**: the zero1 variant on v5e-32 (params
    replicated, 8 sequences per chip), with the command's compiled advice.
 3. **--compare tables** of pod_lm on v5e-256, v5p-128 and v6e-64: each state
@@ -56,7 +56,8 @@ sys.path.insert(0, str(HERE))
 from common import cpu_model, write_section  # noqa: E402
 
 TITLE = "Pod LM compiled for TPU slices"
-REPORTS = ("v5p-32", "v5e-256")
+# topology:variant; fsdp (the default) and zero1 on the slices configs/pod_lm.py quotes.
+REPORTS = ("v5p-32", "v5e-256", "v5p-32:zero1", "v5e-256:zero1")
 # A job that does not fit: the zero1 variant (params replicated) with 8 sequences per chip.
 MISFIT = ("v5e-32", "zero1")
 COMPARES = (("v5e-256", []), ("v5p-128", []), ("v6e-64", ["mesh.shape=(-1, 8)"]))
@@ -91,6 +92,12 @@ def pod_config(extra: list[str], quick: bool, variant: str | None = None) -> obj
   return cfg
 
 
+def _command(key: str) -> str:
+  name, _, variant = key.partition(":")
+  config = "configs/pod_lm.py" + (f":{variant}" if variant else "")
+  return f"$ python -m train.compile --config={config} --topology={name}"
+
+
 def say(line: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
@@ -109,6 +116,7 @@ def commit() -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--parts", default="report,misfit,compare", help="report,misfit,compare")
+  parser.add_argument("--reports", default=",".join(REPORTS), help="topology[:variant],...")
   parser.add_argument("--compare_on", default=",".join(n for n, _ in COMPARES),
                       help="the topologies of the --compare tables")  # fmt: skip
   parser.add_argument("--quick", action="store_true", help="a one-block pod_lm")
@@ -122,14 +130,15 @@ def main() -> None:
   reports: dict[str, list[str]] = {}
   compiled: dict[str, aot.RunCompile] = {}
   if "report" in parts:
-    for name in REPORTS:
-      cfg = pod_config([], args.quick)
+    for key in args.reports.split(","):
+      name, _, variant = key.partition(":")
+      cfg = pod_config([], args.quick, variant or None)
       t = time.perf_counter()
       lines: list[str] = []  # what python -m train.compile prints
       result = aot.run_command(cfg, name, out=lines.append, progress=say)
-      reports[name] = lines
+      reports[key] = lines
       m = result.train.memory
-      results[f"report {name}"] = {
+      results[f"report {key}"] = {
         "lines": lines,
         "seconds": time.perf_counter() - t,
         "train_compile_s": result.train.seconds,
@@ -140,9 +149,8 @@ def main() -> None:
         "mfu": aot.mfu(result),
         "collectives": result.train.collectives,
       }
-      print("\n".join([f"$ python -m train.compile --config=configs/pod_lm.py --topology={name}",
-                       *lines, ""]), flush=True)  # fmt: skip
-      if "compare" in parts and name in dict(COMPARES):
+      print("\n".join([_command(key), *lines, ""]), flush=True)
+      if "compare" in parts and key in dict(COMPARES):
         compiled[name] = result  # the base of that topology's --compare table
       del result
 
@@ -205,9 +213,8 @@ def main() -> None:
     "(no estimate, so no MFU there). MFU = 6·N·tokens / (estimate x chips x peak bf16).",
     "",
   ]
-  for name, lines in reports.items():
-    body += [f"`python -m train.compile --config=configs/pod_lm.py --topology={name}`:", "",
-             "```", *lines, "```", ""]  # fmt: skip
+  for key, lines in reports.items():
+    body += [f"`{_command(key)[2:]}`:", "", "```", *lines, "```", ""]
   if misfit:
     name, variant = MISFIT
     body += [f"`python -m train.compile --config=configs/pod_lm.py:{variant} --topology={name}` "
