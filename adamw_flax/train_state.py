@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from adamw_flax import masks, optim, plan, quantize, registry, sharding, transform
+from adamw_flax import masks, offload, optim, plan, quantize, registry, sharding, transform
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -56,6 +56,7 @@ class StateSpec:
     ema: plan.EmaRule | None = None,
     spikes: plan.SpikeRule | None = None,
     module_types: masks.Target | None = None,
+    offload: tuple[str, ...] = (),
   ):
     self.graphdef = graphdef
     self.templates = templates
@@ -67,6 +68,8 @@ class StateSpec:
     self.spikes = spikes
     # The class owning each parameter (no arrays), for `type:` partition rules.
     self.module_types = module_types
+    # optimizer.offload: the optimizer-state fields kept in host memory (adamw_flax.offload).
+    self.offload = tuple(offload)
 
   __hash__ = object.__hash__
   __eq__ = object.__eq__
@@ -154,12 +157,18 @@ class TrainState(struct.PyTreeNode):
       [self.rest], mesh_cfg, mesh=mesh, templates=templates[2:], rules=False
     )
     named = sharding.named(mesh)
+    opt_state = sharding.opt_state_shardings(self.opt_state, self.params, params, mesh, mesh_cfg)
+    if self.spec.offload:  # checked everywhere, applied where host memory is not the device's
+      devices = list(getattr(mesh, "devices", np.empty(0)).flat)
+      platform = devices[0].platform if devices else None
+      placed = offload.place(self.opt_state, opt_state, self.spec.offload, platform)
+      opt_state = placed if offload.effective(devices) else opt_state
     return self.replace(
       step=named(jax.sharding.PartitionSpec()),
       params=named(params),
       frozen=named(frozen),
       rest=named(rest),
-      opt_state=sharding.opt_state_shardings(self.opt_state, self.params, params, mesh, mesh_cfg),
+      opt_state=opt_state,
       # The EMA is sharded like the params it follows; spike statistics replicated.
       extra=sharding.opt_state_shardings(self.extra, self.params, params, mesh, mesh_cfg),
     )
@@ -559,6 +568,7 @@ def state_factory(
           ema=run.trainer.ema,
           spikes=run.optimizer.spikes,
           module_types=module_types,
+          offload=offload.parse(run.optimizer.section.get("offload", "")),
         )
       )
     return TrainState(
@@ -1028,7 +1038,11 @@ def make_train_step(
     raise ValueError(f"accumulate_steps must be >= 1, got {k}")
   wants_rngs = _accepts_rngs(loss_fn)
 
+  opt_shardings = None if state_sharding is None else state_sharding.opt_state
+
   def step(state: TrainState, batch: Batch):
+    # optimizer.offload: the state's host-memory leaves, in device memory for the update.
+    state = state.replace(opt_state=offload.to_device(state.opt_state, opt_shardings))
     rule, ema = _step_rules(state, spikes, ema_decay)
     key = step_key(seed, state.step)
     loss, aux, rest, grads = _loss_and_grads(state, batch, loss_fn, k, key, wants_rngs)
@@ -1069,6 +1083,7 @@ def make_train_step(
     if rule is not None:
       metrics["spike"] = spike.astype(jnp.int32)
       metrics["skipped_spikes"] = extra["spikes"]["skipped"]
+    opt_state = offload.to_host(opt_state, opt_shardings)  # back to host memory, if offloaded
     new_state = state.replace(
       step=new_step, params=params, rest=rest, opt_state=opt_state, extra=extra
     )

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from adamw_flax import plan, quantize, sharding, train_state
+from adamw_flax import offload, plan, quantize, sharding, train_state
 
 
 def bytes_per_param(state) -> str:
@@ -84,6 +84,16 @@ def startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str])
     extras.append("weight decay towards the initial params")
   if o.schedule == "wsd":
     extras.append(f"wsd: last {o.wsd_decay_fraction:g} of the steps decay ({o.wsd_decay_shape})")
+  if "int8" in (o.mu_dtype, o.nu_dtype) and o.get("moments_rounding") == "stochastic":
+    extras.append("8-bit moments rounded stochastically")
+  if o.get("offload"):
+    devices = list(mesh.devices.flat)
+    extras.append(
+      f"optimizer state {o.offload!r} in host memory between steps"
+      if offload.effective(devices)
+      else f"optimizer.offload={o.offload!r} has no effect on {devices[0].platform} (its host "
+      "memory is its device memory)"
+    )
   if extras:
     lines.append("also: " + "; ".join(extras))
   if unmapped:
