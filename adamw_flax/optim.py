@@ -195,6 +195,8 @@ def optimizer_from_config(
   quantize_mask = _quantize_mask(p, target)
   if quantize_mask is not None and "quantize_mask" in inspect.signature(factory).parameters:
     kwargs["quantize_mask"] = quantize_mask
+  if "rounding_seed" in inspect.signature(factory).parameters:  # moments_rounding's bits
+    kwargs["rounding_seed"] = seed
   tx = factory(section, learning_rate=lr, weight_decay_mask=mask, **kwargs)
 
   parts = []

@@ -52,9 +52,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.experimental.pallas import tpu as pltpu
 
 __all__ = [
   "MAPS",
+  "AdamScalars",
+  "adam_scalars",
+  "adam_update",
+  "kernel_supports",
+  "leaf_bits",
+  "moment_word",
   "QuantizedMoment",
   "block_size_for",
   "dequantize",
@@ -162,13 +171,16 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
 
 
-def quantize(x: jax.Array, kind: str, block: int) -> QuantizedMoment:
+def quantize(x: jax.Array, kind: str, block: int, bits: jax.Array | None = None) -> QuantizedMoment:
   """Quantizes float values ``x`` to the map of moment ``kind`` in blocks of ``block``.
 
   Args:
     x: the moment's values (any float dtype; ``nu`` must be >= 0).
     kind: ``"mu"`` (signed) or ``"nu"`` (unsigned, stored as its square root).
     block: the block length; must divide ``x.shape[-1]``.
+    bits: None to round to nearest; else 16 random bits per element
+      (:func:`random_bits16` of ``x.shape``) for stochastic rounding (see
+      :func:`adam_update`).
 
   Returns:
     The :class:`QuantizedMoment`.
@@ -190,6 +202,19 @@ def quantize(x: jax.Array, kind: str, block: int) -> QuantizedMoment:
   # float32 pass per elementwise op before it).
   mag = jnp.abs(xb) if m.signed else xb
   absmax = jnp.max(mag, axis=-1, keepdims=True)
+  rbits = None if bits is None else _blocks(bits, block)
+  codes = _encode(xb, absmax, m, rbits)
+  return QuantizedMoment(codes.reshape(x.shape), absmax[..., 0])
+
+
+def _encode(v: jax.Array, absmax: jax.Array, m: _Map, rbits: jax.Array | None) -> jax.Array:
+  """The codes of ``v`` (signed ``mu`` or ``sqrt(nu)``) in blocks whose largest magnitude is ``absmax``.
+
+  ``absmax`` broadcasts against ``v`` (a block per row of the last axis, or
+  one per row of a kernel's slice); ``rbits``: None (to nearest) or 16 random
+  bits per element (stochastic).
+  """
+  mag = jnp.abs(v) if m.signed else v
   finite = jnp.isfinite(absmax)
   # The block maximum maps onto the top code. A zero block keeps scale 0;
   # a block with NaN/inf keeps its non-finite maximum as its scale (see the
@@ -198,19 +223,59 @@ def quantize(x: jax.Array, kind: str, block: int) -> QuantizedMoment:
   y = jnp.where(finite, mag * (_top(m) / safe), 0.0)
   bits = jax.lax.bitcast_convert_type(y, jnp.uint32).astype(jnp.int32)
   drop = 23 - m.mantissa_bits
-  # Round to nearest on the bit pattern (a carry moves into the exponent as it
-  # should), then re-base the float32 exponent so that 2^-1 is the top binade.
-  rounded = (bits + (1 << (drop - 1))) >> drop
+  if rbits is None:
+    # Round to nearest on the bit pattern (a carry moves into the exponent as
+    # it should), then re-base the float32 exponent so that 2^-1 is the top binade.
+    rounded = (bits + (1 << (drop - 1))) >> drop
+  else:
+    # Stochastic: 16 random bits spread over the dropped ones, then truncate:
+    # up with probability equal to the remainder's share of the gap.
+    rounded = (bits + (rbits.astype(jnp.int32) << (drop - 16))) >> drop
   code = rounded - ((127 - 2**m.exponent_bits) << m.mantissa_bits)
   top_code = 2 ** (m.exponent_bits + m.mantissa_bits) - 1
-  floor = 0 if m.zero_floor else 1
-  code = jnp.where(code < 1, jnp.where(y > 0, floor, 0), jnp.minimum(code, top_code))
-  if m.signed:
-    code = jnp.where(xb < 0, -code, code)
-    codes = code.astype(jnp.int8)
+  if rbits is not None and m.zero_floor:
+    # Below the smallest code (and up to it, where truncation would give the
+    # reserved code 0): code 1 with probability y / (its value), else 0, so
+    # that tiny values of mu are unbiased instead of flushed to 0.
+    smallest = _code_value(m, 1)
+    up = rbits.astype(jnp.float32) < y * (65536.0 / smallest)
+    code = jnp.where(y < smallest, jnp.where(up, 1, 0), jnp.minimum(code, top_code))
   else:
-    codes = code.astype(jnp.uint8)
-  return QuantizedMoment(codes.reshape(x.shape), absmax[..., 0])
+    floor = 0 if m.zero_floor else 1
+    code = jnp.where(code < 1, jnp.where(y > 0, floor, 0), jnp.minimum(code, top_code))
+  if m.signed:
+    return jnp.where(v < 0, -code, code).astype(jnp.int8)
+  return code.astype(jnp.uint8)
+
+
+def _code_value(m: _Map, code: int) -> float:
+  """The magnitude code ``code`` stands for, relative to the top binade (the block maximum is ``_top``)."""
+  bits = (code + ((127 - 2**m.exponent_bits) << m.mantissa_bits)) << (23 - m.mantissa_bits)
+  return float(np.array(bits, np.uint32).view(np.float32))
+
+
+def _decode(codes: jax.Array, factor: jax.Array, m: _Map) -> jax.Array:
+  """The float32 values of ``codes`` times ``factor`` (the block's ``scale / _top``, NaN if non-finite).
+
+  ``nu`` is squared back. ``factor`` broadcasts against ``codes``.
+  """
+  c = codes.astype(jnp.int32)
+  k = jnp.abs(c) if m.signed else c
+  bits = (k + ((127 - 2**m.exponent_bits) << m.mantissa_bits)) << (23 - m.mantissa_bits)
+  mag = jax.lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+  mag = jnp.where(k == 0, 0.0, mag)
+  v = mag * factor
+  if m.signed:
+    v = jnp.where(c < 0, -v, v)
+  if m.sqrt:
+    v = v * v
+  return v
+
+
+def _factor(scale: jax.Array, m: _Map) -> jax.Array:
+  # A non-finite scale (a NaN or inf among the block's inputs) poisons the
+  # block: its values are NaN, so the update is non-finite as the float one is.
+  return jnp.where(jnp.isfinite(scale), scale / _top(m), jnp.nan)
 
 
 def dequantize(q: QuantizedMoment, dtype: Any = jnp.float32) -> jax.Array:
@@ -224,22 +289,612 @@ def dequantize(q: QuantizedMoment, dtype: Any = jnp.float32) -> jax.Array:
     An array of the param's shape.
   """
   m = MAPS[q.kind]
-  block = q.block
-  codes = _blocks(q.codes, block).astype(jnp.int32)
-  k = jnp.abs(codes) if m.signed else codes
-  bits = (k + ((127 - 2**m.exponent_bits) << m.mantissa_bits)) << (23 - m.mantissa_bits)
-  mag = jax.lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
-  mag = jnp.where(k == 0, 0.0, mag)
-  scale = q.scale[..., None]
-  finite = jnp.isfinite(scale)
-  # A non-finite scale (a NaN or inf among the block's inputs) poisons the
-  # block: its values are NaN, so the update is non-finite as the float one is.
-  v = jnp.where(finite, mag * (scale / _top(m)), jnp.nan)
-  if m.signed:
-    v = jnp.where(codes < 0, -v, v)
-  if m.sqrt:
-    v = v * v
+  v = _decode(_blocks(q.codes, q.block), _factor(q.scale, m)[..., None], m)
   return v.reshape(q.codes.shape).astype(dtype)
+
+
+# ------------------------------------------------------------------ the 8-bit Adam step
+#
+# One leaf's step with both moments 8-bit, block by block. Dequantizing,
+# updating and requantizing a whole moment as separate array expressions
+# makes XLA hold float32 copies of the moments: XLA:TPU relays each
+# (rows, blocks, block) view of a tiled (rows, cols) array out (168.7 bytes
+# accessed per param, 2887 MiB of temporaries for 268M params on a v5p chip,
+# benchmarks/RESULTS.md), and XLA:CPU recomputes the dequantization in every
+# consumer. So:
+#
+# * on TPU a Pallas kernel requantizes tile by tile (a block maximum needs the
+#   whole block before the first code is written: no XLA fusion can do that
+#   in one pass), in place in the donated codes, and the update itself stays
+#   an XLA fusion that ``optax.apply_updates`` fuses into: a kernel's output
+#   is materialized, and under optax's API the update is an array;
+# * elsewhere a loop over chunks of rows does everything, its float32
+#   temporaries a chunk's, in cache.
+#
+# Both run per shard (jax.experimental.custom_partitioning): blocks never
+# straddle shards, so a shard's blocks are whole, and the random bits of
+# stochastic rounding hash each element's global index.
+
+
+class AdamScalars(NamedTuple):
+  """The float32 scalars of one Adam step, as the update's arithmetic uses them.
+
+  Attributes:
+    one_minus_b1: ``1 - b1``.
+    b1: the first moment's decay.
+    one_minus_b2: ``1 - b2``.
+    b2: the second moment's decay.
+    bc1: ``1 - b1**t``.
+    bc2: ``1 - b2**t``.
+    bc1_next: ``1 - b1**(t+1)`` (Nesterov; else unused).
+    eps: added outside the square root.
+    eps_root: added inside it.
+  """
+
+  one_minus_b1: jax.Array
+  b1: jax.Array
+  one_minus_b2: jax.Array
+  b2: jax.Array
+  bc1: jax.Array
+  bc2: jax.Array
+  bc1_next: jax.Array
+  eps: jax.Array
+  eps_root: jax.Array
+
+
+def adam_scalars(
+  b1: Any, b2: Any, eps: Any, eps_root: Any, bc1: Any, bc2: Any, bc1_next: Any = None
+) -> AdamScalars:
+  """:class:`AdamScalars` from Python floats or float32 arrays.
+
+  Each becomes the float32 value XLA would use for it in ``(1 - b1) * g``
+  and the like (Python floats round once to float32, arrays stay as they are).
+
+  Args:
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added outside the square root.
+    eps_root: added inside it.
+    bc1: ``1 - b1**t`` for the step's count ``t``.
+    bc2: ``1 - b2**t``.
+    bc1_next: ``1 - b1**(t+1)``, for Nesterov momentum; None: unused.
+
+  Returns:
+    The scalars, float32 arrays.
+  """
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return AdamScalars(
+    f(1 - b1), f(b1), f(1 - b2), f(b2), f(bc1), f(bc2), f(1.0 if bc1_next is None else bc1_next),
+    f(eps), f(eps_root),
+  )  # fmt: skip
+
+
+def _moments(g: jax.Array, mu_c: jax.Array, nu_c: jax.Array, s: AdamScalars):
+  # scale_by_adam's expressions and operand order (optax's update_moment and
+  # update_moment_per_elem_norm), on float32 values.
+  return s.one_minus_b1 * g + s.b1 * mu_c, s.one_minus_b2 * g**2 + s.b2 * nu_c
+
+
+def _direction(g: jax.Array, mu: jax.Array, nu: jax.Array, s: AdamScalars, nesterov: bool):
+  # scale_by_adam's update from the unrounded new moments.
+  if nesterov:
+    mu_hat = s.b1 * (mu / s.bc1_next) + s.one_minus_b1 * (g / s.bc1)
+  else:
+    mu_hat = mu / s.bc1
+  return mu_hat / (jnp.sqrt(nu / s.bc2 + s.eps_root) + s.eps)
+
+
+def _absmax(v: jax.Array, m: _Map) -> jax.Array:
+  """The block maximum over the last axis (kept) of ``mu`` (``v`` signed) or of ``sqrt(nu)`` (``v = nu``).
+
+  Equal to ``max(|v|)`` and ``max(sqrt(v))`` (sqrt is monotonic), but each a
+  reduction of the stored values: XLA:CPU fuses ``abs`` and everything that
+  computed ``v`` into a reduction's input, and reduces such a computed input
+  several times slower (measured: the whole CPU step 2.2x float32's with
+  these, 5x with ``max(|v|)``). The outer ``abs`` turns a block of ``-0.0``
+  into ``+0.0`` as ``max(|v|)`` has it.
+  """
+  if m.signed:
+    top = jnp.maximum(jnp.max(v, axis=-1, keepdims=True), -jnp.min(v, axis=-1, keepdims=True))
+    return jnp.abs(top)
+  return jnp.sqrt(jnp.max(v, axis=-1, keepdims=True))
+
+
+def _element_bits(index: jax.Array, word: jax.Array) -> jax.Array:
+  """32 random bits per element: its global flat ``index`` (uint32) hashed with the step's ``word``.
+
+  ``word`` is ``_mix32`` of 32 bits drawn from the step's key, as in
+  :func:`random_bits16`: the same hash, so the bits are as uniform.
+  """
+  return _mix32(index * np.uint32(0x9E3779B9) + word)
+
+
+def _split_bits(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+  # mu rounds with the high 16 bits, nu with the low 16.
+  return h >> 16, h & np.uint32(0xFFFF)
+
+
+def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h):
+  """One chunk's step; arrays in blocks ``(..., blocks, block)``, scales ``(..., blocks)``.
+
+  Returns ``(u, mu codes, mu scale, nu codes, nu scale)``; ``h`` is None or
+  the chunk's :func:`_element_bits`.
+  """
+  mu_c = _decode(cm, _factor(sm, MAPS["mu"])[..., None], MAPS["mu"])
+  nu_c = _decode(cn, _factor(sn, MAPS["nu"])[..., None], MAPS["nu"])
+  mu_new, nu_new = _moments(g, mu_c, nu_c, s)
+  am = _absmax(mu_new, MAPS["mu"])
+  an = _absmax(nu_new, MAPS["nu"])
+  bm, bn = (None, None) if h is None else _split_bits(h)
+  codes_mu = _encode(mu_new, am, MAPS["mu"], bm)
+  codes_nu = _encode(jnp.sqrt(nu_new), an, MAPS["nu"], bn)
+  u = _direction(g, mu_new, nu_new, s, nesterov)
+  return u, codes_mu, am[..., 0], codes_nu, an[..., 0]
+
+
+# Elements per chunk of the loop: 2^18 float32 (1 MiB, the L2 of the CPU
+# benchmarks/RESULTS.md measures on) was fastest of 2^15..2^20 there.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, chunk):
+  """The step of a (local) leaf, looping over chunks of rows of its 2-D view.
+
+  Args:
+    g, cm, sm, cn, sn: gradient, codes and scales, shaped like the leaf (local shard).
+    s: the :class:`AdamScalars`.
+    word: None (round to nearest) or the step's mixed random word (uint32).
+    row_ids: the global index of each local row of the 2-D view (int32).
+    col0: the global column of the first local column (int32).
+    c_total: the leaf's last dimension (global).
+    nesterov: Nesterov momentum.
+    chunk: elements per chunk (the whole leaf in one when it is at least its size).
+
+  Returns:
+    ``(u, mu codes, mu scale, nu codes, nu scale)`` shaped like the inputs.
+  """
+  shape, scale_shape = g.shape, sm.shape
+  cols = shape[-1]
+  nb = scale_shape[-1]
+  block = cols // nb
+  rows = math.prod(shape[:-1])
+  t = max(1, min(rows, chunk // cols))
+  two = lambda x, w: x.reshape(rows, w)
+  g2, cm2, cn2 = two(g, cols), two(cm, cols), two(cn, cols)
+  sm2, sn2 = two(sm, nb), two(sn, nb)
+
+  def chunk_of(r0, n, cm2, sm2, cn2, sn2):
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, r0, n, 0)
+    blk = lambda a: a.reshape(n, nb, block)
+    h = None
+    if word is not None:
+      ids = sl(row_ids).astype(jnp.uint32)[:, None] * np.uint32(c_total)
+      cols_idx = jax.lax.broadcasted_iota(jnp.uint32, (n, cols), 1) + col0.astype(jnp.uint32)
+      h = blk(_element_bits(ids + cols_idx, word))
+    out = _chunk_step(blk(sl(g2)), blk(sl(cm2)), sl(sm2), blk(sl(cn2)), sl(sn2), s, nesterov, h)
+    return tuple(x.reshape(n, -1) for x in out)
+
+  if rows <= t:  # one chunk: the whole leaf
+    carry = chunk_of(0, rows, cm2, sm2, cn2, sn2)
+  else:
+
+    def rows_of(r0, n, carry):
+      # The barrier keeps the chunk's outputs out of the in-place updates
+      # below: XLA:CPU runs a fusion into a dynamic-update-slice on one
+      # thread, a plain one on all (the step took 1.7-1.9x float32's time
+      # with the barrier, 3.0-3.2x without, measured side by side).
+      out = jax.lax.optimization_barrier(chunk_of(r0, n, *carry[1:]))
+      up = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, r0, 0)
+      return tuple(up(b, x) for b, x in zip(carry, out, strict=True))
+
+    # The update is written chunk by chunk into one buffer, the codes and
+    # scales in place.
+    carry = (jnp.zeros((rows, cols), jnp.float32), cm2, sm2, cn2, sn2)
+    full = rows // t
+    carry = jax.lax.fori_loop(0, full, lambda i, c: rows_of(i * t, t, c), carry)
+    if rows % t:
+      carry = rows_of(full * t, rows % t, carry)
+  u, cm2, sm2, cn2, sn2 = carry
+  return (
+    u.reshape(shape), cm2.reshape(shape), sm2.reshape(scale_shape), cn2.reshape(shape),
+    sn2.reshape(scale_shape),
+  )  # fmt: skip
+
+
+# Rows of a kernel tile: a multiple of 32 (int8 arrays tile by 32 rows on
+# TPU) holding at most this many elements (double-buffered, the tile's inputs
+# and outputs take 16 bytes per element of VMEM).
+_TILE_ELEMENTS = 1 << 18
+# Blocks per row the kernel unrolls (its code grows with them); longer rows
+# take the loop.
+_KERNEL_MAX_BLOCKS = 64
+
+
+def kernel_supports(shape: tuple[int, ...], block: int) -> bool:
+  """Whether the TPU kernel requantizes a leaf of ``shape`` in blocks of ``block``.
+
+  Its blocks must be whole 128-lane vectors (``block % 128 == 0``), at most
+  64 to a row, and a 32-row tile of a row must fit its tile; other leaves take
+  the loop (:func:`adam_update`).
+
+  Args:
+    shape: the leaf's (local) shape.
+    block: the block length.
+
+  Returns:
+    True where :func:`adam_update` uses the kernel on TPU.
+  """
+  cols = shape[-1]
+  return block % 128 == 0 and cols // block <= _KERNEL_MAX_BLOCKS and 32 * cols <= _TILE_ELEMENTS
+
+
+def _requant_kernel(rows, cols, block, tr, stochastic, c_total):
+  nb = cols // block
+  mu_map, nu_map = MAPS["mu"], MAPS["nu"]
+
+  def kernel(fsc, isc, g_ref, cm_ref, sm_ref, cn_ref, sn_ref, cmo_ref, smo_ref, cno_ref, sno_ref):
+    s = AdamScalars(fsc[0], fsc[1], fsc[2], fsc[3], *([fsc[0]] * 5))
+    word = isc[0].astype(jnp.uint32)
+    row0 = isc[1] + pl.program_id(0) * tr
+    for b in range(nb):  # the row's blocks, each a (tr, block) slice of whole vectors
+      sl = slice(b * block, (b + 1) * block)
+      g = g_ref[:, sl].astype(jnp.float32)
+      mu_c = _decode(cm_ref[:, sl], _factor(sm_ref[:, b : b + 1], mu_map), mu_map)
+      nu_c = _decode(cn_ref[:, sl], _factor(sn_ref[:, b : b + 1], nu_map), nu_map)
+      mu_new, nu_new = _moments(g, mu_c, nu_c, s)
+      am = _absmax(mu_new, mu_map)
+      an = _absmax(nu_new, nu_map)
+      # A NaN makes the block's scale NaN as in XLA, whatever the vector
+      # unit's max does with NaN.
+      nan = jnp.max(jnp.where(mu_new == mu_new, 0.0, 1.0), axis=-1, keepdims=True) > 0
+      am = jnp.where(nan, jnp.nan, am)
+      bm = bn = None
+      if stochastic:
+        r = jax.lax.broadcasted_iota(jnp.int32, (tr, block), 0) + row0
+        c = jax.lax.broadcasted_iota(jnp.int32, (tr, block), 1) + (isc[2] + b * block)
+        index = r.astype(jnp.uint32) * np.uint32(c_total) + c.astype(jnp.uint32)
+        bm, bn = _split_bits(_element_bits(index, word))
+      cmo_ref[:, sl] = _encode(mu_new, am, mu_map, bm)
+      cno_ref[:, sl] = _encode(jnp.sqrt(nu_new), an, nu_map, bn)
+      smo_ref[:, b : b + 1] = am
+      sno_ref[:, b : b + 1] = an
+
+  return kernel
+
+
+def _kernel_requant(g, cm, sm, cn, sn, s, word, row0, col0, c_total, interpret):
+  """Requantizes a (local) leaf's moments with the Pallas kernel, in place.
+
+  Row ``i`` of its 2-D view is global row ``row0 + i`` (for the random bits).
+
+  Returns:
+    ``(mu codes, mu scale, nu codes, nu scale)``.
+  """
+  shape, scale_shape = g.shape, sm.shape
+  cols, nb = shape[-1], scale_shape[-1]
+  rows = math.prod(shape[:-1])
+  block = cols // nb
+  tr = rows if rows <= 32 else min(rows // 32 * 32, max(32, _TILE_ELEMENTS // cols // 32 * 32))
+  stochastic = word is not None
+  fsc = jnp.stack([s.one_minus_b1, s.b1, s.one_minus_b2, s.b2])
+  zero = jnp.zeros((), jnp.int32)
+  bits = zero if word is None else jax.lax.bitcast_convert_type(word, jnp.int32)
+  isc = jnp.stack([bits, jnp.asarray(row0, jnp.int32), jnp.asarray(col0, jnp.int32)])
+  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+  tile = lambda w: pl.BlockSpec((tr, w), lambda i: (i, 0))
+  args = (g.reshape(rows, cols), cm.reshape(rows, cols), sm.reshape(rows, nb))
+  args += (cn.reshape(rows, cols), sn.reshape(rows, nb))
+  n = rows * cols
+  out = pl.pallas_call(
+    _requant_kernel(rows, cols, block, tr, stochastic, c_total),
+    grid=(pl.cdiv(rows, tr),),
+    in_specs=[smem, smem, tile(cols), tile(cols), tile(nb), tile(cols), tile(nb)],
+    out_specs=[tile(cols), tile(nb), tile(cols), tile(nb)],
+    out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[1:]],
+    # In place: the donated codes and scales are overwritten.
+    input_output_aliases={3: 0, 4: 1, 5: 2, 6: 3},
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    cost_estimate=pl.CostEstimate(
+      flops=80 * n,
+      transcendentals=2 * n,
+      bytes_accessed=n * (g.dtype.itemsize + 4) + 16 * rows * nb,
+    ),
+    interpret=interpret,
+  )(fsc, isc, *args)
+  return (
+    out[0].reshape(shape),
+    out[1].reshape(scale_shape),
+    out[2].reshape(shape),
+    out[3].reshape(scale_shape),
+  )
+
+
+def _expand(x: jax.Array, cols: int) -> jax.Array:
+  """``x`` (``(..., blocks)``) repeated over each block's elements, as ``(..., cols)``.
+
+  A chain of selects on the column index instead of a reshape: XLA:TPU fuses
+  it into the update (a ``(..., blocks, block)`` view of a tiled array is a
+  relayout: a copy of the whole leaf, measured).
+  """
+  nb = x.shape[-1]
+  block = cols // nb
+  shape = (*x.shape[:-1], cols)
+  which = jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) // block
+  out = jnp.broadcast_to(x[..., :1], shape)
+  for b in range(1, nb):
+    out = jnp.where(which == b, x[..., b : b + 1], out)
+  return out
+
+
+def _xla_update(g, cm, sm, cn, sn, s, word, nesterov):
+  """The step as XLA fusions only (no kernel, no custom call): for sharded leaves on TPU.
+
+  XLA's SPMD partitioner splits it like any array expression (a Pallas
+  kernel needs ``custom_partitioning``, which XLA:TPU does not compile for
+  the compile-only devices ``python -m train.compile`` uses, jax 0.10.2 /
+  libtpu 0.0.42.1). Block maxima are reductions of each block's columns and
+  per-block values reach the elements through :func:`_expand`, both without
+  a ``(rows, blocks, block)`` view.
+  """
+  shape, cols, nb = g.shape, g.shape[-1], sm.shape[-1]
+  block = cols // nb
+  mu_map, nu_map = MAPS["mu"], MAPS["nu"]
+  mu_c = _decode(cm, _expand(_factor(sm, mu_map), cols), mu_map)
+  nu_c = _decode(cn, _expand(_factor(sn, nu_map), cols), nu_map)
+  mu_new, nu_new = _moments(g, mu_c, nu_c, s)
+  u = _direction(g, mu_new, nu_new, s, nesterov)
+  cut = lambda x, b: x[..., b * block : (b + 1) * block]
+  am = jnp.concatenate([_absmax(cut(mu_new, b), mu_map) for b in range(nb)], axis=-1)
+  an = jnp.concatenate([_absmax(cut(nu_new, b), nu_map) for b in range(nb)], axis=-1)
+  bm, bn = (None, None) if word is None else leaf_bits(word, shape)
+  codes_mu = _encode(mu_new, _expand(am, cols), mu_map, bm)
+  codes_nu = _encode(jnp.sqrt(nu_new), _expand(an, cols), nu_map, bn)
+  return u, codes_mu, am, codes_nu, an
+
+
+# ------------------------------------------------------------------ per shard
+
+
+def _leaf_spec(mesh: Any, sharding: Any, shape: tuple[int, ...], scale_shape: tuple[int, ...]):
+  """The spec the step runs a leaf under: the codes' own, less what would split a block.
+
+  Dimensions whose devices do not divide both the leaf's and its scales'
+  length are gathered (sharding.opt_state_shardings never makes such codes).
+  """
+  spec = getattr(sharding, "spec", None)  # None: not a NamedSharding, gathered
+  entries = list(spec) if spec is not None else []
+  entries += [None] * (len(shape) - len(entries))
+  out = []
+  for d, entry in enumerate(entries[: len(shape)]):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    n = math.prod(mesh.shape[a] for a in axes)
+    out.append(entry if shape[d] % n == 0 and scale_shape[d] % n == 0 else None)
+  return jax.sharding.PartitionSpec(*out)
+
+
+def _shard_offsets(spec: Any, mesh: Any, local: tuple[int, ...]) -> list[Any]:
+  """Per dimension, the global index of this shard's first element (traced)."""
+  out = []
+  for entry, n in zip(spec, local, strict=True):
+    if entry is None:
+      out.append(jnp.zeros((), jnp.int32))
+      continue
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    index = jnp.zeros((), jnp.int32)
+    for a in axes:  # row-major over the dimension's axes, as the spec splits it
+      index = index * mesh.shape[a] + jax.lax.axis_index(a)
+    out.append(index * n)
+  return out
+
+
+def _row_ids(local: tuple[int, ...], full: tuple[int, ...], offsets: list[Any]) -> jax.Array:
+  """The global row (of the leaf's 2-D view) of each local row."""
+  lead = local[:-1]
+  if not lead:
+    return jnp.zeros((1,), jnp.int32)
+  rid = jnp.zeros(lead, jnp.int32)
+  for d in range(len(lead)):
+    rid = rid * full[d] + (jax.lax.broadcasted_iota(jnp.int32, lead, d) + offsets[d])
+  return rid.reshape(-1)
+
+
+def _per_shard(local_fn: Any, operands: tuple[Any, ...]):
+  """Runs ``local_fn`` on each shard of a leaf (``custom_partitioning``; inline on one device).
+
+  Args:
+    local_fn: ``(g, cm, sm, cn, sn, scalars, word, row_ids, col0, affine) ->
+      (u, cm, sm, cn, sn)`` on a shard: ``row_ids`` the global row (of the
+      leaf's 2-D view) of each local row, ``col0`` the global index of the
+      first local column, ``affine`` whether row ``i`` is ``row_ids[0] + i``.
+    operands: ``(g, cm, sm, cn, sn, scalars, word)`` (``word`` may be None).
+
+  Returns:
+    ``local_fn``'s outputs for the whole leaf.
+  """
+  g, cm, sm, cn, sn, scalars, word = operands
+  shape, scale_shape = tuple(g.shape), tuple(sm.shape)
+  has_word = word is not None
+  kinds = ["leaf", "leaf", "scale", "leaf", "scale"]
+
+  def run(g, cm, sm, cn, sn, scalars, *word):
+    rows = _row_ids(shape, shape, [0] * len(shape))
+    return local_fn(g, cm, sm, cn, sn, scalars, word[0] if word else None, rows, jnp.int32(0), True)
+
+  fn = custom_partitioning(run)
+
+  def partition(mesh, arg_shapes, result_shape):
+    spec = _leaf_spec(mesh, arg_shapes[1].sharding, shape, scale_shape)
+    leaf = jax.sharding.NamedSharding(mesh, spec)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    local = tuple(
+      n // math.prod(mesh.shape[a] for a in _axes(e)) for n, e in zip(shape, spec, strict=True)
+    )
+    arg_shardings = (leaf,) * 5 + jax.tree.map(lambda _: rep, tuple(arg_shapes[5:]))
+    out_shardings = tuple(leaf for _ in kinds)
+    # Rows of a shard are consecutive global rows unless a leading dimension
+    # after the first is split.
+    affine = all(e is None for e in list(spec)[1:-1])
+
+    def lower_fn(g, cm, sm, cn, sn, scalars, *word):
+      offsets = _shard_offsets(spec, mesh, local)
+      rows = _row_ids(local, shape, offsets)
+      w = word[0] if word else None
+      return local_fn(g, cm, sm, cn, sn, scalars, w, rows, offsets[-1], affine)
+
+    return mesh, lower_fn, out_shardings, arg_shardings
+
+  def infer(mesh, arg_shapes, result_shape):
+    spec = _leaf_spec(mesh, arg_shapes[1].sharding, shape, scale_shape)
+    return tuple(jax.sharding.NamedSharding(mesh, spec) for _ in kinds)
+
+  # For Shardy: the last axis is blocks x block (one block: no compound factor,
+  # which Shardy refuses with a factor of size 1); partition() settles the rest.
+  block = shape[-1] // scale_shape[-1]
+  leaf_rule, scale_rule = ("... (k b)", "... k") if scale_shape[-1] > 1 else ("... c", "... k")
+  ins = [leaf_rule, leaf_rule, scale_rule, leaf_rule, scale_rule] + [""] * len(scalars)
+  ins += [""] * has_word
+  outs = [leaf_rule if k == "leaf" else scale_rule for k in kinds]
+  fn.def_partition(
+    partition,
+    infer_sharding_from_operands=infer,
+    sharding_rule=f"{', '.join(ins)} -> {', '.join(outs)}",
+    **({"b": block} if scale_shape[-1] > 1 else {}),
+  )
+  return fn(g, cm, sm, cn, sn, scalars, *([word] if has_word else []))
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+# ------------------------------------------------------------------ the step
+
+
+def adam_update(
+  g: jax.Array,
+  mu: QuantizedMoment,
+  nu: QuantizedMoment,
+  scalars: AdamScalars,
+  *,
+  nesterov: bool = False,
+  word: jax.Array | None = None,
+  impl: str | None = None,
+) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
+  r"""One Adam step of a leaf whose moments are both 8-bit: the update and the new moments.
+
+  The arithmetic is :func:`adamw_flax.scale_by_adam`'s on the dequantized
+  moments (the update reads the unrounded new moments), and the new moments
+  are requantized as :func:`quantize` does, block by block: the codes equal
+  ``quantize(new moment)``'s bitwise when rounding to nearest. No float32
+  copy of a whole moment is held: on TPU a Pallas kernel requantizes tile by
+  tile in place while the update stays an XLA fusion (``optax.apply_updates``
+  fuses into it); on other platforms a loop over chunks of rows computes
+  everything. Each shard of a sharded leaf runs on its own.
+
+  With ``word`` the codes are rounded stochastically: up or down with the
+  probabilities that make the stored moment unbiased (mu values below the
+  smallest code round to it or to 0 likewise; a positive nu still never
+  rounds to 0). The bits are a hash of each element's global index with
+  ``word``, so they do not depend on how the leaf is sharded or chunked.
+
+  Args:
+    g: the gradient, float32.
+    mu: the first moment.
+    nu: the second moment (same shape and blocks).
+    scalars: the step's :class:`AdamScalars`.
+    nesterov: Nesterov momentum.
+    word: None (round to nearest) or the step's random word for this leaf:
+      ``_mix32`` of 32 bits from the step's key (:func:`moment_word`).
+    impl: None (by platform), ``"loop"``, ``"kernel"`` (the TPU path; off
+      TPU its kernel runs in Pallas interpret mode, for tests) or ``"xla"``
+      (the TPU path of steps traced under a mesh of several devices).
+
+  Returns:
+    ``(update, mu, nu)``: the update in float32, the new moments.
+  """
+  shape = tuple(g.shape)
+  if impl not in (None, "loop", "kernel", "xla"):
+    raise ValueError(f"impl must be None, 'loop', 'kernel' or 'xla', got {impl!r}")
+  interpret = jax.default_backend() != "tpu"  # impl="kernel" off TPU: Pallas interpret mode
+
+  def loop(chunk):
+    def run(g, cm, sm, cn, sn, s, w, rows, col0, affine):
+      return _loop_update(g, cm, sm, cn, sn, s, w, rows, col0, shape[-1], nesterov, chunk)
+
+    return run
+
+  def kernel(g, cm, sm, cn, sn, s, w, rows, col0, affine):
+    local_shape = tuple(g.shape)
+    if not (affine and kernel_supports(local_shape, local_shape[-1] // sm.shape[-1])):
+      return loop(_CHUNK_ELEMENTS)(g, cm, sm, cn, sn, s, w, rows, col0, affine)
+    cols = local_shape[-1]
+    mu_c = _decode(cm, _expand(_factor(sm, MAPS["mu"]), cols), MAPS["mu"])
+    nu_c = _decode(cn, _expand(_factor(sn, MAPS["nu"]), cols), MAPS["nu"])
+    mu_new, nu_new = _moments(g, mu_c, nu_c, s)
+    u = _direction(g, mu_new, nu_new, s, nesterov)
+    new = _kernel_requant(
+      g, cm, sm, cn, sn, s, w, rows[0], col0, shape[-1], impl == "kernel" and interpret
+    )
+    return (u, *new)
+
+  def local(g, cm, sm, cn, sn, s, w, rows, col0, affine):
+    args = (g, cm, sm, cn, sn, s, w, rows, col0)
+    if impl is not None:
+      return (loop(_CHUNK_ELEMENTS) if impl == "loop" else kernel)(*args, affine)
+    whole = math.prod(g.shape)
+    # Chosen per shard, inside the partitioned call (XLA's SPMD partitioner does
+    # not reach a custom partitioning inside a platform conditional). GPUs take
+    # the leaf in one piece: a loop of small fusions would be launch-bound.
+    branch = lambda f: lambda *a: f(*a, affine)
+    return jax.lax.platform_dependent(
+      *args,
+      tpu=branch(kernel),
+      cuda=branch(loop(whole)),
+      rocm=branch(loop(whole)),
+      default=branch(loop(_CHUNK_ELEMENTS)),
+    )
+
+  operands = (g, mu.codes, mu.scale, nu.codes, nu.scale, scalars, word)
+  xla = lambda g, cm, sm, cn, sn, s, w: _xla_update(g, cm, sm, cn, sn, s, w, nesterov)
+  mesh = jax.sharding.get_abstract_mesh()
+  if impl == "xla":
+    out = xla(*operands)
+  elif impl is None and not mesh.empty and mesh.size > 1:
+    # A step traced under a mesh of several devices: on TPU the XLA path
+    # (see _xla_update), elsewhere each shard on its own.
+    out = jax.lax.platform_dependent(
+      *operands, tpu=xla, default=lambda *ops: _per_shard(local, ops)
+    )
+  else:
+    out = _per_shard(local, operands)
+  u, cm, sm, cn, sn = out
+  return u, QuantizedMoment(cm, sm), QuantizedMoment(cn, sn)
+
+
+def leaf_bits(word: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """The 16 random bits per element that ``mu`` and ``nu`` of a leaf round with (:func:`adam_update`'s).
+
+  Args:
+    word: the leaf's :func:`moment_word`.
+    shape: the leaf's shape.
+
+  Returns:
+    ``(bits for mu, bits for nu)``, ``uint32`` arrays of ``shape`` below 2^16.
+  """
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  return _split_bits(_element_bits(index, word))
+
+
+def moment_word(key: jax.Array) -> jax.Array:
+  """The random word :func:`adam_update` rounds a leaf's codes with, from its step's key.
+
+  Args:
+    key: a PRNG key (the seed's, folded in with the step count and the leaf).
+
+  Returns:
+    A ``uint32`` scalar.
+  """
+  return _mix32(jax.random.bits(key, (), jnp.uint32))
 
 
 # ------------------------------------------------------------------ params

@@ -253,7 +253,9 @@ def _peak(cfg) -> float | None:
   return cfg.learning_rate if cfg.weight_decay_mode in ("paper", "adamc") else None
 
 
-def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool, quantize_mask=None):
+def _adam_family(
+  cfg, *, learning_rate, weight_decay_mask, nesterov: bool, quantize_mask=None, rounding_seed=None
+):
   # A mask of decay multipliers (rules with numbers) is a strength per leaf.
   strengths = getattr(weight_decay_mask, "strengths", False)
   return transform.adamw(
@@ -275,26 +277,30 @@ def _adam_family(cfg, *, learning_rate, weight_decay_mask, nesterov: bool, quant
     quantize_block_size=cfg.quantize_block_size,
     quantize_min_size=cfg.quantize_min_size,
     quantize_mask=quantize_mask,
+    moments_rounding=cfg.get("moments_rounding"),
+    rounding_seed=rounding_seed,
   )
 
 
 @register_optimizer("adamw")
-def _adamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None):
+def _adamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None, rounding_seed=None):
   return _adam_family(
     cfg,
     learning_rate=learning_rate,
     weight_decay_mask=weight_decay_mask,
     nesterov=cfg.nesterov,
     quantize_mask=quantize_mask,
+    rounding_seed=rounding_seed,
   )
 
 
 @register_optimizer("nadamw")
-def _nadamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None):
+def _nadamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None, rounding_seed=None):
   return _adam_family(
     cfg,
     learning_rate=learning_rate,
     weight_decay_mask=weight_decay_mask,
     nesterov=True,
     quantize_mask=quantize_mask,
+    rounding_seed=rounding_seed,
   )

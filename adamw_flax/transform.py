@@ -48,6 +48,10 @@ __all__ = [
 
 WeightDecayMode = Literal["lr", "paper", "adamc"]
 _WEIGHT_DECAY_MODES = ("lr", "paper", "adamc")
+# How 8-bit moments round when stored (scale_by_adam's moments_rounding).
+MOMENTS_ROUNDINGS = ("nearest", "stochastic")
+# fold_in constant that separates the moments' rounding bits from round_params'.
+_MOMENTS_STREAM = 0x6D6F6D
 
 
 def _canonical_dtype(dtype: Any, name: str) -> jnp.dtype | None:
@@ -131,6 +135,8 @@ def scale_by_adam(
   quantize_block_size: int | None = None,
   quantize_min_size: int | None = None,
   quantize_mask: Any = None,
+  moments_rounding: str | None = None,
+  rounding_seed: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's bias-corrected moments, computed in float32 or wider.
 
@@ -211,6 +217,14 @@ def scale_by_adam(
     quantize_mask: which leaves may be quantized (a tree of booleans like
       the params, or a callable ``params -> tree``); None: all. The others
       keep float32 moments (e.g. embeddings, as bitsandbytes does).
+    moments_rounding: how 8-bit moments round when stored: ``"stochastic"``
+      (None: unbiased, so a moment that should move by less than half its
+      code spacing per step, as ``b2=0.999``'s 0.1% steps do, moves on
+      average instead of stalling; see :func:`adamw_flax.quantize.adam_update`
+      and benchmarks/RESULTS.md) or ``"nearest"``. The bits are a function of
+      ``rounding_seed``, the step count and the leaf, so a resumed run rounds
+      as the uninterrupted one.
+    rounding_seed: seed of the stochastic rounding; None: 0.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is an
@@ -241,6 +255,13 @@ def scale_by_adam(
   quantize_min_size = 4096 if quantize_min_size is None else quantize_min_size
   if quantize_block_size < 16:
     raise ValueError(f"quantize_block_size={quantize_block_size} must be >= 16")
+  moments_rounding = "stochastic" if moments_rounding is None else moments_rounding
+  if moments_rounding not in MOMENTS_ROUNDINGS:
+    raise ValueError(
+      f"moments_rounding must be one of {MOMENTS_ROUNDINGS}, got {moments_rounding!r}"
+    )
+  # The stochastic rounding's stream, apart from round_params' (same seed).
+  moments_key = jax.random.fold_in(jax.random.key(rounding_seed or 0), _MOMENTS_STREAM)
   for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
     _check_hyperparameter(name, value)
 
@@ -279,8 +300,9 @@ def scale_by_adam(
     bc1 = 1 - b1**count_inc
     bc2 = 1 - b2**count_inc
     bc1_next = 1 - b1 ** optax.safe_increment(count_inc) if nesterov else None
+    step_key = jax.random.fold_in(moments_key, count_inc)
 
-    def leaf(g, mu, nu, p):
+    def leaf(g, mu, nu, p, index):
       if g is None:
         return None, mu, nu
       # 16-bit params (with gradients widened to float32 before the chain, as
@@ -292,6 +314,17 @@ def scale_by_adam(
       exact_optax = not (narrow_grad or update_from_stored_moments)
       q_mu, q_nu = quantize.is_quantized(mu), quantize.is_quantized(nu)
       g_c = _upcast(g).astype(jnp.float32) if q_mu or q_nu else _upcast(g)
+      word = None
+      if moments_rounding == "stochastic" and (q_mu or q_nu):
+        word = quantize.moment_word(jax.random.fold_in(step_key, index))
+      if q_mu and q_nu:
+        # Both 8-bit: block by block, without float32 copies of the moments
+        # (the same arithmetic as below, the same codes).
+        scalars = quantize.adam_scalars(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
+        u, mu_store, nu_store = quantize.adam_update(
+          g_c, mu, nu, scalars, nesterov=nesterov, word=word
+        )
+        return u.astype(g.dtype), mu_store, nu_store
       # 8-bit moments are dequantized to float32 and the update computed there;
       # XLA fuses dequantize, update and requantize into the step.
       if q_mu:
@@ -306,8 +339,13 @@ def scale_by_adam(
       mu_new = (1 - b1) * g_c + b1 * mu_c
       g_sq = g_c**2 if jnp.isrealobj(g_c) else (g_c.conj() * g_c).real
       nu_new = (1 - b2) * g_sq + b2 * nu_c
-      mu_store = quantize.quantize(mu_new, "mu", mu.block) if q_mu else mu_new.astype(mu.dtype)
-      nu_store = quantize.quantize(nu_new, "nu", nu.block) if q_nu else nu_new.astype(nu.dtype)
+      bits_mu, bits_nu = (None, None) if word is None else quantize.leaf_bits(word, g.shape)
+      mu_store = (
+        quantize.quantize(mu_new, "mu", mu.block, bits_mu) if q_mu else mu_new.astype(mu.dtype)
+      )
+      nu_store = (
+        quantize.quantize(nu_new, "nu", nu.block, bits_nu) if q_nu else nu_new.astype(nu.dtype)
+      )
       # Which moments the update reads. optax reads the unrounded ones
       # (promoted to float32 for float32 params), so the default does too,
       # and float32 storage makes the choice moot. With 16-bit params, or on
@@ -338,7 +376,8 @@ def scale_by_adam(
     nu_leaves = treedef.flatten_up_to(state.nu)
     p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
     out = [
-      leaf(g, m, v, p) for g, m, v, p in zip(g_leaves, mu_leaves, nu_leaves, p_leaves, strict=True)
+      leaf(g, m, v, p, i)
+      for i, (g, m, v, p) in enumerate(zip(g_leaves, mu_leaves, nu_leaves, p_leaves, strict=True))
     ]
     new_updates = treedef.unflatten([o[0] for o in out])
     mu = treedef.unflatten([o[1] for o in out])
@@ -673,6 +712,7 @@ def adamw(
   quantize_mask: Any | Callable[[optax.Params], Any] | None = None,
   params_rounding: str | None = None,
   rounding_seed: int | None = None,
+  moments_rounding: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay; a drop-in for :func:`optax.adamw`.
 
@@ -787,7 +827,10 @@ def adamw(
       ``"stochastic"``, ``"kahan"`` or ``"nearest"`` (:func:`round_params`,
       appended to the chain: its state is a fourth element). None (default):
       optax's chain of three.
-    rounding_seed: seed of ``params_rounding="stochastic"``; None: 0.
+    rounding_seed: seed of ``params_rounding="stochastic"`` and of
+      ``moments_rounding="stochastic"`` (separate streams); None: 0.
+    moments_rounding: with 8-bit moments, ``"stochastic"`` (None) or
+      ``"nearest"`` rounding of the stored codes: see :func:`scale_by_adam`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is optax's:
@@ -870,6 +913,8 @@ def adamw(
       quantize_block_size=quantize_block_size,
       quantize_min_size=quantize_min_size,
       quantize_mask=quantize_mask,
+      moments_rounding=moments_rounding,
+      rounding_seed=rounding_seed,
     ),
     decay,
     optax.scale_by_learning_rate(learning_rate),
