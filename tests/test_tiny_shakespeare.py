@@ -535,3 +535,36 @@ def test_pytorch_twin_trains_and_writes_rows_like_ours(tmp_path):
   assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20, 30]
   assert rows[-1]["split"] == "final" and rows[-1]["loss"] == summary["final_val"]
   assert rows[-1]["loss"] < rows[0]["loss"]  # it learns
+
+
+@pytest.mark.parametrize(
+  "options, tol",
+  [
+    ({"attention": "dot_product"}, 2e-5),
+    ({"attention": "splash"}, 2e-5),  # the Pallas TPU kernel, interpreted on CPU
+    ({"attention_dtype": "bfloat16"}, 2e-2),
+    ({"remat": "full"}, 1e-6),
+    ({"remat": "dots"}, 1e-6),
+  ],
+)
+def test_attention_kernels_and_remat_compute_the_same_loss_and_gradients(options, tol):
+  # T=128: the splash kernel's tiles are whole 128-lane vectors.
+  cfg = dict(num_layers=2, num_heads=2, embed_dim=32, max_len=128)
+  batch = {"inputs": _tokens((2, 128)), "targets": _tokens((2, 128), seed=1)}
+  grads = nnx.jit(nnx.grad(lambda m, b: model.lm_loss(m, b, train=True)[0]))
+  ref, other = _tiny(**cfg), _tiny(**cfg, **options)
+  loss_ref, loss = (float(_loss(m, batch, train=True)[0]) for m in (ref, other))
+  assert abs(loss - loss_ref) <= tol * abs(loss_ref)
+  g_ref = jax.tree.leaves(nnx.state(grads(ref, batch)))
+  g = jax.tree.leaves(nnx.state(grads(other, batch)))
+  scale = max(float(jnp.max(jnp.abs(x))) for x in g_ref)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g, g_ref, strict=True)) <= 50 * tol * scale
+
+
+def test_bad_attention_options_name_the_key():
+  with pytest.raises(ValueError, match="model.attention='flash'; accepted: einsum"):
+    _tiny(attention="flash")
+  with pytest.raises(ValueError, match="model.remat='some'"):
+    _tiny(remat="some")
+  with pytest.raises(ValueError, match="no dropout on the attention weights"):
+    _tiny(attention="dot_product", dropout=0.1)

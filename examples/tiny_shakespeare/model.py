@@ -32,6 +32,16 @@ from jax import lax
 from adamw_flax.registry import register_model
 
 DTYPES = ("float32", "bfloat16")
+# model.attention: the einsum attention below (the CPU path); jax.nn.dot_product_attention;
+# the Pallas TPU splash-attention kernel (MaxText's), interpreted off TPU.
+ATTENTIONS = ("einsum", "dot_product", "splash")
+# model.remat: what each block keeps for the backward pass: everything; nothing
+# (jax.checkpoint of the block); the outputs of its dense matmuls only.
+REMATS = ("none", "full", "dots")
+# The splash kernel's tile: blocks of 512 (MaxText's default) or the whole sequence if shorter;
+# its tiles are multiples of 128, so other sequence lengths take the einsum path.
+_SPLASH_BLOCK = 512
+_SPLASH_LANES = 128
 # PyTorch's LayerNorm epsilon, which nanoGPT (the reference) uses.
 _LN_EPS = 1e-5
 
@@ -112,6 +122,96 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def _platform() -> str:
+  """The platform being compiled for: the current mesh's devices (a TPU topology compiled
+  ahead of time from a CPU machine), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _batch_axes(batch: int) -> tuple[str, ...]:
+  """The current mesh's axes (in order) whose sizes together divide ``batch``: the batch's split.
+
+  The trainer splits a batch over ``mesh.data_axes``, which for a model without tensor
+  parallelism are the mesh's axes; a kernel in ``shard_map`` over the same axes runs on each
+  chip's own rows with no communication.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes, size = [], 1
+  for name, n in [] if mesh.empty else mesh.shape.items():
+    if n > 1 and batch % (size * n) == 0:
+      axes.append(name)
+      size *= n
+  return tuple(axes)
+
+
+def _splash(q_BxHxTxK: jax.Array, k_BxHxTxK: jax.Array, v_BxHxTxK: jax.Array) -> jax.Array:
+  """Causal attention by the Pallas TPU splash-attention kernel (q already scaled)."""
+  # Imported here, not at the top: 0.4 s of import for every CPU run that never uses it.
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # noqa: PLC0415
+
+  _, h, t, _ = q_BxHxTxK.shape
+  blk = min(_SPLASH_BLOCK, t)
+  sizes = sa.BlockSizes(
+    block_q=blk,
+    block_kv=blk,
+    block_kv_compute=blk,
+    block_q_dkv=blk,
+    block_kv_dkv=blk,
+    block_kv_dkv_compute=blk,
+    block_q_dq=blk,
+    block_kv_dq=blk,
+  )
+  mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(h)])
+  kernel = sa.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=_platform() != "tpu"
+  )
+  attend = jax.vmap(kernel)  # the kernel takes one sequence: [H, T, K]
+  axes = _batch_axes(q_BxHxTxK.shape[0])
+  if axes:  # a Pallas kernel is not partitioned by XLA: run it on each chip's own sequences
+    spec = jax.P(axes)
+    attend = jax.shard_map(attend, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  return attend(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK)
+
+
+def attention(
+  q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, *, kind: str, dtype: str
+) -> jax.Array:
+  """Causal softmax attention by ``model.attention``'s kernel, without dropout.
+
+  The same function as :class:`CausalSelfAttention`'s einsum path: scores scaled by
+  1/sqrt(head size), a float32 softmax over the keys up to each query.
+
+  Args:
+    q_BxTxHxK: queries ``[B, T, H, K]``; ``k_BxTxHxK``, ``v_BxTxHxK`` keys and values.
+    k_BxTxHxK: keys.
+    v_BxTxHxK: values.
+    kind: "einsum", "dot_product" (``jax.nn.dot_product_attention``: XLA's
+      on CPU and TPU, cuDNN's on GPU where it applies) or "splash" (the Pallas
+      TPU kernel; interpreted on other platforms, slowly: for tests).
+    dtype: the dtype of q, k, v and the probabilities in the two matmuls
+      ("float32" or "bfloat16"); they accumulate in float32.
+
+  Returns:
+    float32 ``[B, T, H, K]``.
+  """
+  t, scale = q_BxTxHxK.shape[1], 1.0 / math.sqrt(q_BxTxHxK.shape[-1])
+  q, k, v = (x.astype(dtype) for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK))
+  if kind == "splash" and t % _SPLASH_LANES == 0:
+    heads_first = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
+    y = _splash(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v))
+    return heads_first(y).astype(jnp.float32)
+  if kind == "dot_product":
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True).astype(jnp.float32)
+  s_BxHxTxT = jnp.einsum(
+    "bqhk,bshk->bhqs", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32
+  )
+  s_BxHxTxT = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s_BxHxTxT, -1e30)
+  p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1).astype(dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", p_BxHxTxT, v, preferred_element_type=jnp.float32)
+
+
 class CausalSelfAttention(nnx.Module):
   """Multi-head causal self-attention with one fused QKV projection.
 
@@ -123,6 +223,9 @@ class CausalSelfAttention(nnx.Module):
     residual_std: init std of the output projection.
     dtype: matmul dtype of the projections ("float32" or "bfloat16").
     rngs: parameter (and dropout) RNG streams.
+    attention: the kernel (:data:`ATTENTIONS`); "einsum" with ``attention_dtype``
+      "float32" is the code below, the others :func:`attention`.
+    attention_dtype: dtype of the attention matmuls' inputs ("float32" or "bfloat16").
   """
 
   def __init__(
@@ -134,8 +237,12 @@ class CausalSelfAttention(nnx.Module):
     residual_std: float,
     dtype: str,
     rngs: nnx.Rngs,
+    attention: str = "einsum",
+    attention_dtype: str = "float32",
   ):
     self.num_heads = num_heads
+    self.attention = attention
+    self.attention_dtype = attention_dtype
     self.qkv = _linear(embed_dim, 3 * embed_dim, 0.02, dtype, rngs)
     self.proj = _linear(embed_dim, embed_dim, residual_std, dtype, rngs)
     self.attn_dropout = _dropout(dropout, rngs)
@@ -149,6 +256,9 @@ class CausalSelfAttention(nnx.Module):
     b, t, h = n // seq_len, seq_len, self.num_heads
     qkv_BxTx3xHxK = self.qkv(x_NxD).reshape(b, t, 3, h, d // h)
     q, k, v = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
+    if (self.attention, self.attention_dtype) != ("einsum", "float32"):
+      y_NxD = attention(q, k, v, kind=self.attention, dtype=self.attention_dtype).reshape(n, d)
+      return self.dropout(self.proj(y_NxD), deterministic=deterministic)
     # Einsum attention rather than jax.nn.dot_product_attention: its XLA path
     # took 2x longer forward + backward on CPU at this size (measured).
     s_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q * (1.0 / math.sqrt(d // h)), k)
@@ -185,10 +295,19 @@ class Block(nnx.Module):
     residual_std: float,
     dtype: str,
     rngs: nnx.Rngs,
+    attention: str = "einsum",
+    attention_dtype: str = "float32",
   ):
     self.ln1 = _layer_norm(embed_dim, rngs)
     self.attn = CausalSelfAttention(
-      embed_dim, num_heads, dropout=dropout, residual_std=residual_std, dtype=dtype, rngs=rngs
+      embed_dim,
+      num_heads,
+      dropout=dropout,
+      residual_std=residual_std,
+      dtype=dtype,
+      rngs=rngs,
+      attention=attention,
+      attention_dtype=attention_dtype,
     )
     self.ln2 = _layer_norm(embed_dim, rngs)
     self.mlp = MLP(embed_dim, dropout=dropout, residual_std=residual_std, dtype=dtype, rngs=rngs)
@@ -215,6 +334,15 @@ class CharTransformer(nnx.Module):
     tie_embeddings: the output layer is the token embedding's transpose.
     dtype: "float32", or "bfloat16" for bfloat16 matmuls with float32
       accumulation (parameters stay float32).
+    attention: the attention kernel, one of :data:`ATTENTIONS` ("splash": the
+      Pallas TPU kernel, for sequence lengths that are multiples of 128; no
+      dropout on the attention weights, nor with "dot_product").
+    attention_dtype: "float32", or "bfloat16" for the attention matmuls'
+      inputs (scores and softmax stay float32).
+    remat: what each block keeps for the backward pass, one of :data:`REMATS`:
+      "none" keeps every activation; "full" recomputes the block
+      (``nnx.remat``); "dots" keeps only the dense matmuls' outputs
+      (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
     rngs: RNG streams: ``params`` (or ``default``) for init, ``dropout`` (or
       ``default``) for dropout when ``dropout > 0``.
 
@@ -238,6 +366,9 @@ class CharTransformer(nnx.Module):
     dropout: float = 0.0,
     tie_embeddings: bool = True,
     dtype: str = "float32",
+    attention: str = "einsum",
+    attention_dtype: str = "float32",
+    remat: str = "none",
     rngs: nnx.Rngs,
   ):
     if embed_dim % num_heads:
@@ -248,6 +379,19 @@ class CharTransformer(nnx.Module):
       raise ValueError(f"model.dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+    for key, value, accepted in (
+      ("attention", attention, ATTENTIONS),
+      ("attention_dtype", attention_dtype, DTYPES),
+      ("remat", remat, REMATS),
+    ):
+      if value not in accepted:
+        raise ValueError(f"model.{key}={value!r}; accepted: {', '.join(accepted)}")
+    if dropout > 0 and attention != "einsum":
+      raise ValueError(
+        f"model.attention={attention!r} has no dropout on the attention weights; "
+        "set model.dropout=0 or model.attention='einsum'"
+      )
+    self.remat = remat
     self.vocab_size = vocab_size
     self.max_len = max_len
     self.dtype = dtype
@@ -269,6 +413,8 @@ class CharTransformer(nnx.Module):
           residual_std=residual_std,
           dtype=dtype,
           rngs=rngs,
+          attention=attention,
+          attention_dtype=attention_dtype,
         )
         for _ in range(num_layers)
       ]
@@ -295,6 +441,9 @@ class CharTransformer(nnx.Module):
     # (2x slower backward, measured).
     x_NxD = self.dropout(x_BxTxD.reshape(b * t, -1), deterministic=deterministic)
     for block in self.blocks:
+      if self.remat != "none":
+        x_NxD = _remat_block(block, x_NxD, t, deterministic, self.remat)
+        continue
       x_NxD = block(x_NxD, seq_len=t, deterministic=deterministic)
     x_NxD = self.ln_f(x_NxD)
     if self.head is None:
@@ -302,6 +451,15 @@ class CharTransformer(nnx.Module):
     else:
       logits_NxV = self.head(x_NxD)
     return logits_NxV.reshape(b, t, -1)
+
+
+def _remat_block(
+  block: Block, x_NxD: jax.Array, seq_len: int, deterministic: bool | None, remat: str
+) -> jax.Array:
+  """``block(x_NxD)`` under ``nnx.remat`` with ``model.remat``'s policy."""
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  run = nnx.remat(lambda b, x: b(x, seq_len=seq_len, deterministic=deterministic), policy=policy)
+  return run(block, x_NxD)
 
 
 def lm_loss(
@@ -408,14 +566,30 @@ def generate(
   return out.reshape(*prompt.shape[:-1], -1)
 
 
-@register_model("char_transformer", loss=lm_loss)
+# The model section's keys (beside name): a typo in one is a config error with a "did you mean".
+CONFIG_FIELDS = (
+  "num_layers",
+  "num_heads",
+  "embed_dim",
+  "max_len",
+  "dropout",
+  "tie_embeddings",
+  "dtype",
+  "attention",  # attention kernel: "einsum" (default, the CPU path), "dot_product", "splash"
+  "attention_dtype",  # attention matmuls' inputs: "float32" (default) or "bfloat16"
+  "remat",  # per block: "none" (default, keep activations), "full", "dots" (keep matmuls)
+)
+
+
+@register_model("char_transformer", loss=lm_loss, config_fields=CONFIG_FIELDS)
 def build(cfg: Any, *, rngs: nnx.Rngs, data_info: dict[str, Any]) -> CharTransformer:
   """Builds a :class:`CharTransformer` from ``config.model``.
 
   Args:
     cfg: the ``model`` section: ``num_layers``, ``num_heads``, ``embed_dim``,
       ``max_len``, ``dropout``, ``tie_embeddings``, ``dtype`` ("float32" or
-      "bfloat16").
+      "bfloat16"); optional ``attention``, ``attention_dtype``, ``remat`` (see
+      :class:`CharTransformer`; absent keys take the defaults).
     rngs: RNG streams for parameters (and dropout).
     data_info: the dataset's ``info``; ``vocab_size`` is read from it.
 
@@ -435,5 +609,8 @@ def build(cfg: Any, *, rngs: nnx.Rngs, data_info: dict[str, Any]) -> CharTransfo
     dropout=cfg.dropout,
     tie_embeddings=cfg.tie_embeddings,
     dtype=cfg.dtype,
+    attention=cfg.get("attention", "einsum"),
+    attention_dtype=cfg.get("attention_dtype", "float32"),
+    remat=cfg.get("remat", "none"),
     rngs=rngs,
   )
