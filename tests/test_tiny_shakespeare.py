@@ -558,7 +558,9 @@ def test_attention_kernels_and_remat_compute_the_same_loss_and_gradients(options
   g_ref = jax.tree.leaves(nnx.state(grads(ref, batch)))
   g = jax.tree.leaves(nnx.state(grads(other, batch)))
   scale = max(float(jnp.max(jnp.abs(x))) for x in g_ref)
-  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g, g_ref, strict=True)) <= 50 * tol * scale
+  assert (
+    max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g, g_ref, strict=True)) <= 50 * tol * scale
+  )
 
 
 def test_bad_attention_options_name_the_key():
