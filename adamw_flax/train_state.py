@@ -464,6 +464,52 @@ def _check_has_params(target: masks.Target, module: nnx.Module) -> None:
   raise ValueError(f"the model {type(module).__name__} has no nnx.Param to train{hint}")
 
 
+def _resolve_model(model: Any, seed: int, example_inputs: tuple[Any, ...] | None):
+  """``(build, module, target, types)`` of a module, a factory or a Linen module.
+
+  ``build()`` makes the module (its params from ``seed``); ``module`` is the
+  module itself or, for a factory, its abstract form (``jax.eval_shape``), with
+  the classes of any Linen modules recorded as they initialise; ``target`` is
+  what mask rules match against; ``types`` the module-type target.
+  """
+  if isinstance(model, nnx.Module):
+    return (lambda: model), model, model, masks.module_target(model)
+  if not (callable(model) or _is_linen(model)):
+    raise TypeError(
+      "create_train_state takes an nnx.Module, a factory rngs -> module, or a Linen module; "
+      f"got {type(model).__name__}"
+    )
+  factory = (lambda rngs: model) if _is_linen(model) else model
+
+  def build():
+    out = factory(nnx.Rngs(seed))
+    if _is_linen(out):
+      out = _bridge(out, example_inputs, nnx.Rngs(seed))
+    return out
+
+  # Placement comes from jit's out_shardings; eager sharding would need a
+  # mesh context for every annotated variable (flax 0.12).
+  with nnx.use_eager_sharding(False), masks.LinenTypeRecorder() as recorder:
+    module = _abstract_module(build)
+  types = masks.module_target(module, recorder.calls)
+  # With Linen parts, their classes are in `types`, not in the module.
+  return build, module, (types if recorder.calls else module), types
+
+
+def _frozen_paths(target: Any, rules: Any) -> frozenset[str]:
+  """The param paths ``optimizer.freeze`` selects (none may be all of them)."""
+  if not rules:
+    return frozenset()
+  try:
+    values = masks.path_values(target, rules, default=False, what="freeze")
+  except ValueError as e:
+    raise ValueError(f"optimizer.freeze: {e}") from None
+  frozen = frozenset(p for p, v in values.items() if v)
+  if len(frozen) == len(values):
+    raise ValueError("optimizer.freeze: selects every parameter; nothing would be trained")
+  return frozen
+
+
 def state_factory(
   model: nnx.Module | Callable[[nnx.Rngs], Any] | linen.Module,
   config: Any,
@@ -498,44 +544,10 @@ def state_factory(
   run = plan.make_plan(config)
   seed = run.trainer.seed
   concrete = isinstance(model, nnx.Module)
-  if concrete:
-    module = model
-    build = lambda: module
-    target = module
-    types = masks.module_target(module)
-  elif callable(model) or _is_linen(model):
-    factory = (lambda rngs: model) if _is_linen(model) else model
-
-    def build():
-      out = factory(nnx.Rngs(seed))
-      if _is_linen(out):
-        out = _bridge(out, example_inputs, nnx.Rngs(seed))
-      return out
-
-    # Placement comes from jit's out_shardings; eager sharding would need a
-    # mesh context for every annotated variable (flax 0.12).
-    with nnx.use_eager_sharding(False), masks.LinenTypeRecorder() as recorder:
-      module = _abstract_module(build)
-    types = masks.module_target(module, recorder.calls)
-    # With Linen parts, their classes are in `types`, not in the module.
-    target = types if recorder.calls else module
-  else:
-    raise TypeError(
-      "create_train_state takes an nnx.Module, a factory rngs -> module, or a Linen module; "
-      f"got {type(model).__name__}"
-    )
+  build, module, target, types = _resolve_model(model, seed, example_inputs)
   _check_has_params(types, module)
   module_types = dataclasses.replace(types, entries=[])
-
-  frozen_paths: frozenset[str] = frozenset()
-  if run.optimizer.freeze:
-    try:
-      values = masks.path_values(target, run.optimizer.freeze, default=False, what="freeze")
-    except ValueError as e:
-      raise ValueError(f"optimizer.freeze: {e}") from None
-    frozen_paths = frozenset(p for p, v in values.items() if v)
-    if len(frozen_paths) == len(values):
-      raise ValueError("optimizer.freeze: selects every parameter; nothing would be trained")
+  frozen_paths = _frozen_paths(target, run.optimizer.freeze)
 
   opt = optim.optimizer_from_config(run.optimizer, target=target, seed=seed)
   params_dtype = run.optimizer.section.params_dtype

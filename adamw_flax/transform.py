@@ -265,31 +265,14 @@ def scale_by_adam(
   for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
     _check_hyperparameter(name, value)
 
-  def moments(params: optax.Params, fmt: Any, kind: str) -> Any:
-    if fmt != "int8":
-      # optax.tree.zeros_like, as optax's init, so leaves and dtypes match.
-      return optax.tree.zeros_like(params, dtype=fmt)
-    allowed = jax.tree.map(lambda _: True, params) if quantize_mask is None else quantize_mask
-    if callable(allowed):
-      allowed = allowed(params)
-
-    def leaf(p, ok):
-      shape = tuple(np.shape(p))
-      block = quantize.block_size_for(shape, quantize_block_size)
-      if (
-        ok
-        and block is not None
-        and jnp.issubdtype(p.dtype, jnp.floating)
-        and math.prod(shape) >= quantize_min_size
-      ):
-        return quantize.zeros(shape, kind, block)
-      return jnp.zeros(shape, jnp.float32)  # kept in float32
-
-    return jax.tree.map(leaf, params, allowed)
+  step_rule = _AdamRule(
+    b1, b2, eps, eps_root, nesterov, update_from_stored_moments, moments_rounding == "stochastic"
+  )
 
   def init_fn(params: optax.Params) -> optax.ScaleByAdamState:
-    mu = moments(params, mu_dtype, "mu")
-    nu = moments(params, nu_dtype, "nu")
+    sizes = (quantize_mask, quantize_block_size, quantize_min_size)
+    mu = _init_moments(params, mu_dtype, "mu", *sizes)
+    nu = _init_moments(params, nu_dtype, "nu", *sizes)
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_fn(
@@ -302,89 +285,140 @@ def scale_by_adam(
     bc1_next = 1 - b1 ** optax.safe_increment(count_inc) if nesterov else None
     step_key = jax.random.fold_in(moments_key, count_inc)
 
-    def leaf(g, mu, nu, p, index):
-      if g is None:
-        return None, mu, nu
-      # 16-bit params (with gradients widened to float32 before the chain, as
-      # the trainer does for bfloat16 params) take the 16-bit path too.
-      narrow_grad = _is_narrow(g.dtype) or (p is not None and _is_narrow(p.dtype))
-      # Float32 params (and the opt-out of the flag) take optax's arithmetic:
-      # b1 * mu in mu's own dtype, promoted by the add. 16-bit params, and the
-      # flag, widen mu first so b1 is not rounded to 16 bits.
-      exact_optax = not (narrow_grad or update_from_stored_moments)
-      q_mu, q_nu = quantize.is_quantized(mu), quantize.is_quantized(nu)
-      g_c = _upcast(g).astype(jnp.float32) if q_mu or q_nu else _upcast(g)
-      word = None
-      if moments_rounding == "stochastic" and (q_mu or q_nu):
-        word = quantize.moment_word(jax.random.fold_in(step_key, index))
-      if q_mu and q_nu:
-        # Both 8-bit: block by block, without float32 copies of the moments
-        # (the same arithmetic as below, the same codes).
-        scalars = quantize.adam_scalars(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
-        u, mu_store, nu_store = quantize.adam_update(
-          g_c, mu, nu, scalars, nesterov=nesterov, word=word
-        )
-        return u.astype(g.dtype), mu_store, nu_store
-      # 8-bit moments are dequantized to float32 and the update computed there;
-      # XLA fuses dequantize, update and requantize into the step.
-      if q_mu:
-        mu_c = quantize.dequantize(mu)
-      else:
-        mu_c = mu if exact_optax else _upcast(mu)
-      # nu is always widened: a 16-bit nu is our nu_dtype, not an optax option,
-      # and b2=0.999 would round to 1.0 in bfloat16 (optax#1414).
-      nu_c = quantize.dequantize(nu) if q_nu else _upcast(nu)
-      # optax's expressions and operand order (tree.update_moment and
-      # tree.update_moment_per_elem_norm).
-      mu_new = (1 - b1) * g_c + b1 * mu_c
-      g_sq = g_c**2 if jnp.isrealobj(g_c) else (g_c.conj() * g_c).real
-      nu_new = (1 - b2) * g_sq + b2 * nu_c
-      bits_mu, bits_nu = (None, None) if word is None else quantize.leaf_bits(word, g.shape)
-      mu_store = (
-        quantize.quantize(mu_new, "mu", mu.block, bits_mu) if q_mu else mu_new.astype(mu.dtype)
-      )
-      nu_store = (
-        quantize.quantize(nu_new, "nu", nu.block, bits_nu) if q_nu else nu_new.astype(nu.dtype)
-      )
-      # Which moments the update reads. optax reads the unrounded ones
-      # (promoted to float32 for float32 params), so the default does too,
-      # and float32 storage makes the choice moot. With 16-bit params, or on
-      # request, the stored (rounded) ones are read where their dtype has
-      # float32's exponent range (bfloat16): then the update depends on the new
-      # state alone, and XLA need not keep the old mu alive past its in-place
-      # overwrite, which with donated state costs a copy of every mu leaf
-      # (benchmarks/RESULTS.md). float16 storage would flush small second
-      # moments to zero and the update to inf, so it keeps the unrounded ones.
-      # 8-bit moments: the update reads the unrounded values (computed anyway).
-      from_stored = not exact_optax
-      stored = lambda q, m: from_stored and not q and _wide_exponent(m.dtype)
-      mu_used = _upcast(mu_store) if stored(q_mu, mu) else mu_new
-      nu_used = _upcast(nu_store) if stored(q_nu, nu) else nu_new
-      if nesterov:
-        mu_hat = b1 * (mu_used / bc1_next.astype(mu_used.dtype)) + (1 - b1) * (
-          g_c / bc1.astype(g_c.dtype)
-        )
-      else:
-        mu_hat = mu_used / bc1.astype(mu_used.dtype)
-      nu_hat = nu_used / bc2.astype(nu_used.dtype)
-      u = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
-      return u.astype(g.dtype), mu_store, nu_store
-
     is_none = lambda x: x is None
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
     p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
-    out = [
-      leaf(g, m, v, p, i)
-      for i, (g, m, v, p) in enumerate(zip(g_leaves, mu_leaves, nu_leaves, p_leaves, strict=True))
-    ]
+    out = []
+    for i, (g, m, v, p) in enumerate(zip(g_leaves, mu_leaves, nu_leaves, p_leaves, strict=True)):
+      eight_bit = quantize.is_quantized(m) or quantize.is_quantized(v)
+      word = None  # the leaf's stochastic-rounding bits: of the seed, the count and the leaf
+      if step_rule.stochastic and eight_bit and g is not None:
+        word = quantize.moment_word(jax.random.fold_in(step_key, i))
+      out.append(_adam_leaf(step_rule, (bc1, bc2, bc1_next), g, m, v, p, word))
     new_updates = treedef.unflatten([o[0] for o in out])
     mu = treedef.unflatten([o[1] for o in out])
     nu = treedef.unflatten([o[2] for o in out])
     return new_updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _init_moments(
+  params: optax.Params, fmt: Any, kind: str, quantize_mask: Any, block_size: int, min_size: int
+) -> Any:
+  """One moment's initial tree: zeros in ``fmt``, or 8-bit where a leaf may and can be quantized."""
+  if fmt != "int8":
+    # optax.tree.zeros_like, as optax's init, so leaves and dtypes match.
+    return optax.tree.zeros_like(params, dtype=fmt)
+  allowed = jax.tree.map(lambda _: True, params) if quantize_mask is None else quantize_mask
+  if callable(allowed):
+    allowed = allowed(params)
+
+  def leaf(p, ok):
+    shape = tuple(np.shape(p))
+    block = quantize.block_size_for(shape, block_size)
+    if (
+      ok
+      and block is not None
+      and jnp.issubdtype(p.dtype, jnp.floating)
+      and math.prod(shape) >= min_size
+    ):
+      return quantize.zeros(shape, kind, block)
+    return jnp.zeros(shape, jnp.float32)  # kept in float32
+
+  return jax.tree.map(leaf, params, allowed)
+
+
+class _AdamRule(NamedTuple):
+  """scale_by_adam's static settings, as one leaf's step reads them."""
+
+  b1: float
+  b2: float
+  eps: float
+  eps_root: float
+  nesterov: bool
+  update_from_stored_moments: bool
+  stochastic: bool  # 8-bit moments rounded stochastically
+
+
+def _adam_leaf(rule: _AdamRule, corrections: tuple, g, mu, nu, p, word):
+  """One leaf's Adam step: ``(update, stored mu, stored nu)``.
+
+  ``corrections`` are ``(1 - b1**t, 1 - b2**t, 1 - b1**(t+1) or None)``;
+  ``word`` is None or the leaf's stochastic-rounding word (8-bit moments).
+  """
+  if g is None:
+    return None, mu, nu
+  b1, b2, eps, eps_root = rule.b1, rule.b2, rule.eps, rule.eps_root
+  bc1, bc2, bc1_next = corrections
+  # 16-bit params (with gradients widened to float32 before the chain, as
+  # the trainer does for bfloat16 params) take the 16-bit path too.
+  narrow_grad = _is_narrow(g.dtype) or (p is not None and _is_narrow(p.dtype))
+  # Float32 params (and the opt-out of the flag) take optax's arithmetic:
+  # b1 * mu in mu's own dtype, promoted by the add. 16-bit params, and the
+  # flag, widen mu first so b1 is not rounded to 16 bits.
+  exact_optax = not (narrow_grad or rule.update_from_stored_moments)
+  q_mu, q_nu = quantize.is_quantized(mu), quantize.is_quantized(nu)
+  g_c = _upcast(g).astype(jnp.float32) if q_mu or q_nu else _upcast(g)
+  if q_mu and q_nu:
+    # Both 8-bit: block by block, without float32 copies of the moments
+    # (the same arithmetic as below, the same codes).
+    scalars = quantize.adam_scalars(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
+    u, mu_store, nu_store = quantize.adam_update(
+      g_c, mu, nu, scalars, nesterov=rule.nesterov, word=word
+    )
+    return u.astype(g.dtype), mu_store, nu_store
+  # 8-bit moments are dequantized to float32 and the update computed there;
+  # XLA fuses dequantize, update and requantize into the step.
+  if q_mu:
+    mu_c = quantize.dequantize(mu)
+  else:
+    mu_c = mu if exact_optax else _upcast(mu)
+  # nu is always widened: a 16-bit nu is our nu_dtype, not an optax option,
+  # and b2=0.999 would round to 1.0 in bfloat16 (optax#1414).
+  nu_c = quantize.dequantize(nu) if q_nu else _upcast(nu)
+  # optax's expressions and operand order (tree.update_moment and
+  # tree.update_moment_per_elem_norm).
+  mu_new = (1 - b1) * g_c + b1 * mu_c
+  g_sq = g_c**2 if jnp.isrealobj(g_c) else (g_c.conj() * g_c).real
+  nu_new = (1 - b2) * g_sq + b2 * nu_c
+  bits_mu, bits_nu = (None, None) if word is None else quantize.leaf_bits(word, g.shape)
+  mu_store = quantize.quantize(mu_new, "mu", mu.block, bits_mu) if q_mu else mu_new.astype(mu.dtype)
+  nu_store = quantize.quantize(nu_new, "nu", nu.block, bits_nu) if q_nu else nu_new.astype(nu.dtype)
+  mu_used, nu_used = _moments_read(
+    exact_optax, q_mu, q_nu, mu, nu, mu_new, nu_new, mu_store, nu_store
+  )
+  if rule.nesterov:
+    mu_hat = b1 * (mu_used / bc1_next.astype(mu_used.dtype)) + (1 - b1) * (
+      g_c / bc1.astype(g_c.dtype)
+    )
+  else:
+    mu_hat = mu_used / bc1.astype(mu_used.dtype)
+  nu_hat = nu_used / bc2.astype(nu_used.dtype)
+  u = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+  return u.astype(g.dtype), mu_store, nu_store
+
+
+def _moments_read(exact_optax, q_mu, q_nu, mu, nu, mu_new, nu_new, mu_store, nu_store):
+  """Which moments the update reads: ``(mu, nu)``.
+
+  optax reads the unrounded ones (promoted to float32 for float32 params), so
+  the default does too, and float32 storage makes the choice moot. With
+  16-bit params, or on request, the stored (rounded) ones are read where
+  their dtype has float32's exponent range (bfloat16): then the update
+  depends on the new state alone, and XLA need not keep the old mu alive past
+  its in-place overwrite, which with donated state costs a copy of every mu
+  leaf (benchmarks/RESULTS.md). float16 storage would flush small second
+  moments to zero and the update to inf, so it keeps the unrounded ones.
+  8-bit moments: the update reads the unrounded values (computed anyway).
+  """
+  from_stored = not exact_optax
+  stored = lambda q, m: from_stored and not q and _wide_exponent(m.dtype)
+  mu_used = _upcast(mu_store) if stored(q_mu, mu) else mu_new
+  nu_used = _upcast(nu_store) if stored(q_nu, nu) else nu_new
+  return mu_used, nu_used
 
 
 def _is_zero_constant(weight_decay: Any) -> bool:
