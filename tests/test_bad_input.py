@@ -152,6 +152,7 @@ def _tmpfs(path: Path, size: str):
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_workdir_on_a_read_only_filesystem(tmp_path):
   with _tmpfs(tmp_path / "disk", "4m") as disk:
     old = disk / "old"

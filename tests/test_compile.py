@@ -283,6 +283,7 @@ def test_negative_cost_estimate_is_no_estimate(smoke_v5e4):
 # ------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_job_that_does_not_fit_exits_2_with_checked_advice_last(tmp_path):
   workdir = tmp_path / "run"

@@ -228,6 +228,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_each_shard_steps_alone_with_the_bits_of_the_whole_leaf():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   code = SHARDED.format(root=str(ROOT))

@@ -448,6 +448,7 @@ def test_sample_text():
     sample.sample_text(m, ds, "", 5)
 
 
+@pytest.mark.slow
 def test_sample_from_a_trained_run(tmp_path):
   from adamw_flax import trainer
   from configs import smoke

@@ -268,7 +268,7 @@ def _corrupt(step_dir: Path, how: str) -> None:
       path.write_bytes(bytes(path.stat().st_size))
 
 
-@pytest.mark.parametrize("how", ["truncate", "zero"])
+@pytest.mark.parametrize("how", ["truncate", pytest.param("zero", marks=pytest.mark.slow)])
 def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(
   tmp_path, how, capsys
 ):
