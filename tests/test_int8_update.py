@@ -367,7 +367,8 @@ def test_the_tpu_compile_holds_no_float32_copy_of_the_moments():
   """benchmarks/int8_tpu.py's compile at a small size (4 leaves of 2048^2) for one v5p chip."""
   code = (
     "import json, sys; sys.path.insert(0, 'benchmarks'); import int8_tpu as b\n"
-    "rows = {k: b.compile_update(f(), d, 4, 2048, off) for k, d, f in b.FORMATS\n"
+    "rows = {k + (', state offloaded' if off else ''): b.compile_update(f(), d, 4, 2048, off)\n"
+    "        for k, d, f in b.FORMATS\n"
     "        for off in (False, True) if not off or k in b.OFFLOADED}\n"
     "print(json.dumps({k: {x: v for x, v in r.items() if x != 'hlo'} for k, r in rows.items()}))"
   )
