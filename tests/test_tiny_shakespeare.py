@@ -352,6 +352,21 @@ def test_bfloat16_matches_float32_forward_and_gradients():
     assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(a)) + 1e-6
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_bfloat16_model_on_bfloat16_params_gives_bfloat16_gradients(tie):
+  # optimizer.params_dtype=bfloat16 (configs/pod_lm.py's lean format) stores the weights in
+  # bfloat16: the bfloat16 matmuls' custom VJP must hand back cotangents of that dtype.
+  m = _tiny(dtype="bfloat16", tie_embeddings=tie)
+  graphdef, params = nnx.split(m)
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  batch = {"inputs": _tokens((4, 8)), "targets": _tokens((4, 8), seed=1)}
+  fn = lambda p: model.lm_loss(nnx.merge(graphdef, p), batch, train=True)[0]
+  loss, grads = jax.jit(jax.value_and_grad(fn))(params)
+  assert abs(float(loss) - math.log(65)) < 0.1
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
 def test_dropout_state_lives_in_the_module():
   m = _tiny(dropout=0.5)
   rng_state = nnx.state(m, nnx.Not(nnx.Param))

@@ -55,17 +55,20 @@ def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 # float32 cotangent with a bfloat16 operand, which XLA runs in float32; casting
 # the cotangent keeps all three matmuls on bfloat16 inputs (tensor cores on
 # GPU; AMX on CPU, where XLA still runs the weight-gradient one in float32).
+# The cotangents come back in the primals' own dtypes (bfloat16 weights under
+# optimizer.params_dtype=bfloat16, float32 otherwise), as a custom VJP must.
 def _bf16_matmul_fwd(x: jax.Array, w: jax.Array):
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  return jnp.dot(xb, wb, preferred_element_type=jnp.float32), (xb, wb)
+  out = jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+  return out, (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _bf16_matmul_bwd(res, g: jax.Array):
-  xb, wb = res
+  xb, wb, x_like, w_like = res
   gb = g.astype(jnp.bfloat16)
   dx = jnp.dot(gb, wb.T, preferred_element_type=jnp.float32)
   dw = jnp.dot(xb.T, gb, preferred_element_type=jnp.float32)
-  return dx, dw
+  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
