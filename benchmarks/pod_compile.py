@@ -11,7 +11,7 @@ Usage::
    variants (fsdp, the default, and zero1) on v5p-32 and v5e-256: the
    figures of configs/pod_lm.py's docstring and train/README.md.
 2. **A job that does not fit**: the zero1 variant on v5e-32 (params
-   replicated, 8 sequences per chip), with the command's compiled advice.
+   replicated, 32 sequences per chip), with the command's compiled advice.
 3. **--compare tables** of pod_lm on v5e-256, v5p-128 and v6e-64: each state
    format (float32; bf16 mu; int8 moments; bf16 params + int8 moments) under
    the config's sharding, ZeRO-1 and FSDP over all chips, compiled one after
@@ -58,7 +58,7 @@ from common import cpu_model, write_section  # noqa: E402
 TITLE = "Pod LM compiled for TPU slices"
 # topology:variant; fsdp (the default) and zero1 on the slices configs/pod_lm.py quotes.
 REPORTS = ("v5p-32", "v5e-256", "v5p-32:zero1", "v5e-256:zero1")
-# A job that does not fit: the zero1 variant (params replicated) with 8 sequences per chip.
+# A job that does not fit: the zero1 variant (params replicated) with 32 sequences per chip.
 MISFIT = ("v5e-32", "zero1")
 COMPARES = (("v5e-256", []), ("v5p-128", []), ("v6e-64", ["mesh.shape=(-1, 8)"]))
 QUICK = [
