@@ -28,12 +28,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from adamw_flax import aot, plan, registry, sharding, train_state  # noqa: E402
 from adamw_flax import config as C  # noqa: E402
-from tests.conftest import ROOT, SHARED_TEXT, subprocess_env  # noqa: E402
+from tests.conftest import ROOT, TEXT, subprocess_env  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(
   aot.libtpu_version() is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
 )
-DATA = f"--config.data.path={SHARED_TEXT}"
+DATA = f"--config.data.path={TEXT}"
 # pod_lm at one block of width 128: its mesh, rules and FSDP, compiled in seconds.
 TINY_POD = [
   "--config.model.num_layers=1",
