@@ -76,6 +76,7 @@ def compile_one(topology: str, overrides: list[str], timeout: int) -> dict:
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   out = {"seconds": round(time.perf_counter() - t0, 1), "status": proc.returncode}
+  out["cpu"] = f"{os.cpu_count()}-core {cpu_model()}"  # the compile's seconds are this machine's
   out["lines"] = proc.stdout.splitlines()  # the report as printed (the docs quote it)
   for line in proc.stdout.splitlines():
     m = _PEAK.match(line)
@@ -119,13 +120,20 @@ def section(cache: dict) -> str:
         f"| {topology} | {label} | {off} | {r['peak']:.2f} | {r['state']:.2f} | "
         f"{r['host']:.2f} | {r['temps']:.2f} | {ms} | {mfu} | {r['seconds']:.0f} |"
       )
+  machines = sorted({r.get("cpu", "?") for per in cache["rows"].values() for r in per.values()})
+  where = (
+    f"on {machines[0]}"
+    if len(machines) == 1
+    else "rows compiled on " + " and ".join(machines) + " (the compile s column is each row's)"
+  )
   return "\n".join(
     [
       "Written by `python benchmarks/pod_formats.py`: `python -m train.compile "
       "--config=configs/pod_lm.py --topology=T` (fsdp, XLA:TPU's compile of the train step) "
       f"for each state format, in HBM and with `optimizer.offload=opt_state`; pod_lm's "
-      f"model as configured ({cache.get('model', '?')}). Compiled {cache['when']} on "
-      f"{cache.get('machine', '?')}, no TPU used.",
+      f"model as configured ({cache.get('model', '?')}). Compiled {cache['when']}, {where}; "
+      f"last run: {cache.get('machine', '?')}; no TPU used. XLA:TPU's output does not "
+      "depend on the host CPU.",
       "",
       *rows,
       "",
