@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -48,6 +49,14 @@ def write_section(title: str, body: str) -> None:
   else:
     text = text.rstrip("\n") + "\n\n" + section
   RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+def publish(title: str, text: str, cache_path: pathlib.Path, cache: dict, write: bool) -> None:
+  """Prints a benchmark's section; with ``write``, keeps its cache (JSON) and puts it in RESULTS.md."""
+  print(text)
+  if write:
+    cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+    write_section(title, text)
 
 
 def interleaved_medians(

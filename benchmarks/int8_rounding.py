@@ -46,7 +46,7 @@ import adamw_flax
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import memory_lean  # noqa: E402
-from common import machine, write_section  # noqa: E402
+from common import machine, publish  # noqa: E402
 
 TITLE = "8-bit moments: rounding to nearest or stochastically"
 CACHE = HERE / "int8_rounding.json"
@@ -198,11 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
       rows = memory_lean.shakespeare_quality(pathlib.Path(tmp), SHAKESPEARE)
     cache["shakespeare"] = {"when": stamp, "rows": rows}
-  text = section(cache)
-  print(text)
-  if not args.no_write:
-    CACHE.write_text(json.dumps(cache, indent=1) + "\n")
-    write_section(TITLE, text)
+  publish(TITLE, section(cache), CACHE, cache, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import cpu_model, write_section  # noqa: E402
+from common import cpu_model, publish  # noqa: E402
 
 TITLE = "pod_lm state formats on v5p-32 and v5e-256"
 CACHE = HERE / "pod_formats.json"
@@ -209,11 +209,7 @@ def main() -> None:
     f"average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after; this run's "
     f"{len(todo)} compile(s) {(time.perf_counter() - t_all) / 60:.0f} min"
   )
-  text = section(cache)
-  print(text)
-  if not args.no_write:
-    CACHE.write_text(json.dumps(cache, indent=1) + "\n")
-    write_section(TITLE, text)
+  publish(TITLE, section(cache), CACHE, cache, write=not args.no_write)
 
 
 if __name__ == "__main__":
