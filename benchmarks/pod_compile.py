@@ -186,6 +186,7 @@ def main() -> None:
         "overrides": extra,
         "seconds": time.perf_counter() - t,
         "rows": [dict(sharding=s, format=f, **dataclasses.asdict(r)) for s, f, r in rows],
+        "table": table,
       }
       print("\n".join([f"--compare on {name}" + (f" ({' '.join(extra)})" if extra else ""),
                        *table, ""]), flush=True)  # fmt: skip
@@ -197,15 +198,30 @@ def main() -> None:
     f"commit {commit()}; load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after; "
     f"{(time.perf_counter() - t_all) / 60:.0f} min in all"
   )
-  results["machine"] = machine
-  results["date"] = date
+  for entry in results.values():
+    entry["machine"], entry["date"] = machine, date
   if args.no_write or args.quick:
     return
-  (HERE / "pod_compile.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+  # Parts and topologies run separately (side by side, one libtpu each) add up: this
+  # run's entries replace theirs in pod_compile.json, the others are kept.
+  path = HERE / "pod_compile.json"
+  kept = json.loads(path.read_text()) if path.exists() else {}
+  kept = {k: v for k, v in kept.items() if isinstance(v, dict) and ("lines" in v or "table" in v)}
+  kept.update(json.loads(json.dumps(results, default=str)))
+  path.write_text(json.dumps(kept, indent=1) + "\n")
+  write_section(TITLE, section(kept))
+
+
+def section(entries: dict[str, dict]) -> str:
+  """The RESULTS.md section from pod_compile.json's entries (each with its date and machine)."""
+  d = pod_config([], quick=False).data
+  machines = sorted({f"{e['date']} on {e['machine']}" for e in entries.values()})
   body = [
-    f"`python benchmarks/pod_compile.py` ({date}): `configs/pod_lm.py` (303M params, "
-    "global batch 256 x 1024 tokens, bfloat16 matmuls) compiled by XLA:TPU through libtpu for "
-    f"TPU slices on this CPU machine, no TPU used. Machine: {machine}.",
+    "`python benchmarks/pod_compile.py`: `configs/pod_lm.py` (303M params, global batch "
+    f"{d.batch_size} x {d.seq_len} tokens, bfloat16 matmuls, splash attention) compiled by "
+    "XLA:TPU through libtpu for TPU slices on a CPU machine, no TPU used. Runs: "
+    + "; ".join(machines)
+    + ".",
     "",
     "Memory is `memory_analysis()`'s per-chip total (arguments + outputs - aliased + temps); "
     '"fits" compares it with the HBM XLA:TPU compiles against. Step estimates are XLA\'s '
@@ -213,17 +229,20 @@ def main() -> None:
     "(no estimate, so no MFU there). MFU = 6·N·tokens / (estimate x chips x peak bf16).",
     "",
   ]
-  for key, lines in reports.items():
-    body += [f"`{_command(key)[2:]}`:", "", "```", *lines, "```", ""]
-  if misfit:
-    name, variant = MISFIT
+  for key in REPORTS:
+    if f"report {key}" in entries:
+      lines = entries[f"report {key}"]["lines"]
+      body += [f"`{_command(key)[2:]}`:", "", "```", *lines, "```", ""]
+  name, variant = MISFIT
+  if f"misfit {name} {variant}" in entries:
     body += [f"`python -m train.compile --config=configs/pod_lm.py:{variant} --topology={name}` "
-             "(exit status 2):", "", "```", *misfit, "```", ""]  # fmt: skip
+             "(exit status 2):", "", "```", *entries[f"misfit {name} {variant}"]["lines"], "```",
+             ""]  # fmt: skip
   for name, extra in COMPARES:
-    if name in tables:
+    if f"compare {name}" in entries:
       note = f" with `--config.{extra[0]}` (the proposed mesh)" if extra else ""
-      body += [f"`--compare` on {name}{note}:", "", *tables[name], ""]
-  write_section(TITLE, "\n".join(body))
+      body += [f"`--compare` on {name}{note}:", "", *entries[f"compare {name}"]["table"], ""]
+  return "\n".join(body)
 
 
 if __name__ == "__main__":
