@@ -10,6 +10,8 @@ Each round runs, one after the other in this process tree on this machine:
 
 * ``ours``: ``python -m train --config=configs/tiny_shakespeare.py`` (the
   default CPU recipe);
+* ``ours bfloat16``: the same with ``--config.model.dtype=bfloat16`` (bfloat16
+  matmul inputs; for CPUs with AMX or AVX512-BF16);
 * ``ours nanogpt``: ``--config=configs/tiny_shakespeare.py:nanogpt``, the
   reference's exact recipe (decay on every tensor with ndim >= 2, cosine
   schedule, 2000 steps);
@@ -56,7 +58,7 @@ TEXT = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"]
 TARGET = 1.88
 
 
-def _ours(variant: str) -> Any:
+def _ours(variant: str, *overrides: str) -> Any:
   def cmd(workdir: pathlib.Path) -> list[str]:
     config = "configs/tiny_shakespeare.py" + (f":{variant}" if variant else "")
     return [
@@ -67,6 +69,7 @@ def _ours(variant: str) -> Any:
       f"--workdir={workdir}",
       f"--config.data.path={TEXT[0]}",
       "--config.trainer.progress=False",
+      *overrides,
     ]
 
   return cmd
@@ -77,7 +80,14 @@ def _twin(workdir: pathlib.Path) -> list[str]:
   return [sys.executable, twin, f"--data={TEXT[0]}", f"--out={workdir}"]
 
 
-RUNS = {"ours": _ours(""), "ours nanogpt": _ours("nanogpt"), "pytorch twin": _twin}
+RUNS = {
+  "ours": _ours(""),
+  # bfloat16 matmuls (float32 params and softmax): faster where the CPU has AMX or
+  # AVX512-BF16 (Sapphire Rapids and later), slower on AVX2-only CPUs.
+  "ours bfloat16": _ours("", "--config.model.dtype=bfloat16"),
+  "ours nanogpt": _ours("nanogpt"),
+  "pytorch twin": _twin,
+}
 
 
 def _peak_rss_mib(pid: int) -> float | None:
