@@ -27,77 +27,37 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
-import re
-import subprocess
 import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import cpu_model, publish  # noqa: E402
+from common import compile_pod_lm, cpu_model, publish, tpu_compile_machine  # noqa: E402
 
 TITLE = "pod_lm state formats on v5p-32 and v5e-256"
 CACHE = HERE / "pod_formats.json"
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 INT8 = ["optimizer.mu_dtype=int8", "optimizer.nu_dtype=int8"]
 FORMATS = [
   ("float32", []),
   ("int8 moments", INT8),
   ("bf16 params + int8 moments", ["optimizer.params_dtype=bfloat16", *INT8]),
 ]
-_PEAK = re.compile(
-  r"^per-chip HBM: .*temps ([\d.e+-]+) GiB, peak ([\d.e+-]+) GiB(?: of ([\d.]+) GiB)?"
-)
-_HOST = re.compile(r"in host memory ([\d.e+-]+) GiB")
-_STATE = re.compile(r"optimizer state ([\d.e+-]+) GiB")
-_STEP = re.compile(r"^step estimate: ([\d.]+) ms(?:, .* MFU ([\d.]+)%)?")
 
 
 def compile_one(topology: str, overrides: list[str], timeout: int) -> dict:
-  """Runs ``python -m train.compile`` on pod_lm; the report's figures (or its error)."""
-  cmd = [
-    sys.executable,
-    "-m",
-    "train.compile",
-    "--config=configs/pod_lm.py",
-    f"--topology={topology}",
-  ]
-  cmd += [f"--config.{o}" for o in overrides]
-  if SHARED_TEXT.is_file():  # no download on machines that hold the text
-    cmd.append(f"--config.data.path={SHARED_TEXT}")
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
-  )
-  t0 = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-  out = {"seconds": round(time.perf_counter() - t0, 1), "status": proc.returncode}
-  out["cpu"] = f"{os.cpu_count()}-core {cpu_model()}"  # the compile's seconds are this machine's
-  out["lines"] = proc.stdout.splitlines()  # the report as printed (the docs quote it)
-  for line in proc.stdout.splitlines():
-    m = _PEAK.match(line)
-    if m:
-      out["temps"], out["peak"] = float(m[1]), float(m[2])
-      out["hbm"] = float(m[3]) if m[3] else None
-      out["state"] = float(_STATE.search(line)[1])
-      host = _HOST.search(line)
-      out["host"] = float(host[1]) if host else 0.0
-      out["fits"] = "DOES NOT FIT" not in line
-    m = _STEP.match(line)
-    if m:
-      out["ms"] = float(m[1])
-      out["mfu"] = float(m[2]) if m[2] else None
-    if line.startswith("step estimate: unavailable"):
-      out["ms"] = None
-  if "peak" not in out:  # the exception's own line, not JAX's note on filtered frames
-    lines = (proc.stdout + proc.stderr).strip().splitlines() or ["(no output)"]
-    errors = [ln for ln in lines if re.match(r"^(error: |[\w.]*(Error|Exception)\b)", ln)]
-    out["error"] = (errors or lines)[-1][:300]
-  return out
+  """:func:`common.compile_pod_lm`, with the machine that compiled it (its seconds are that one's)."""
+  return {
+    **compile_pod_lm(topology, overrides, timeout),
+    "cpu": f"{os.cpu_count()}-core {cpu_model()}",
+  }
+
+
+def gib(value: float | None) -> str:
+  return "-" if value is None else f"{value:.2f}"
 
 
 def section(cache: dict) -> str:
@@ -114,11 +74,13 @@ def section(cache: dict) -> str:
           f"| {topology} | {label} | {off} | error: {r['error']} | | | | | | {r['seconds']:.0f} |"
         )
         continue
+      # A job that does not fit has only XLA:TPU's total (no breakdown, no estimate).
+      peak = f"{r['peak']:.2f}" + ("" if r["fits"] else " (does not fit)")
       ms = "no estimate (v5e cost model)" if r.get("ms") is None else f"{r['ms']:.1f} ms"
       mfu = "n/a" if r.get("mfu") is None else f"{r['mfu']:.1f}%"
       rows.append(
-        f"| {topology} | {label} | {off} | {r['peak']:.2f} | {r['state']:.2f} | "
-        f"{r['host']:.2f} | {r['temps']:.2f} | {ms} | {mfu} | {r['seconds']:.0f} |"
+        f"| {topology} | {label} | {off} | {peak} | {gib(r.get('state'))} | "
+        f"{gib(r.get('host'))} | {gib(r.get('temps'))} | {ms} | {mfu} | {r['seconds']:.0f} |"
       )
   machines = sorted({r.get("cpu", "?") for per in cache["rows"].values() for r in per.values()})
   where = (
@@ -203,11 +165,10 @@ def main() -> None:
         CACHE.write_text(json.dumps(cache, indent=1) + "\n")
   cache["when"] = f"{datetime.date.today()}"
   cache["model"] = model_levers()
-  cache["machine"] = (
-    f"{os.cpu_count()}-core {cpu_model()}; jax {importlib.metadata.version('jax')}, "
-    f"libtpu {importlib.metadata.version('libtpu')}; {args.jobs} compile(s) at a time; load "
-    f"average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after; this run's "
-    f"{len(todo)} compile(s) {(time.perf_counter() - t_all) / 60:.0f} min"
+  cache["machine"] = tpu_compile_machine(
+    load_before,
+    f"{args.jobs} compile(s) at a time",
+    f"this run's {len(todo)} compile(s) {(time.perf_counter() - t_all) / 60:.0f} min",
   )
   publish(TITLE, section(cache), CACHE, cache, write=not args.no_write)
 

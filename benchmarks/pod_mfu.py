@@ -26,23 +26,19 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
-import re
-import subprocess
 import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import cpu_model, publish  # noqa: E402
+from common import compile_pod_lm, publish, tpu_compile_machine  # noqa: E402
 
 TITLE = "pod_lm MFU levers on v5p-128 and v5e-256"
 CACHE = HERE / "pod_mfu.json"
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 MAIN = "v5p-128"  # v5p: the cost model that gives times (see the v5e note below)
 MEMORY_ONLY = "v5e-256"
 # The overrides of each variant, relative to configs/pod_lm.py as it was when this was written
@@ -77,67 +73,10 @@ VARIANTS = {
 }
 BASELINE = next(iter(VARIANTS))
 
-_TOPOLOGY = re.compile(r"^topology \S+: (\d+) chips .*mesh (\{.*\})")
-_PEAK = re.compile(
-  r"^per-chip HBM: .*temps ([\d.e+-]+) GiB, peak ([\d.e+-]+) GiB of ([\d.]+) GiB \((.*)\)"
-)
-_NEEDS = re.compile(r"^per-chip HBM: needs about ([\d.]+) GiB of ([\d.]+) GiB")
-_STEP = re.compile(r"^step estimate: ([\d.]+) ms, ([\d.]+) TFLOP per chip, MFU ([\d.]+)%")
-_BUFFER = re.compile(r"^\s+([\d.]+) GiB\s+temp \S+ (\S+): (.*)$")
-
 
 def overrides(name: str) -> list[str]:
   """The ``--config.`` overrides of variant ``name``, every lever spelled out."""
   return [f"{k}={v}" for k, v in {**BASE, **VARIANTS[name]}.items()]
-
-
-def compile_one(topology: str, config_overrides: list[str], timeout: int) -> dict:
-  """Runs ``python -m train.compile`` on pod_lm; the report's figures (or its error).
-
-  Args:
-    topology: the slice, as the command's ``--topology`` takes it.
-    config_overrides: ``key=value`` strings, passed as ``--config.key=value``.
-    timeout: seconds before the compile is abandoned (reported as an error).
-
-  Returns:
-    A dict: ``seconds``, ``status``, ``overrides``; from the report ``chips``,
-    ``mesh``, ``temps``, ``peak``, ``hbm``, ``fits``, ``ms``, ``tflop``, ``mfu``
-    (``ms`` None where the cost model gives no estimate), ``largest`` (the
-    largest temporary); ``error`` (the last line) where the report has no memory line.
-  """
-  cmd = [sys.executable, "-m", "train.compile", "--config=configs/pod_lm.py"]
-  cmd += [f"--topology={topology}", *(f"--config.{o}" for o in config_overrides)]
-  if SHARED_TEXT.is_file():  # no download on machines that hold the text
-    cmd.append(f"--config.data.path={SHARED_TEXT}")
-  env = dict(
-    os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
-  )
-  t0 = time.perf_counter()
-  out: dict = {"overrides": config_overrides}
-  try:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {**out, "seconds": timeout, "status": None, "error": f"timed out after {timeout} s"}
-  out.update(seconds=round(time.perf_counter() - t0, 1), status=proc.returncode)
-  for line in proc.stdout.splitlines():
-    if m := _TOPOLOGY.match(line):
-      out["chips"], out["mesh"] = int(m[1]), m[2]
-    elif m := _PEAK.match(line):
-      out.update(temps=float(m[1]), peak=float(m[2]), hbm=float(m[3]))
-      out["fits"] = m[4] == "fits"
-    elif m := _NEEDS.match(line):
-      out.update(peak=float(m[1]), hbm=float(m[2]), temps=None, fits=False)
-    elif m := _STEP.match(line):
-      out.update(ms=float(m[1]), tflop=float(m[2]), mfu=float(m[3]))
-    elif line.startswith("step estimate: unavailable"):
-      out.update(ms=None, mfu=None)
-    elif (m := _BUFFER.match(line)) and "largest" not in out:
-      out["largest"] = f"{m[1]} GiB {m[2]}"
-  if "peak" not in out or proc.returncode not in (0, 2):
-    lines = (proc.stdout + proc.stderr).strip().splitlines() or ["(no output)"]
-    errors = [x for x in lines if x.startswith("error:")]
-    out["error"] = (errors or lines)[-1][:300]
-  return out
 
 
 def _fmt(value: float | None, spec: str, none: str = "n/a") -> str:
@@ -258,7 +197,7 @@ def main() -> None:
       if n in again or per.get(n, {}).get("overrides") != overrides(n) or "status" not in per[n]
     ]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-      futures = {pool.submit(compile_one, topology, overrides(n), args.timeout): n for n in todo}
+      futures = {pool.submit(compile_pod_lm, topology, overrides(n), args.timeout): n for n in todo}
       for f in concurrent.futures.as_completed(futures):
         n = futures[f]
         per[n] = f.result()
@@ -274,12 +213,11 @@ def main() -> None:
 
   rows = [r for per in cache["rows"].values() for r in per.values()]
   cache["when"] = f"{datetime.date.today()}"
-  cache["machine"] = (
-    f"{os.cpu_count()}-core {cpu_model()}; jax {importlib.metadata.version('jax')}, "
-    f"libtpu {importlib.metadata.version('libtpu')}; {len(rows)} compiles, "
-    f"{sum(r.get('seconds', 0) for r in rows) / 60:.0f} min of compile time in all, "
-    f"{args.jobs} at a time; load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} "
-    f"after this run ({(time.perf_counter() - t_all) / 60:.0f} min)"
+  cache["machine"] = tpu_compile_machine(
+    load_before,
+    f"{len(rows)} compiles, {sum(r.get('seconds', 0) for r in rows) / 60:.0f} min of compile "
+    f"time in all, {args.jobs} at a time",
+    f"this run {(time.perf_counter() - t_all) / 60:.0f} min",
   )
   publish(TITLE, section(cache), CACHE, cache, write=not args.no_write)
 
