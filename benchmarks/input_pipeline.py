@@ -30,13 +30,13 @@ import ml_collections
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from common import machine, write_section  # noqa: E402
+from common import SHARED_TEXT, machine, write_section  # noqa: E402
 
 from adamw_flax import grain_data, registry, sharding  # noqa: E402
 from adamw_flax import train_state as T  # noqa: E402
 from adamw_flax.config import load_config  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHARED = SHARED_TEXT
 
 
 def batches_per_sec(dataset, n: int = 200) -> float:

@@ -46,12 +46,12 @@ from adamw_flax import quantize
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import interleaved_medians, machine, write_section  # noqa: E402
+from common import SHARED_TEXT, interleaved_medians, machine, write_section  # noqa: E402
 from optimizer_update import optimizer_step, transformer_params  # noqa: E402
 
 TITLE = "Memory-lean AdamW state"
 # The canonical text (set by --text; default: the project's shared copy beside the repository).
-TEXT = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"]
+TEXT = [SHARED_TEXT]
 
 # (label, params dtype, adamw_flax.adamw keyword arguments)
 FORMATS: list[tuple[str, Any, dict[str, Any]]] = [

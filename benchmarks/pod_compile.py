@@ -53,7 +53,7 @@ from adamw_flax import config as config_lib  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import cpu_model, write_section  # noqa: E402
+from common import SHARED_TEXT, cpu_model, write_section  # noqa: E402
 
 TITLE = "Pod LM compiled for TPU slices"
 # topology:variant; fsdp (the default) and zero1 on the slices configs/pod_lm.py quotes.
@@ -80,7 +80,6 @@ MEMORY_FIELDS = (
   "output",
   "alias",
 )
-SHARED_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def pod_config(extra: list[str], quick: bool, variant: str | None = None) -> object:

@@ -39,9 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, write_section  # noqa: E402
+from common import SHARED_TEXT, cpu_model, write_section  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHARED = SHARED_TEXT
 
 # The child's instrumentation: timestamps into $STARTUP_OUT, exit at the first dispatch.
 HOOK = textwrap.dedent(

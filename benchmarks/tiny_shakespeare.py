@@ -45,6 +45,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
+  SHARED_TEXT,
   compiled_gflop,
   machine,
   matmul_peak_gflops,
@@ -54,7 +55,7 @@ from common import (  # noqa: E402
 
 TITLE = "Tiny Shakespeare: time to quality"
 # The canonical text (set by --text; default: the project's shared copy beside the repository).
-TEXT = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"]
+TEXT = [SHARED_TEXT]
 TARGET = 1.88
 
 
