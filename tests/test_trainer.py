@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -290,3 +291,29 @@ def test_final_eval_batches_sets_the_last_evaluation(tmp_path, monkeypatch):
   cfg.trainer.final_eval_batches = 7
   trainer.train_and_evaluate(cfg, tmp_path)
   assert seen == [2, 7]  # the periodic one at step 10, then the final one
+
+
+def test_train_step_compiles_once_beside_the_state_init(tmp_path):
+  """Start-up compiles the train step from abstract values while the state's init compiles.
+
+  The first step's call then finds that program in JAX's caches: one compile
+  of the step, made on the other thread, overlapping the init's in time.
+  """
+  spans: list[tuple[str, str, float, float]] = []
+  event = "/jax/core/compile/backend_compile_duration"
+
+  def listener(name, start, end, **kw):
+    if name == event:
+      spans.append((kw.get("fun_name", ""), threading.current_thread().name, start, end))
+
+  jax.monitoring.register_event_time_span_listener(listener)
+  try:
+    trainer.train_and_evaluate(regression_config(num_steps=3, eval_every=0), tmp_path)
+  finally:
+    jax.monitoring.unregister_event_time_span_listener(listener)
+  steps = [s for s in spans if s[0] == "jit(step)"]
+  inits = [s for s in spans if s[0] == "jit(init)"]
+  assert len(steps) == 1 and steps[0][1] == "precompile", spans
+  assert len(inits) == 1 and inits[0][1] != "precompile", spans
+  (_, _, s0, s1), (_, _, i0, i1) = steps[0], inits[0]
+  assert s0 < i1 and i0 < s1, "the two compiles overlap in time"

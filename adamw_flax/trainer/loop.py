@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -195,20 +196,25 @@ def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, factory, a
            unmapped) -> Loop:  # fmt: skip
   """Restores or creates the state, writes ``config.json``, reports, compiles: the :class:`Loop`."""
   target = train_state.with_shardings(abstract, shardings)
-  migrate = run.checkpoint.migrate_opt_state
-  state, data_state = wd_lib.restore_newest(ckpts, target, workdir, main, migrate=migrate)
-  if state is None:
-    state, data_state = factory.create(shardings), {}
-  elif main:
-    print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
-  wd_lib.write_workdir_config(run.config, workdir)  # only now is this workdir this config's run
-  if main:
-    print(report.startup_report(run, state, mesh, factory, unmapped), flush=True)
   batch_sharding = sharding.batch_sharding(mesh, run.mesh)
   loss = registry.MODELS.get(run.model.name).loss
   steps = train_state.make_run_steps(
     run, loss, state_sharding=shardings, batch_sharding=batch_sharding
   )
+  warm = _precompile(run, workdir, mesh, dataset, steps, abstract, shardings, batch_sharding)
+  try:
+    migrate = run.checkpoint.migrate_opt_state
+    state, data_state = wd_lib.restore_newest(ckpts, target, workdir, main, migrate=migrate)
+    if state is None:
+      state, data_state = factory.create(shardings), {}
+    elif main:
+      print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
+    wd_lib.write_workdir_config(run.config, workdir)  # only now is this workdir this config's run
+    if main:
+      print(report.startup_report(run, state, mesh, factory, unmapped), flush=True)
+  finally:
+    if warm is not None:  # its compile serves the first step (JAX's caches), never run twice
+      warm.join()
   # Steps that python -m train.compile saved in WORKDIR/compiled load instead of compiling.
   steps, note = aot.use_saved_steps(steps, workdir, run, mesh, state, batch_sharding, dataset)
   if note and main:
@@ -225,6 +231,46 @@ def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, factory, a
   progress = reporting.ProgressBar(tc.num_steps, start=start, enabled=main and tc.progress)
   return Loop(run, workdir, main, mesh, dataset, ckpts, steps, guards, state, start, position,
               t_start, writer, progress, last_good_step=ckpts.latest_step())  # fmt: skip
+
+
+def _precompile(
+  run, workdir, mesh, dataset, steps, abstract, shardings, batch_sharding
+) -> threading.Thread | None:
+  """Starts compiling the train step, from abstract values, beside the state's restore or init.
+
+  XLA compiles without holding Python's GIL, so on two or more cores the
+  step's compile and the state's (restore, or init's compile and run) overlap:
+  a small model's start-up is about the longer of the two instead of their
+  sum. The compiled program lands in JAX's in-memory caches, where the first
+  step's call finds it (same function, shapes, dtypes and shardings). Any
+  failure here is dropped: the first step then traces and compiles as before
+  and reports the user's error with its frame and batch
+  (:func:`_dispatch`). Not started when ``WORKDIR/compiled`` holds steps from
+  ``python -m train.compile`` (they load instead).
+
+  Returns:
+    The thread (joined before the first step), or None.
+  """
+  if aot.read_saved(workdir) is not None:
+    return None
+
+  def compile_train_step() -> None:
+    try:
+      _, count = sharding.data_shard_info(mesh, run.mesh)
+      batch = aot.batch_specs(dataset, batch_sharding, count)[0]  # reads train batch 0
+      state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s, weak_type=x.weak_type),
+        abstract,
+        shardings,
+      )
+      with sharding.use_mesh(mesh):  # the mesh context is per thread
+        steps.train.lower(state, batch).compile()
+    except Exception:  # noqa: BLE001 (the first step's own compile reports it)
+      pass
+
+  thread = threading.Thread(target=compile_train_step, name="precompile", daemon=True)
+  thread.start()
+  return thread
 
 
 def _loop(loop: Loop) -> dict[str, Any]:
