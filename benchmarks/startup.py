@@ -4,13 +4,13 @@ Each measurement launches the command line exactly as a user does (its
 re-exec for the malloc settings included) and times, from the launch:
 
 * the first train step dispatched (its call returned: traced, compiled and
-  on its way; nothing after it is timed), for small models of each kind, with
-  the state's init compiled without LLVM's optimizations (the trainer's
-  default under ``train_state.FAST_INIT_MAX_PARAMS``) and, side by side in
-  the same rounds, with them (the start-up before: ``FAST_INIT_MAX_PARAMS = 0``);
-  with where the time went: imports done (``adamw_flax.trainer`` loaded),
-  state created, first step dispatched; and a later launch with JAX's
-  persistent compilation cache warm (``JAX_COMPILATION_CACHE_DIR``);
+  on its way; nothing after it is timed), for small models of each kind, as
+  the trainer runs it (the train step compiled on a second thread while the
+  state is created) and, side by side in the same rounds, with the step
+  compiled by its first call after the state (the start-up before); with
+  where the time went: imports done (``adamw_flax.trainer`` loaded), state
+  created, first step dispatched; and a later launch with JAX's persistent
+  compilation cache warm (``JAX_COMPILATION_CACHE_DIR``);
 * ``python -m train --help``, and a config error (an unknown key).
 
 Rounds are interleaved, so other processes' load spreads over all variants;
@@ -20,8 +20,10 @@ medians of wall time and of the process's CPU time (user + system, from
 library functions and ends the process at the first dispatch; the code under
 test is not changed.
 
-Run: ``python benchmarks/startup.py [--rounds=3]`` (writes the "Start-up"
-section of benchmarks/RESULTS.md).
+Run: ``python benchmarks/startup.py [--rounds=3] [--clean_venv=DIR]`` (writes
+the "Start-up" section of benchmarks/RESULTS.md). With ``--clean_venv`` the
+same rounds run first in a virtual environment holding only the project and
+its dependencies (created there if missing), as a fresh machine has them.
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ HOOK = textwrap.dedent(
     marks.setdefault(name, time.time())
 
   def patch_train_state(m):
-    if os.environ.get("STARTUP_FAST_INIT") == "0":
-      m.FAST_INIT_MAX_PARAMS = 0  # the init compiled with LLVM's optimizations, as before
     create = m.StateFactory.create
     def timed_create(self, *a, **k):
       out = create(self, *a, **k)
@@ -67,14 +67,19 @@ HOOK = textwrap.dedent(
     def timed_make(*a, **k):
       steps = make(*a, **k)
       train = steps.train
-      def first(*args, **kw):
-        out = train(*args, **kw)
-        mark("dispatched")
-        marks["params"] = m.param_count(args[0].params)
-        with open(OUT, "w") as f:
-          json.dump(marks, f)
-        os._exit(0)
-      return type(steps)(train=first, evals=steps.evals)
+      class First:  # the jitted step (its .lower too: the trainer precompiles it), timed
+        def __getattr__(self, name):
+          if os.environ.get("STARTUP_SERIAL") == "1":
+            raise AttributeError(name)  # no precompile: the first call compiles, as before
+          return getattr(train, name)
+        def __call__(self, *args, **kw):
+          out = train(*args, **kw)
+          mark("dispatched")
+          marks["params"] = m.param_count(args[0].params)
+          with open(OUT, "w") as f:
+            json.dump(marks, f)
+          os._exit(0)
+      return type(steps)(train=First(), evals=steps.evals)
     m.make_run_steps = timed_make
 
   PATCHES = {"adamw_flax.train_state": patch_train_state,
@@ -139,14 +144,19 @@ def _env(hook_dir: str, **extra: str) -> dict[str, str]:
 
 
 def first_step(
-  hook_dir: str, config: str, overrides: list[str], fast: bool, cache: str = ""
+  hook_dir: str,
+  config: str,
+  overrides: list[str],
+  serial: bool = False,
+  cache: str = "",
+  python: str = sys.executable,
 ) -> dict[str, float]:
   with tempfile.TemporaryDirectory() as work:
     out = Path(work) / "marks.json"
-    args = [sys.executable, "-m", "train", f"--config={config}", f"--workdir={work}/run"]
+    args = [python, "-m", "train", f"--config={config}", f"--workdir={work}/run"]
     args += [f"--config.{o}" for o in overrides]
     t0 = time.time()
-    env = _env(hook_dir, STARTUP_OUT=str(out), STARTUP_FAST_INIT="1" if fast else "0")
+    env = _env(hook_dir, STARTUP_OUT=str(out), STARTUP_SERIAL="1" if serial else "0")
     if cache:  # JAX's persistent compilation cache, as a user would set it
       env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     wall, cpu, code = _launch(args, env)
@@ -163,78 +173,123 @@ def first_step(
   }
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--rounds", type=int, default=3)
-  rounds = parser.parse_args().rounds
+def clean_venv(path: Path) -> str:
+  """The python of a virtual environment with only the project (and its shakespeare extra).
+
+  What a fresh machine has after the README's first command: this machine's
+  own site-packages hold more (IPython, which Flax's NNX imports when it is
+  there; boto3, which tensorboardX imports when it is there), each a cost
+  of every launch here that a user's environment may not have.
+  """
+  python = path / "bin" / "python"
+  if not python.exists():
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q", "-e", f"{ROOT}[shakespeare]"]
+    subprocess.run(pip, check=True)
+  return str(python)
+
+
+def ml_dtypes_import(python: str) -> str:
+  """How long ``import ml_dtypes`` takes in ``python`` (0.7.0: 0.4 s; pyproject excludes it)."""
+  code = (
+    "import time, numpy; t = time.perf_counter(); import ml_dtypes; "
+    "print(f'ml_dtypes {ml_dtypes.__version__} imports in {time.perf_counter() - t:.3f} s')"
+  )
+  return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def measure(python: str, rounds: int, hook_dir: str, caches: str) -> tuple[list[str], dict, list]:
+  """Interleaved rounds with one interpreter: (table lines, small commands, load averages)."""
   runs: dict[tuple[str, str], list[dict[str, float]]] = {}
   small: dict[str, list[tuple[float, float]]] = {"help": [], "config error": []}
   loads = []
-  variants = {"fast": (True, False), "before": (False, False), "cached": (True, True)}
-  with tempfile.TemporaryDirectory() as hook_dir, tempfile.TemporaryDirectory() as caches:
-    (Path(hook_dir) / "sitecustomize.py").write_text(HOOK)
-    cache_of = {label: f"{caches}/{i}" for i, label in enumerate(MODELS)}
-    for label, (config, overrides) in MODELS.items():  # fills each model's cache
-      first_step(hook_dir, config, overrides, True, cache_of[label])
-    for r in range(rounds):
-      loads.append(os.getloadavg()[0])
-      for label, (config, overrides) in MODELS.items():
-        for variant, (fast, cached) in variants.items():
-          cache = cache_of[label] if cached else ""
-          got = first_step(hook_dir, config, overrides, fast, cache)
-          runs.setdefault((label, variant), []).append(got)
-          print(f"round {r} {label} {variant}: {got}", flush=True)
-      env = _env(hook_dir)
-      wall, cpu, _ = _launch([sys.executable, "-m", "train", "--help"], env)
-      small["help"].append((wall, cpu))
-      bad = [sys.executable, "-m", "train", "--config=configs/smoke.py", "--workdir=/tmp/x",
-             "--config.optimizer.lerning_rate=1"]  # fmt: skip
-      wall, cpu, code = _launch(bad, env)
-      assert code == 2, code
-      small["config error"].append((wall, cpu))
-      print(f"round {r}: help {small['help'][-1]}, config error {small['config error'][-1]}")
+  variants = {"now": (False, False), "serial": (True, False), "cached": (False, True)}
+  cache_of = {label: f"{caches}/{i}" for i, label in enumerate(MODELS)}
+  for label, (config, overrides) in MODELS.items():  # fills each model's cache
+    first_step(hook_dir, config, overrides, cache=cache_of[label], python=python)
+  for r in range(rounds):
+    loads.append(os.getloadavg()[0])
+    for label, (config, overrides) in MODELS.items():
+      for variant, (serial, cached) in variants.items():
+        cache = cache_of[label] if cached else ""
+        got = first_step(hook_dir, config, overrides, serial, cache, python)
+        runs.setdefault((label, variant), []).append(got)
+        print(f"round {r} {label} {variant}: {got}", flush=True)
+    env = _env(hook_dir)
+    wall, cpu, _ = _launch([python, "-m", "train", "--help"], env)
+    small["help"].append((wall, cpu))
+    bad = [python, "-m", "train", "--config=configs/smoke.py", "--workdir=/tmp/x",
+           "--config.optimizer.lerning_rate=1"]  # fmt: skip
+    wall, cpu, code = _launch(bad, env)
+    assert code == 2, code
+    small["config error"].append((wall, cpu))
+    print(f"round {r}: help {small['help'][-1]}, config error {small['config error'][-1]}")
 
   med = lambda rows, key: statistics.median(row[key] for row in rows)
   lines = [
     "| model | params | launch to first step dispatched, s (CPU s) | imports done | state created "
-    "| before: init compiled optimised | ratio (CPU) | warm compilation cache |",
-    "|---|---|---|---|---|---|---|---|",
+    "| serial: step compiled after the state | warm compilation cache |",
+    "|---|---|---|---|---|---|---|",
   ]
   for label in MODELS:
-    fast, slow, warm = (runs[(label, v)] for v in variants)
+    now, serial, warm = (runs[(label, v)] for v in variants)
     lines.append(
-      f"| {label} | {int(fast[0]['params']):,} | {med(fast, 'first'):.2f} ({med(fast, 'cpu'):.2f}) "
-      f"| {med(fast, 'imported'):.2f} | {med(fast, 'state'):.2f} "
-      f"| {med(slow, 'first'):.2f} ({med(slow, 'cpu'):.2f}) "
-      f"| {med(fast, 'cpu') / med(slow, 'cpu'):.2f} "
+      f"| {label} | {int(now[0]['params']):,} | {med(now, 'first'):.2f} ({med(now, 'cpu'):.2f}) "
+      f"| {med(now, 'imported'):.2f} | {med(now, 'state'):.2f} "
+      f"| {med(serial, 'first'):.2f} ({med(serial, 'cpu'):.2f}) "
       f"| {med(warm, 'first'):.2f} ({med(warm, 'cpu'):.2f}) |"
     )
+  lines += ["", "| command | wall s | CPU s |", "|---|---|---|"]
+  lines += [
+    f"| `{name}` | {statistics.median(w for w, _ in v):.2f} | "
+    f"{statistics.median(c for _, c in v):.2f} |"
+    for name, v in small.items()
+  ]
+  return lines, small, loads
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument(
+    "--clean_venv",
+    default="",
+    help="also measure in this virtual environment of the project's own dependencies "
+    "(created if missing; needs the package index)",
+  )
+  args = parser.parse_args()
+  pythons = {"this machine's Python (its site-packages)": sys.executable}
+  if args.clean_venv:
+    pythons = {
+      "a virtual environment with only the project's dependencies (`pip install -e "
+      "'.[shakespeare]'`, as on a fresh machine)": clean_venv(Path(args.clean_venv)),
+      **pythons,
+    }
+  parts, loads = [], []
+  with tempfile.TemporaryDirectory() as hook_dir:
+    (Path(hook_dir) / "sitecustomize.py").write_text(HOOK)
+    for where, python in pythons.items():
+      with tempfile.TemporaryDirectory() as caches:
+        lines, _, got = measure(python, args.rounds, hook_dir, caches)
+      loads += got
+      parts += [f"### In {where}", "", f"{ml_dtypes_import(python)}.", "", *lines, ""]
   import jax  # noqa: PLC0415 (versions for the header only)
 
   body = "\n".join(
     [
       f"Measured {time.strftime('%Y-%m-%d')} on a {os.cpu_count()}-core {cpu_model()} "
       f"(`lscpu`), jax {jax.__version__}, CPU backend (`JAX_PLATFORMS=cpu`); load average "
-      f"{', '.join(f'{x:.1f}' for x in loads)} at the rounds' starts (other jobs shared the "
-      f"machine); medians of {rounds} interleaved rounds. Wall time from launch "
-      "(`python -m train`, its re-exec included) to the first train step's call "
-      "returning; CPU s is the process's user + system time, the wall time an idle "
-      'machine would approach. "imports done" and "state created": seconds from '
-      "launch to `adamw_flax.trainer` loaded and to the state created; the rest to the "
-      'first dispatch is mostly the train step\'s compile. "before": the init compiled '
-      "with LLVM's optimizations (`FAST_INIT_MAX_PARAMS = 0`), the start-up before; "
-      '"warm compilation cache": a later launch with `JAX_COMPILATION_CACHE_DIR` set. '
-      "`benchmarks/startup.py`.",
+      f"{', '.join(f'{x:.1f}' for x in loads)} at the rounds' starts; medians of "
+      f"{args.rounds} interleaved rounds. Wall time from launch (`python -m train`, its "
+      "re-exec included) to the first train step's call returning; CPU s is the process's "
+      'user + system time. "imports done" and "state created": seconds from launch to '
+      "`adamw_flax.trainer` loaded and to the state created. The train step compiles on a "
+      "second thread from abstract values while the state is created (XLA compiles without "
+      'the GIL); "serial": the same launch with the step compiled by its first call, after '
+      'the state, as before; "warm compilation cache": a later launch with '
+      "`JAX_COMPILATION_CACHE_DIR` set. `python benchmarks/startup.py --clean_venv=DIR`.",
       "",
-      *lines,
-      "",
-      "| command | wall s | CPU s |",
-      "|---|---|---|",
-      *(
-        f"| `{name}` | {statistics.median(w for w, _ in v):.2f} | "
-        f"{statistics.median(c for _, c in v):.2f} |"
-        for name, v in small.items()
-      ),
+      *parts,
     ]
   )
   print(body)

@@ -131,15 +131,32 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
   # Init, train and eval steps traced under the run's mesh: models' own P(...) constraints.
   with sharding.use_mesh(mesh):
     dataset = distributed.agree(lambda: _data(run, mesh, data_index, data_count), "loading data")
-    built = distributed.agree(lambda: _model(run, mesh, dataset), "building the model")
-    ckpts = distributed.agree(
-      lambda: _checkpoints(run, workdir, mesh, dataset), "opening checkpoints"
+    factory, abstract, shardings, unmapped = distributed.agree(
+      lambda: _model(run, mesh, dataset), "building the model"
     )
+    batch_sharding = sharding.batch_sharding(mesh, run.mesh)
+    loss = registry.MODELS.get(run.model.name).loss
+    steps = train_state.make_run_steps(
+      run, loss, state_sharding=shardings, batch_sharding=batch_sharding
+    )
+    warm = _precompile(run, workdir, mesh, dataset, steps, abstract, shardings, batch_sharding)
     try:
-      loop = _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, *built)
-      return _loop(loop)
+      ckpts = distributed.agree(
+        lambda: _checkpoints(run, workdir, mesh, dataset), "opening checkpoints"
+      )
+      try:
+        state, data_state = _state(run, workdir, main, mesh, ckpts, factory, abstract, shardings,
+                                   unmapped)  # fmt: skip
+        if warm is not None:  # its compile serves the first step (JAX's caches), never run twice
+          warm.join()
+        loop = _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, steps, state,
+                      data_state, batch_sharding)  # fmt: skip
+        return _loop(loop)
+      finally:
+        _close_checkpoints(ckpts, sys.exc_info()[1])
     finally:
-      _close_checkpoints(ckpts, sys.exc_info()[1])
+      if warm is not None:  # a failed start-up still waits for it (no compile left running)
+        warm.join()
 
 
 def _data(run: plan.RunPlan, mesh, data_index: int, data_count: int):
@@ -192,29 +209,24 @@ def _close_checkpoints(ckpts: checkpoint.Checkpoints, failing: BaseException | N
     ckpts.close()
 
 
-def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, factory, abstract, shardings,
-           unmapped) -> Loop:  # fmt: skip
-  """Restores or creates the state, writes ``config.json``, reports, compiles: the :class:`Loop`."""
+def _state(run, workdir, main, mesh, ckpts, factory, abstract, shardings, unmapped):
+  """Restores the newest checkpoint or creates the state; writes ``config.json``; reports."""
   target = train_state.with_shardings(abstract, shardings)
-  batch_sharding = sharding.batch_sharding(mesh, run.mesh)
-  loss = registry.MODELS.get(run.model.name).loss
-  steps = train_state.make_run_steps(
-    run, loss, state_sharding=shardings, batch_sharding=batch_sharding
-  )
-  warm = _precompile(run, workdir, mesh, dataset, steps, abstract, shardings, batch_sharding)
-  try:
-    migrate = run.checkpoint.migrate_opt_state
-    state, data_state = wd_lib.restore_newest(ckpts, target, workdir, main, migrate=migrate)
-    if state is None:
-      state, data_state = factory.create(shardings), {}
-    elif main:
-      print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
-    wd_lib.write_workdir_config(run.config, workdir)  # only now is this workdir this config's run
-    if main:
-      print(report.startup_report(run, state, mesh, factory, unmapped), flush=True)
-  finally:
-    if warm is not None:  # its compile serves the first step (JAX's caches), never run twice
-      warm.join()
+  migrate = run.checkpoint.migrate_opt_state
+  state, data_state = wd_lib.restore_newest(ckpts, target, workdir, main, migrate=migrate)
+  if state is None:
+    state, data_state = factory.create(shardings), {}
+  elif main:
+    print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
+  wd_lib.write_workdir_config(run.config, workdir)  # only now is this workdir this config's run
+  if main:
+    print(report.startup_report(run, state, mesh, factory, unmapped), flush=True)
+  return state, data_state
+
+
+def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, steps, state, data_state,
+           batch_sharding) -> Loop:  # fmt: skip
+  """The writers and the steps (loaded if ``python -m train.compile`` saved them): the :class:`Loop`."""
   # Steps that python -m train.compile saved in WORKDIR/compiled load instead of compiling.
   steps, note = aot.use_saved_steps(steps, workdir, run, mesh, state, batch_sharding, dataset)
   if note and main:
