@@ -16,7 +16,10 @@ Each round runs, one after the other in this process tree on this machine:
   reference's exact recipe (decay on every tensor with ndim >= 2, cosine
   schedule, 2000 steps);
 * ``pytorch twin``: ``benchmarks/torch_shakespeare.py``, the reference recipe
-  in PyTorch (same architecture, init, AdamW, sampling and evaluation).
+  in PyTorch (same architecture, init, AdamW, sampling and evaluation);
+* ``nanogpt train.py`` with ``--nanogpt=DIR`` (a checkout of karpathy/nanoGPT):
+  nanoGPT's own ``train.py`` with its README's CPU command, on data its
+  ``prepare.py`` makes from the canonical text.
 
 Every run reads the canonical text and ends with a validation loss over 200
 batches. Wall time is the whole process, from launch to exit (imports,
@@ -34,6 +37,8 @@ import argparse
 import datetime
 import json
 import pathlib
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +86,26 @@ def _twin(workdir: pathlib.Path) -> list[str]:
   return [sys.executable, twin, f"--data={TEXT[0]}", f"--out={workdir}"]
 
 
+# nanoGPT's own train.py with its README's CPU command (a checkout given by --nanogpt).
+NANOGPT: list[pathlib.Path | None] = [None]
+NANOGPT_CPU = [
+  "config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+  "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
+]  # fmt: skip
+_NANOGPT_EVAL = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
+_NANOGPT_ITER = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+
+
+def _nanogpt(workdir: pathlib.Path) -> list[str]:
+  """A copy of the checkout in ``workdir``, its data prepared from the canonical text (untimed)."""
+  shutil.copytree(NANOGPT[0], workdir, ignore=shutil.ignore_patterns(".git", "out-*"))
+  data = workdir / "data" / "shakespeare_char"
+  shutil.copyfile(TEXT[0], data / "input.txt")  # prepare.py downloads it only when missing
+  subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+  return [sys.executable, "-u", "train.py", *NANOGPT_CPU]
+
+
 RUNS = {
   "ours": _ours(""),
   # bfloat16 matmuls (float32 params and softmax): faster where the CPU has AMX or
@@ -101,7 +126,37 @@ def _peak_rss_mib(pid: int) -> float | None:
   return None
 
 
+def run_nanogpt(workdir: pathlib.Path) -> dict[str, Any]:
+  """nanoGPT's train.py: its printed evaluations (20 batches), each timed from the launch."""
+  cmd = _nanogpt(workdir)
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)  # fmt: skip
+  evals, iters, rss, out = [], [], 0.0, []
+  for line in proc.stdout:
+    out.append(line)
+    rss = max(rss, _peak_rss_mib(proc.pid) or 0.0)
+    if m := _NANOGPT_EVAL.search(line):
+      evals.append((int(m[1]), float(m[2]), time.perf_counter() - t0))
+    elif m := _NANOGPT_ITER.search(line):
+      iters.append(float(m[2]))
+  wall = time.perf_counter() - t0
+  if proc.wait() or not evals:
+    raise RuntimeError(f"nanoGPT train.py failed ({proc.returncode}):\n{''.join(out)[-3000:]}")
+  hit = next((e for e in evals if e[1] <= TARGET), None)
+  return {
+    "wall": wall,
+    "final_val": evals[-1][1],
+    "to_target": hit[2] if hit else None,
+    "to_target_step": hit[0] if hit else None,
+    "rss_mib": rss,
+    "tokens_per_sec": 12 * 64 / (statistics.median(iters[1:]) / 1e3),
+  }
+
+
 def run_once(name: str, workdir: pathlib.Path) -> dict[str, Any]:
+  if name == "nanogpt train.py":
+    return run_nanogpt(workdir)
   t0 = time.perf_counter()
   proc = subprocess.Popen(
     RUNS[name](workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -140,8 +195,16 @@ def main() -> None:
   ap.add_argument("--no-write", action="store_true")
   ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
   ap.add_argument("--text", default=str(TEXT[0]), help="the canonical Tiny Shakespeare text")
+  ap.add_argument(
+    "--nanogpt",
+    default="",
+    help="a checkout of karpathy/nanoGPT: its train.py runs too, with its README's CPU command",
+  )
   args = ap.parse_args()
   TEXT[0] = pathlib.Path(args.text)
+  if args.nanogpt:
+    NANOGPT[0] = pathlib.Path(args.nanogpt)
+    RUNS["nanogpt train.py"] = _nanogpt
   names = [n for n in RUNS if not args.only or n in args.only.split(",")]
   results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
   with tempfile.TemporaryDirectory() as tmp:
@@ -172,16 +235,26 @@ def main() -> None:
     f"{args.rounds} interleaved round(s), medians.",
     "",
     "| run | wall s (each round) | final val (200 batches) | s to val <= 1.88 | tokens/s | "
-    "peak RSS MiB | wall / twin |",
-    "|---|---|---|---|---|---|---|",
+    "peak RSS MiB | wall / twin | wall / nanoGPT's train.py |",
+    "|---|---|---|---|---|---|---|---|",
   ]
+  reference = table.get("nanogpt train.py")
   for name, t in table.items():
     ratio = f"{t['wall'] / twin['wall']:.2f}" if twin else "-"
+    ratio += f" | {t['wall'] / reference['wall']:.2f}" if reference else " | -"
     target = f"{t['to_target']:.0f}" if t["to_target"] is not None else "not reached"
     lines.append(
       f"| {name} | {t['wall']:.1f} ({', '.join(map(str, t['walls']))}) | {t['final_val']:.4f} "
       f"| {target} | {t['tok']:.0f} | {t['rss']:.0f} | {ratio} |"
     )
+  if reference:
+    lines += [
+      "",
+      "`nanogpt train.py`: nanoGPT's own `train.py` (a checkout given by `--nanogpt`) with its "
+      "README's CPU command (`" + " ".join(NANOGPT_CPU) + "`), data prepared from the canonical "
+      "text by its `prepare.py` (untimed); its final val is its own 20-batch estimate, and its "
+      "time to target is counted from the launch (ours from after the imports).",
+    ]
   ours = table.get("ours")
   if ours and ours["tok"]:
     ms = 1e3 * 768 / ours["tok"]  # tokens per step: batch 12 x 64 (default recipe)
