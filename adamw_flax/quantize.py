@@ -414,11 +414,12 @@ def _split_bits(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   return h >> 16, h & np.uint32(0xFFFF)
 
 
-def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h):
+def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h, from_stored=False):
   """One chunk's step; arrays in blocks ``(..., blocks, block)``, scales ``(..., blocks)``.
 
   Returns ``(u, mu codes, mu scale, nu codes, nu scale)``; ``h`` is None or
-  the chunk's :func:`_element_bits`.
+  the chunk's :func:`_element_bits`; ``from_stored``: the update from the new
+  codes (:func:`adam_update`).
   """
   mu_c = _decode(cm, _factor(sm, MAPS["mu"])[..., None], MAPS["mu"])
   nu_c = _decode(cn, _factor(sn, MAPS["nu"])[..., None], MAPS["nu"])
@@ -428,6 +429,9 @@ def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h):
   bm, bn = (None, None) if h is None else _split_bits(h)
   codes_mu = _encode(mu_new, am, MAPS["mu"], bm)
   codes_nu = _encode(jnp.sqrt(nu_new), an, MAPS["nu"], bn)
+  if from_stored:
+    mu_new = _decode(codes_mu, _factor(am, MAPS["mu"]), MAPS["mu"])
+    nu_new = _decode(codes_nu, _factor(an, MAPS["nu"]), MAPS["nu"])
   u = _direction(g, mu_new, nu_new, s, nesterov)
   return u, codes_mu, am[..., 0], codes_nu, an[..., 0]
 
@@ -437,7 +441,8 @@ def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h):
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, chunk):
+def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, chunk,
+                 from_stored=False):  # fmt: skip
   """The step of a (local) leaf, looping over chunks of rows of its 2-D view.
 
   Args:
@@ -449,6 +454,7 @@ def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, c
     c_total: the leaf's last dimension (global).
     nesterov: Nesterov momentum.
     chunk: elements per chunk (the whole leaf in one when it is at least its size).
+    from_stored: the update from the new codes (:func:`adam_update`).
 
   Returns:
     ``(u, mu codes, mu scale, nu codes, nu scale)`` shaped like the inputs.
@@ -471,7 +477,9 @@ def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, c
       ids = sl(row_ids).astype(jnp.uint32)[:, None] * np.uint32(c_total)
       cols_idx = jax.lax.broadcasted_iota(jnp.uint32, (n, cols), 1) + col0.astype(jnp.uint32)
       h = blk(_element_bits(ids + cols_idx, word))
-    out = _chunk_step(blk(sl(g2)), blk(sl(cm2)), sl(sm2), blk(sl(cn2)), sl(sn2), s, nesterov, h)
+    out = _chunk_step(
+      blk(sl(g2)), blk(sl(cm2)), sl(sm2), blk(sl(cn2)), sl(sn2), s, nesterov, h, from_stored
+    )
     return tuple(x.reshape(n, -1) for x in out)
 
   if rows <= t:  # one chunk: the whole leaf
@@ -626,7 +634,7 @@ def _expand(x: jax.Array, cols: int) -> jax.Array:
   return out
 
 
-def _xla_update(g, cm, sm, cn, sn, s, word, nesterov):
+def _xla_update(g, cm, sm, cn, sn, s, word, nesterov, from_stored=False):
   """The step as XLA fusions only (no kernel, no custom call): for sharded leaves on TPU.
 
   XLA's SPMD partitioner splits it like any array expression (a Pallas
@@ -642,13 +650,16 @@ def _xla_update(g, cm, sm, cn, sn, s, word, nesterov):
   mu_c = _decode(cm, _expand(_factor(sm, mu_map), cols), mu_map)
   nu_c = _decode(cn, _expand(_factor(sn, nu_map), cols), nu_map)
   mu_new, nu_new = _moments(g, mu_c, nu_c, s)
-  u = _direction(g, mu_new, nu_new, s, nesterov)
   cut = lambda x, b: x[..., b * block : (b + 1) * block]
   am = jnp.concatenate([_absmax(cut(mu_new, b), mu_map) for b in range(nb)], axis=-1)
   an = jnp.concatenate([_absmax(cut(nu_new, b), nu_map) for b in range(nb)], axis=-1)
   bm, bn = (None, None) if word is None else leaf_bits(word, shape)
   codes_mu = _encode(mu_new, _expand(am, cols), mu_map, bm)
   codes_nu = _encode(jnp.sqrt(nu_new), _expand(an, cols), nu_map, bn)
+  if from_stored:
+    mu_new = _decode(codes_mu, _expand(_factor(am, mu_map), cols), mu_map)
+    nu_new = _decode(codes_nu, _expand(_factor(an, nu_map), cols), nu_map)
+  u = _direction(g, mu_new, nu_new, s, nesterov)
   return u, codes_mu, am, codes_nu, an
 
 
@@ -779,6 +790,7 @@ def adam_update(
   nesterov: bool = False,
   word: jax.Array | None = None,
   impl: str | None = None,
+  from_stored: bool = False,
 ) -> tuple[jax.Array, QuantizedMoment, QuantizedMoment]:
   r"""One Adam step of a leaf whose moments are both 8-bit: the update and the new moments.
 
@@ -808,6 +820,12 @@ def adam_update(
     impl: None (by platform), ``"loop"``, ``"kernel"`` (the TPU path; off
       TPU its kernel runs in Pallas interpret mode, for tests) or ``"xla"``
       (the TPU path of steps traced under a mesh of several devices).
+    from_stored: compute the update from the new moments as stored (the
+      dequantized new codes) instead of the unrounded ones: other numbers
+      (``update_from_stored_moments``), for one pass over the gradient on
+      TPU. There the kernel requantizes first, and the update, a fusion
+      ``optax.apply_updates`` fuses into, reads the new codes and scales,
+      not the gradient and the old codes a second time.
 
   Returns:
     ``(update, mu, nu)``: the update in float32, the new moments.
@@ -819,7 +837,9 @@ def adam_update(
 
   def loop(chunk):
     def run(g, cm, sm, cn, sn, s, w, rows, col0, affine):
-      return _loop_update(g, cm, sm, cn, sn, s, w, rows, col0, shape[-1], nesterov, chunk)
+      return _loop_update(
+        g, cm, sm, cn, sn, s, w, rows, col0, shape[-1], nesterov, chunk, from_stored
+      )
 
     return run
 
@@ -828,14 +848,17 @@ def adam_update(
     if not (affine and kernel_supports(local_shape, local_shape[-1] // sm.shape[-1])):
       return loop(_CHUNK_ELEMENTS)(g, cm, sm, cn, sn, s, w, rows, col0, affine)
     cols = local_shape[-1]
-    mu_c = _decode(cm, _expand(_factor(sm, MAPS["mu"]), cols), MAPS["mu"])
-    nu_c = _decode(cn, _expand(_factor(sn, MAPS["nu"]), cols), MAPS["nu"])
-    mu_new, nu_new = _moments(g, mu_c, nu_c, s)
-    u = _direction(g, mu_new, nu_new, s, nesterov)
-    new = _kernel_requant(
+    dequantized = lambda c, sc, m: _decode(c, _expand(_factor(sc, MAPS[m]), cols), MAPS[m])
+    requant = lambda: _kernel_requant(
       g, cm, sm, cn, sn, s, w, rows[0], col0, shape[-1], impl == "kernel" and interpret
     )
-    return (u, *new)
+    if from_stored:  # the new codes' values: the gradient and the old codes are read once
+      new = requant()
+      mu_new, nu_new = dequantized(new[0], new[1], "mu"), dequantized(new[2], new[3], "nu")
+    else:
+      mu_new, nu_new = _moments(g, dequantized(cm, sm, "mu"), dequantized(cn, sn, "nu"), s)
+    u = _direction(g, mu_new, nu_new, s, nesterov)
+    return (u, *(new if from_stored else requant()))
 
   def local(g, cm, sm, cn, sn, s, w, rows, col0, affine):
     args = (g, cm, sm, cn, sn, s, w, rows, col0)
@@ -855,7 +878,7 @@ def adam_update(
     )
 
   operands = (g, mu.codes, mu.scale, nu.codes, nu.scale, scalars, word)
-  xla = lambda g, cm, sm, cn, sn, s, w: _xla_update(g, cm, sm, cn, sn, s, w, nesterov)
+  xla = lambda g, cm, sm, cn, sn, s, w: _xla_update(g, cm, sm, cn, sn, s, w, nesterov, from_stored)
   mesh = jax.sharding.get_abstract_mesh()
   if impl == "xla":
     out = xla(*operands)

@@ -252,7 +252,7 @@ DECLARATIONS: tuple[Key, ...] = (
   _k("optimizer.moments_rounding", "stochastic", "int8 moments: codes rounded 'stochastic' (unbiased) or 'nearest'", choices=transform.MOMENTS_ROUNDINGS),
   _k("optimizer.offload", "", "optimizer state in host memory between steps: 'opt_state' or fields 'mu, nu'", check=_offload),
   _k("optimizer.nesterov", False, "Nesterov momentum (NAdamW)"),
-  _k("optimizer.update_from_stored_moments", False, "16-bit mu: faster update, not optax's numbers"),
+  _k("optimizer.update_from_stored_moments", False, "the update from the stored 16-bit or 8-bit moments: faster, not optax's numbers"),
   _nonneg("optimizer.grad_clip_norm", 0.0, "clip gradients to this global norm; 0 = off"),
   _k("optimizer.accumulate_steps", 1, "split each step's batch into this many micro-batches (same updates)", low=1),
   _k("optimizer.skip_nonfinite", False, "skip steps whose gradients hold NaN/inf (optax.apply_if_finite)"),

@@ -19,7 +19,8 @@ bitwise optax's; beyond that it differs in four ways:
 * opt-in, ``update_from_stored_moments=True`` computes the update from the
   moments as stored (rounded to bfloat16), not from their unrounded float32
   values: other numbers than optax's, but about 0.6x its step time with
-  ``mu_dtype=bfloat16`` on CPU (benchmarks/RESULTS.md).
+  ``mu_dtype=bfloat16`` on CPU (benchmarks/RESULTS.md); with 8-bit moments,
+  from the dequantized new codes: one pass over the gradient on TPU.
 """
 
 from __future__ import annotations
@@ -188,7 +189,12 @@ def scale_by_adam(
   the old ``mu`` after the new one overwrote its buffer, so XLA copies every
   ``mu`` leaf into fresh memory first (about 1.6x the float32 step time, against
   about 1.0x with the flag; benchmarks/RESULTS.md). float16 storage keeps the
-  unrounded values either way.
+  unrounded values either way. With 8-bit moments the flag computes the
+  update from the dequantized new codes (the moments as the next step reads
+  them) instead of the unrounded new moments: on TPU the kernel requantizes
+  first and the update reads the new codes, so the gradient and the old codes
+  are read once (benchmarks/RESULTS.md, "AdamW state formats compiled for a
+  TPU v5p chip").
 
   Args:
     b1: Decay rate of the first moment (a Python float or float32 array).
@@ -205,8 +211,9 @@ def scale_by_adam(
       moments rounded to their (bfloat16) storage dtypes instead of their
       unrounded values. False (default) gives optax's numbers for float32
       params; True trades them for a faster step with ``mu_dtype=bfloat16``
-      (see Precision). No effect when the moments are stored in float32 or
-      wider, or with 16-bit params (they use the stored moments anyway).
+      or 8-bit moments on TPU (see Precision). No effect when the moments are
+      stored in float32 or wider, or (16-bit moments) with 16-bit params,
+      which use the stored moments anyway.
     quantize_block_size: with ``mu_dtype``/``nu_dtype="int8"``, the longest
       block of elements along the last axis that share a scale (the block is
       the largest divisor of the last dimension up to this); None: 256.
@@ -367,8 +374,9 @@ def _adam_leaf(rule: _AdamRule, corrections: tuple, g, mu, nu, p, word):
     # (the same arithmetic as below, the same codes).
     scalars = quantize.adam_scalars(b1, b2, eps, eps_root, bc1, bc2, bc1_next)
     u, mu_store, nu_store = quantize.adam_update(
-      g_c, mu, nu, scalars, nesterov=rule.nesterov, word=word
-    )
+      g_c, mu, nu, scalars, nesterov=rule.nesterov, word=word,
+      from_stored=rule.update_from_stored_moments,
+    )  # fmt: skip
     return u.astype(g.dtype), mu_store, nu_store
   # 8-bit moments are dequantized to float32 and the update computed there;
   # XLA fuses dequantize, update and requantize into the step.
@@ -388,8 +396,9 @@ def _adam_leaf(rule: _AdamRule, corrections: tuple, g, mu, nu, p, word):
   mu_store = quantize.quantize(mu_new, "mu", mu.block, bits_mu) if q_mu else mu_new.astype(mu.dtype)
   nu_store = quantize.quantize(nu_new, "nu", nu.block, bits_nu) if q_nu else nu_new.astype(nu.dtype)
   mu_used, nu_used = _moments_read(
-    exact_optax, q_mu, q_nu, mu, nu, mu_new, nu_new, mu_store, nu_store
-  )
+    exact_optax, rule.update_from_stored_moments, (q_mu, q_nu), (mu, nu), (mu_new, nu_new),
+    (mu_store, nu_store),
+  )  # fmt: skip
   if rule.nesterov:
     mu_hat = b1 * (mu_used / bc1_next.astype(mu_used.dtype)) + (1 - b1) * (
       g_c / bc1.astype(g_c.dtype)
@@ -401,7 +410,7 @@ def _adam_leaf(rule: _AdamRule, corrections: tuple, g, mu, nu, p, word):
   return u.astype(g.dtype), mu_store, nu_store
 
 
-def _moments_read(exact_optax, q_mu, q_nu, mu, nu, mu_new, nu_new, mu_store, nu_store):
+def _moments_read(exact_optax, flag, quantized, moments, new, stored_moments):
   """Which moments the update reads: ``(mu, nu)``.
 
   optax reads the unrounded ones (promoted to float32 for float32 params), so
@@ -412,13 +421,17 @@ def _moments_read(exact_optax, q_mu, q_nu, mu, nu, mu_new, nu_new, mu_store, nu_
   its in-place overwrite, which with donated state costs a copy of every mu
   leaf (benchmarks/RESULTS.md). float16 storage would flush small second
   moments to zero and the update to inf, so it keeps the unrounded ones.
-  8-bit moments: the update reads the unrounded values (computed anyway).
+  8-bit moments: the update reads the unrounded values (computed anyway),
+  or with the flag (``flag``) the stored ones, as the 8-bit step does.
   """
   from_stored = not exact_optax
-  stored = lambda q, m: from_stored and not q and _wide_exponent(m.dtype)
-  mu_used = _upcast(mu_store) if stored(q_mu, mu) else mu_new
-  nu_used = _upcast(nu_store) if stored(q_nu, nu) else nu_new
-  return mu_used, nu_used
+  out = []
+  for q, m, fresh, store in zip(quantized, moments, new, stored_moments, strict=True):
+    if q:
+      out.append(quantize.dequantize(store) if flag else fresh)
+    else:
+      out.append(_upcast(store) if from_stored and _wide_exponent(m.dtype) else fresh)
+  return tuple(out)
 
 
 def _is_zero_constant(weight_decay: Any) -> bool:
@@ -845,9 +858,10 @@ def adamw(
     weight_decay_mask: Another name for ``mask`` (optax PR 1635); give one
       of the two.
     update_from_stored_moments: Compute the update from the moments rounded
-      to their bfloat16 storage instead of their unrounded values (default
-      False: optax's numbers). Faster with float32 params and
-      ``mu_dtype=bfloat16``; see :func:`scale_by_adam`.
+      to their bfloat16 or 8-bit storage instead of their unrounded values
+      (default False: optax's numbers). Faster with float32 params and
+      ``mu_dtype=bfloat16``, and with 8-bit moments on TPU; see
+      :func:`scale_by_adam`.
     weight_decay_multipliers: Per-leaf multipliers of ``weight_decay`` (a
       tree of floats or a callable ``params -> tree``), e.g. 0.1 for
       embeddings; not in optax. Replaces optax's decay by

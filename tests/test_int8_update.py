@@ -87,6 +87,53 @@ def test_the_blockwise_step_gives_the_codes_of_quantize_bitwise(shape, impl, nes
     np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
 
 
+@pytest.mark.parametrize("impl", ["loop", "kernel", "xla"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_update_from_stored_moments_reads_the_new_codes(impl, nesterov):
+  """``from_stored``: the same codes, and the update of the dequantized new moments."""
+  g, mu, nu = _leaf((96, 512))
+  s = _scalars()
+
+  def run(from_stored):
+    step = lambda g, mu, nu, s: quantize.adam_update(
+      g, mu, nu, s, nesterov=nesterov, impl=impl, from_stored=from_stored
+    )
+    return jax.jit(step)(g, mu, nu, s)
+
+  default, stored = run(False), run(True)
+  for a, b in zip(_leaves(default)[1:], _leaves(stored)[1:], strict=True):
+    np.testing.assert_array_equal(a, b)
+  m, v = quantize.dequantize(stored[1]), quantize.dequantize(stored[2])
+  mu_hat = s.b1 * (m / s.bc1_next) + s.one_minus_b1 * (g / s.bc1) if nesterov else m / s.bc1
+  want = np.asarray(mu_hat / (jnp.sqrt(v / s.bc2 + s.eps_root) + s.eps))
+  got = np.asarray(stored[0])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max() * nesterov)
+  # ... which is not the default's update from the unrounded moments
+  assert np.abs(got - np.asarray(default[0])).max() > 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtypes", [("int8", "int8"), ("int8", "float32"), ("float32", "int8")])
+def test_adamw_updates_from_the_stored_8bit_moments_on_request(dtypes):
+  """``adamw(..., update_from_stored_moments=True)``: the update reads the 8-bit moments as stored."""
+  mu_dtype, nu_dtype = dtypes
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32)}
+  grads = [{"w": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32)} for _ in range(3)]
+  kw = dict(learning_rate=1.0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
+  tx = adamw_flax.adamw(**kw, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                        update_from_stored_moments=True, moments_rounding="nearest")  # fmt: skip
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for g in grads:
+    u, state = update(g, state, params)
+  count, adam = len(grads), state[0]
+  m, v = (
+    quantize.dequantize(x) if quantize.is_quantized(x) else x for x in (adam.mu["w"], adam.nu["w"])
+  )
+  want = -(m / (1 - 0.9**count)) / (jnp.sqrt(v / (1 - 0.99**count)) + 1e-8)
+  np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(want), rtol=2e-6, atol=1e-7)
+
+
 def test_every_path_rounds_stochastically_alike():
   g, mu, nu = _leaf((160, 1024))
   s = _scalars()
