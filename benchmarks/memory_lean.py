@@ -170,6 +170,14 @@ def update_times(params: dict[str, Any], quick: bool) -> dict[str, float]:
 QUALITY = [
   ("float32 (default)", []),
   ("int8 moments", ["optimizer.mu_dtype=int8", "optimizer.nu_dtype=int8"]),
+  (
+    "int8 moments, update from stored moments",
+    [
+      "optimizer.mu_dtype=int8",
+      "optimizer.nu_dtype=int8",
+      "optimizer.update_from_stored_moments=True",
+    ],
+  ),
   ("bf16 params, stochastic", ["optimizer.params_dtype=bfloat16"]),
   ("bf16 params, kahan", ["optimizer.params_dtype=bfloat16", "optimizer.params_rounding=kahan"]),
   (
