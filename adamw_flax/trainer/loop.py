@@ -148,6 +148,7 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
         state, data_state = _state(run, workdir, main, mesh, ckpts, factory, abstract, shardings,
                                    unmapped)  # fmt: skip
         if warm is not None:  # its compile serves the first step (JAX's caches), never run twice
+          guards.watchdog.beat(None, "compiling the train step")  # what a stall report names
           warm.join()
         loop = _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, steps, state,
                       data_state, batch_sharding)  # fmt: skip
