@@ -1,9 +1,10 @@
 """Config in, trained and checkpointed model out: start-up in phases, then the loop.
 
 ``train_and_evaluate(config, workdir)`` reads top to bottom: plan the run,
-claim the workdir, build the mesh, the data and the abstract state, restore
-the newest checkpoint or create the state, write ``config.json``, print the
-start-up report, compile the steps, loop. Every start-up phase runs on every
+claim the workdir, build the mesh, the data and the abstract state, start
+compiling the train step on a second thread, restore the newest checkpoint
+or create the state, write ``config.json``, print the start-up report, wait
+for the step's compile, loop. Every start-up phase runs on every
 process and ends them all alike when it fails on one
 (:func:`adamw_flax.distributed.agree`). The loop dispatches a step, reads the
 previous one's metrics (one step late, so the host never waits for the

@@ -105,7 +105,7 @@ def startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str])
   return "\n".join(lines)
 
 
-_COSTS = {"startup": "start-up", "first_step": "first step (compile)", "evals": "evals",
+_COSTS = {"startup": "start-up", "first_step": "first step", "evals": "evals",
           "saves": "saves (blocking)", "plots": "plots (background)"}  # fmt: skip
 
 
