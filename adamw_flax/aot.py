@@ -462,6 +462,21 @@ def _abstract(tree: Any, sharding_: Any, rows_scale: int = 1) -> dict[str, Any]:
   return {k: one(v) for k, v in dict(tree).items()}
 
 
+def train_batch_spec(dataset: Any, batch_sharding: Any, process_count: int = 1) -> dict[str, Any]:
+  """The abstract global train batch of a dataset (its batch 0 is read).
+
+  Args:
+    dataset: a registered dataset (``train_batch``).
+    batch_sharding: the batch's sharding.
+    process_count: the slices the dataset was built for (its batches are
+      one process's rows).
+
+  Returns:
+    ``name -> jax.ShapeDtypeStruct``.
+  """
+  return _abstract(dataset.train_batch(0), batch_sharding, process_count)
+
+
 def batch_specs(dataset: Any, batch_sharding: Any, process_count: int = 1) -> tuple[Any, Any]:
   """The abstract global train and validation batches of a dataset (one of each is read).
 
@@ -474,7 +489,7 @@ def batch_specs(dataset: Any, batch_sharding: Any, process_count: int = 1) -> tu
   Returns:
     ``(train batch, validation batch or None)`` of ``jax.ShapeDtypeStruct``.
   """
-  train = _abstract(dataset.train_batch(0), batch_sharding, process_count)
+  train = train_batch_spec(dataset, batch_sharding, process_count)
   evals = list(dataset.eval_batches(1)) if hasattr(dataset, "eval_batches") else []
   return train, (_abstract(evals[0], batch_sharding, process_count) if evals else None)
 

@@ -634,6 +634,9 @@ def create_train_state(
 def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
   """``abstract``'s ``ShapeDtypeStruct`` leaves carrying ``shardings`` (a restore target).
 
+  Weak types are kept, so a step lowered from this state is the program a
+  call with the created state runs (the trainer's precompile).
+
   Args:
     abstract: from :meth:`StateFactory.abstract`.
     shardings: from :meth:`TrainState.shardings`.
@@ -642,7 +645,11 @@ def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
     The abstract state with a sharding on every leaf.
   """
   return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    lambda x, s: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=s, weak_type=getattr(x, "weak_type", False)
+    ),
+    abstract,
+    shardings,
   )
 
 

@@ -198,8 +198,8 @@ def ml_dtypes_import(python: str) -> str:
   return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
 
 
-def measure(python: str, rounds: int, hook_dir: str, caches: str) -> tuple[list[str], dict, list]:
-  """Interleaved rounds with one interpreter: (table lines, small commands, load averages)."""
+def measure(python: str, rounds: int, hook_dir: str, caches: str) -> tuple[list[str], list]:
+  """Interleaved rounds with one interpreter: (table lines, load averages)."""
   runs: dict[tuple[str, str], list[dict[str, float]]] = {}
   small: dict[str, list[tuple[float, float]]] = {"help": [], "config error": []}
   loads = []
@@ -245,7 +245,7 @@ def measure(python: str, rounds: int, hook_dir: str, caches: str) -> tuple[list[
     f"{statistics.median(c for _, c in v):.2f} |"
     for name, v in small.items()
   ]
-  return lines, small, loads
+  return lines, loads
 
 
 def main() -> None:
@@ -270,7 +270,7 @@ def main() -> None:
     (Path(hook_dir) / "sitecustomize.py").write_text(HOOK)
     for where, python in pythons.items():
       with tempfile.TemporaryDirectory() as caches:
-        lines, _, got = measure(python, args.rounds, hook_dir, caches)
+        lines, got = measure(python, args.rounds, hook_dir, caches)
       loads += got
       parts += [f"### In {where}", "", f"{ml_dtypes_import(python)}.", "", *lines, ""]
   import jax  # noqa: PLC0415 (versions for the header only)

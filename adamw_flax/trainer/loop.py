@@ -140,13 +140,14 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
     steps = train_state.make_run_steps(
       run, loss, state_sharding=shardings, batch_sharding=batch_sharding
     )
-    warm = _precompile(run, workdir, mesh, dataset, steps, abstract, shardings, batch_sharding)
+    target = train_state.with_shardings(abstract, shardings)  # the restore's and the precompile's
+    warm = _precompile(run, workdir, mesh, dataset, steps, target, batch_sharding)
     try:
       ckpts = distributed.agree(
         lambda: _checkpoints(run, workdir, mesh, dataset), "opening checkpoints"
       )
       try:
-        state, data_state = _state(run, workdir, main, mesh, ckpts, factory, abstract, shardings,
+        state, data_state = _state(run, workdir, main, mesh, ckpts, factory, target, shardings,
                                    unmapped)  # fmt: skip
         if warm is not None:  # its compile serves the first step (JAX's caches), never run twice
           guards.watchdog.beat(None, "compiling the train step")  # what a stall report names
@@ -211,9 +212,8 @@ def _close_checkpoints(ckpts: checkpoint.Checkpoints, failing: BaseException | N
     ckpts.close()
 
 
-def _state(run, workdir, main, mesh, ckpts, factory, abstract, shardings, unmapped):
-  """Restores the newest checkpoint or creates the state; writes ``config.json``; reports."""
-  target = train_state.with_shardings(abstract, shardings)
+def _state(run, workdir, main, mesh, ckpts, factory, target, shardings, unmapped):
+  """Restores the newest checkpoint into ``target``, or creates the state; writes config.json."""
   migrate = run.checkpoint.migrate_opt_state
   state, data_state = wd_lib.restore_newest(ckpts, target, workdir, main, migrate=migrate)
   if state is None:
@@ -248,7 +248,7 @@ def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, steps, sta
 
 
 def _precompile(
-  run, workdir, mesh, dataset, steps, abstract, shardings, batch_sharding
+  run, workdir, mesh, dataset, steps, target, batch_sharding
 ) -> threading.Thread | None:
   """Starts compiling the train step, from abstract values, beside the state's restore or init.
 
@@ -262,6 +262,9 @@ def _precompile(
   (:func:`_dispatch`). Not started when ``WORKDIR/compiled`` holds steps from
   ``python -m train.compile`` (they load instead).
 
+  Args:
+    target: the abstract state with its shardings (the restore's target).
+
   Returns:
     The thread (joined before the first step), or None.
   """
@@ -271,14 +274,9 @@ def _precompile(
   def compile_train_step() -> None:
     try:
       _, count = sharding.data_shard_info(mesh, run.mesh)
-      batch = aot.batch_specs(dataset, batch_sharding, count)[0]  # reads train batch 0
-      state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s, weak_type=x.weak_type),
-        abstract,
-        shardings,
-      )
+      batch = aot.train_batch_spec(dataset, batch_sharding, count)  # reads train batch 0
       with sharding.use_mesh(mesh):  # the mesh context is per thread
-        steps.train.lower(state, batch).compile()
+        steps.train.lower(target, batch).compile()
     except Exception:  # noqa: BLE001 (the first step's own compile reports it)
       pass
 
