@@ -51,6 +51,8 @@ _EXPORTS: dict[str, str] = {
   "UserError": "errors",
   # train state
   "TrainState": "train_state",
+  "Extra": "train_state",
+  "SpikeStats": "train_state",
   "create_train_state": "train_state",
   "make_train_step": "train_state",
   "make_eval_step": "train_state",

@@ -703,10 +703,10 @@ def _leaf_name(keypath: Sequence[Any]) -> str:
 
 def _argument_parts(compiled: Any, args: tuple[Any, ...]) -> tuple[dict[str, int], list]:
   """Per-chip bytes of each kept argument, by part, and ``(bytes, name)`` per argument."""
-  formats = jax.tree.leaves(
-    compiled.input_formats[0], is_leaf=lambda f: f is None or hasattr(f, "layout")
-  )
-  leaves = jax.tree_util.tree_flatten_with_path(args)[0]
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(args)
+  # Up to the arguments' leaves: a format is None where the step drops the
+  # argument, and a None node of the arguments (an unused Extra field) has none.
+  formats = treedef.flatten_up_to(compiled.input_formats[0])
   parts = {"params": 0, "opt_state": 0, "batch": 0, "other": 0}
   named: list[tuple[int, str]] = []
   for fmt, (keypath, leaf) in zip(formats, leaves, strict=True):

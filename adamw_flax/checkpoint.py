@@ -751,8 +751,8 @@ def restore_params(
   with _reader(path) as manager:
     step, meta, config, target = _load_target(manager, path, step, config, None, None)
     _check_fits(meta, target, config, f"{path}/{step}", fields=fields)
-    wanted = {k: getattr(target, k) for k in fields}
-    if ema and "ema" not in wanted["extra"]:
+    wanted = {k: v for k, v in fingerprint.state_arrays(target).items() if k in fields}
+    if ema and "ema" not in wanted.get("extra", {}):
       raise ValueError(
         f"checkpoint {path}/{step} holds no EMA weights: its run had trainer.ema_decay=0"
       )
@@ -760,7 +760,7 @@ def restore_params(
   state = target.replace(opt_state=None, **arrays)
   if ema:
     cast = lambda e, p: e.astype(p.dtype)
-    return state.merge(jax.tree.map(cast, state.extra["ema"], state.params))
+    return state.merge(jax.tree.map(cast, state.extra.ema, state.params))
   return state.merge()
 
 

@@ -37,10 +37,15 @@ def state_arrays(state: Any) -> dict[str, Any]:
     out = {k: state[k] for k in ARRAY_FIELDS if k in state}
   else:
     out = {k: getattr(state, k) for k in ARRAY_FIELDS if hasattr(state, k)}
-  if not out.get("extra", True):
-    # No EMA or spike statistics: the state (and its checkpoints) are the
-    # first build's, whose checkpoints have no "extra" item.
-    del out["extra"]
+  if "extra" in out:
+    # Checkpoints hold the typed extra (train_state.Extra) as the dict of the
+    # first builds: the same tree on disk, so their checkpoints still restore.
+    extra = out["extra"]
+    out["extra"] = extra if isinstance(extra, dict) else extra.as_dict()
+    if not out["extra"]:
+      # No EMA or spike statistics: the state (and its checkpoints) are the
+      # first build's, whose checkpoints have no "extra" item.
+      del out["extra"]
   return out
 
 

@@ -75,6 +75,80 @@ class StateSpec:
   __eq__ = object.__eq__
 
 
+class _ByName:
+  """Read access by key, as ``extra["ema"]``: the first builds kept these states in dicts.
+
+  A field that is None (not configured) reads as absent: ``"ema" in extra`` is
+  False and ``extra["ema"]`` raises ``KeyError``.
+  """
+
+  def keys(self) -> list[str]:
+    """The names of the fields that hold something, in declaration order."""
+    return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+  def __contains__(self, name: object) -> bool:
+    return name in self.keys()
+
+  def __getitem__(self, name: str) -> Any:
+    if name not in self.keys():
+      raise KeyError(name)
+    return getattr(self, name)
+
+  def as_dict(self) -> dict[str, Any]:
+    """``name -> value`` of the fields that hold something (nested states as dicts too).
+
+    The form checkpoints hold: the same tree as the dicts of the first builds.
+    """
+    return {k: v.as_dict() if isinstance(v, _ByName) else v for k, v in
+            ((k, getattr(self, k)) for k in self.keys())}  # fmt: skip
+
+
+@struct.dataclass
+class SpikeStats(_ByName):
+  """The rolling statistics of :class:`~adamw_flax.plan.SpikeRule` (``optimizer.skip_spikes``).
+
+  Attributes:
+    loss: the last ``window`` steps' losses (float32 ring buffer).
+    grad_norm: their gradient norms.
+    count: finite steps seen (int32; the ring's write position mod ``window``).
+    skipped: updates skipped as spikes (int32).
+  """
+
+  loss: jax.Array
+  grad_norm: jax.Array
+  count: jax.Array
+  skipped: jax.Array
+
+
+@struct.dataclass
+class Extra(_ByName):
+  """What the train step keeps beside the optimizer state, each part when configured.
+
+  Attributes:
+    ema: the EMA of the params (``trainer.ema_decay``), a tree like them; or None.
+    spikes: the :class:`SpikeStats` of ``optimizer.skip_spikes``; or None.
+  """
+
+  ema: PyTree = None
+  spikes: SpikeStats | None = None
+
+  def __bool__(self) -> bool:
+    return bool(self.keys())
+
+  @classmethod
+  def of(cls, value: Any) -> Extra:
+    """An :class:`Extra` from itself or its dict form (a checkpoint's tree, ``{}``)."""
+    if isinstance(value, Extra):
+      return value
+    unknown = set(value) - {"ema", "spikes"}
+    if unknown:
+      raise ValueError(f"TrainState.extra holds 'ema' and 'spikes', got {sorted(unknown)}")
+    spikes = value.get("spikes")
+    if isinstance(spikes, dict):
+      spikes = SpikeStats(**spikes)
+    return cls(ema=value.get("ema"), spikes=spikes)
+
+
 class TrainState(struct.PyTreeNode):
   """Everything a training run updates, as a pytree of arrays.
 
@@ -88,10 +162,11 @@ class TrainState(struct.PyTreeNode):
     rest: the module's non-parameter state (batch statistics, RNG keys and
       counters, ...), updated by the forward pass.
     opt_state: the optimizer state of ``params``.
-    extra: what the train step keeps beside the optimizer, when configured:
+    extra: what the train step keeps beside the optimizer (:class:`Extra`):
       ``ema`` (the EMA of ``params``, ``trainer.ema_decay``) and ``spikes``
-      (rolling loss and gradient-norm statistics, ``optimizer.skip_spikes``);
-      ``{}`` otherwise.
+      (rolling loss and gradient-norm statistics, ``optimizer.skip_spikes``),
+      each None when not configured. A dict of those (a checkpoint's form,
+      ``{}``) given here becomes an :class:`Extra`.
     spec: the static parts (graph definition, optimizer, schedule); also
       available as ``graphdef``, ``tx`` and ``lr_fn``.
   """
@@ -102,7 +177,11 @@ class TrainState(struct.PyTreeNode):
   rest: PyTree
   opt_state: optax.OptState
   spec: StateSpec = struct.field(pytree_node=False)
-  extra: PyTree = struct.field(default_factory=dict)
+  extra: Extra = struct.field(default_factory=Extra)
+
+  def __post_init__(self):
+    if isinstance(self.extra, dict):  # its checkpoint form, or a user's state.replace(extra={})
+      object.__setattr__(self, "extra", Extra.of(self.extra))
 
   @property
   def graphdef(self) -> Any:
@@ -556,13 +635,11 @@ def state_factory(
   ema_dtype = jnp.dtype(run.trainer.ema_dtype)
   spikes = run.optimizer.spikes
 
-  def extras(params: PyTree) -> PyTree:
-    extra: dict[str, Any] = {}
-    if run.trainer.ema_decay:
-      extra["ema"] = jax.tree.map(lambda p: p.astype(ema_dtype), params)
-    if spikes is not None:
-      extra["spikes"] = init_spike_stats(spikes.window)
-    return extra
+  def extras(params: PyTree) -> Extra:
+    return Extra(
+      ema=jax.tree.map(lambda p: p.astype(ema_dtype), params) if run.trainer.ema else None,
+      spikes=None if spikes is None else init_spike_stats(spikes.window),
+    )
 
   def init() -> TrainState:
     with nnx.use_eager_sharding(False):
@@ -736,7 +813,7 @@ def _accepts_rngs(fn: Callable[..., Any]) -> bool:
   return any(p.name == "rngs" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def init_spike_stats(window: int) -> dict[str, jax.Array]:
+def init_spike_stats(window: int) -> SpikeStats:
   """The rolling statistics of :class:`~adamw_flax.plan.SpikeRule` before any step.
 
   Args:
@@ -746,15 +823,15 @@ def init_spike_stats(window: int) -> dict[str, jax.Array]:
     ``loss`` and ``grad_norm`` buffers (float32, ``window``), ``count`` (steps
     seen) and ``skipped`` (spikes skipped), int32.
   """
-  return {
-    "loss": jnp.zeros((window,), jnp.float32),
-    "grad_norm": jnp.zeros((window,), jnp.float32),
-    "count": jnp.zeros((), jnp.int32),
-    "skipped": jnp.zeros((), jnp.int32),
-  }
+  return SpikeStats(
+    loss=jnp.zeros((window,), jnp.float32),
+    grad_norm=jnp.zeros((window,), jnp.float32),
+    count=jnp.zeros((), jnp.int32),
+    skipped=jnp.zeros((), jnp.int32),
+  )
 
 
-def is_spike(stats: dict[str, jax.Array], rule: Any, loss: jax.Array, grad_norm: jax.Array):
+def is_spike(stats: SpikeStats, rule: Any, loss: jax.Array, grad_norm: jax.Array):
   """Whether ``loss`` or ``grad_norm`` is beyond ``rule.threshold`` sigmas above the window's mean.
 
   The sample standard deviation (Bessel's N - 1, as OLMo-core and MaxText),
@@ -770,8 +847,8 @@ def is_spike(stats: dict[str, jax.Array], rule: Any, loss: jax.Array, grad_norm:
   Returns:
     A boolean scalar (False until ``rule.warmup`` steps are in the window).
   """
-  window = stats["loss"].shape[0]
-  n = jnp.minimum(stats["count"], window)
+  window = stats.loss.shape[0]
+  n = jnp.minimum(stats.count, window)
   valid = jnp.arange(window) < n
 
   def beyond(buf, x):
@@ -781,10 +858,10 @@ def is_spike(stats: dict[str, jax.Array], rule: Any, loss: jax.Array, grad_norm:
     return x.astype(jnp.float32) - mean > rule.threshold * std
 
   ready = n >= rule.warmup
-  return ready & (beyond(stats["loss"], loss) | beyond(stats["grad_norm"], grad_norm))
+  return ready & (beyond(stats.loss, loss) | beyond(stats.grad_norm, grad_norm))
 
 
-def push_spike_stats(stats, loss, grad_norm, finite, spike) -> dict[str, jax.Array]:
+def push_spike_stats(stats: SpikeStats, loss, grad_norm, finite, spike) -> SpikeStats:
   """The statistics after a step: its loss and gradient norm enter the window, skipped or not.
 
   As in the references, "so spikes can become the new baseline" (MaxText): a
@@ -801,15 +878,15 @@ def push_spike_stats(stats, loss, grad_norm, finite, spike) -> dict[str, jax.Arr
   Returns:
     The new statistics.
   """
-  window = stats["loss"].shape[0]
-  i = stats["count"] % window
+  window = stats.loss.shape[0]
+  i = stats.count % window
   put = lambda buf, x: jnp.where(finite, buf.at[i].set(x.astype(jnp.float32)), buf)
-  return {
-    "loss": put(stats["loss"], loss),
-    "grad_norm": put(stats["grad_norm"], grad_norm),
-    "count": stats["count"] + finite.astype(jnp.int32),
-    "skipped": stats["skipped"] + spike.astype(jnp.int32),
-  }
+  return SpikeStats(
+    loss=put(stats.loss, loss),
+    grad_norm=put(stats.grad_norm, grad_norm),
+    count=stats.count + finite.astype(jnp.int32),
+    skipped=stats.skipped + spike.astype(jnp.int32),
+  )
 
 
 # Optimizer-state nodes whose count drives a schedule (learning rate, decay
@@ -973,21 +1050,21 @@ def _apply_update(state: TrainState, grads: PyTree, skip: jax.Array | None):
 def _step_rules(state: TrainState, spikes: Any, ema_decay: float | None):
   """The spike and EMA rules of a step: the state's own (its spec), checked against arguments."""
   spec_spikes, spec_ema = state.spec.spikes, state.spec.ema
-  if spikes is not None and spec_spikes is None and "spikes" not in state.extra:
+  if spikes is not None and spec_spikes is None and state.extra.spikes is None:
     raise ValueError(
       "make_train_step(spikes=...): the state has no spike statistics; build it with "
       "optimizer.skip_spikes=True (its rule then comes with the state)"
     )
   # A state whose extra lacks them (state.replace(extra={})) steps without them.
-  rule = spikes if spikes is not None else (spec_spikes if "spikes" in state.extra else None)
-  ema = spec_ema if "ema" in state.extra else None
+  rule = spikes if spikes is not None else (spec_spikes if state.extra.spikes is not None else None)
+  ema = spec_ema if state.extra.ema is not None else None
   if ema_decay is not None:
     if spec_ema is not None and float(ema_decay) != spec_ema.decay:
       raise ValueError(
         f"make_train_step(ema_decay={ema_decay}) disagrees with the state's EMA decay "
         f"{spec_ema.decay} (trainer.ema_decay); leave ema_decay unset to use the state's"
       )
-    if ema_decay and "ema" not in state.extra:
+    if ema_decay and state.extra.ema is None:
       raise ValueError("make_train_step(ema_decay=...): the state has no EMA (trainer.ema_decay)")
     if spec_ema is None and ema_decay:
       ema = plan.EmaRule(float(ema_decay))
@@ -1039,7 +1116,7 @@ def make_train_step(
     accumulate_steps: micro-batches per update.
     seed: the run's seed, for the loss's RNG keys and the EMA's rounding.
     spikes: a :class:`~adamw_flax.plan.SpikeRule` overriding the state's own
-      (``optimizer.skip_spikes``; the state must hold ``extra["spikes"]``).
+      (``optimizer.skip_spikes``; the state must hold ``extra.spikes``).
       Default: the state's.
     ema_decay: checked against the state's EMA decay (``trainer.ema_decay``);
       default: the state's, which is the one source of the EMA's settings.
@@ -1066,12 +1143,14 @@ def make_train_step(
     key = step_key(seed, state.step)
     loss, aux, rest, grads = _loss_and_grads(state, batch, loss_fn, k, key, wants_rngs)
     grad_norm = _tree_norm(grads)
-    extra = dict(state.extra)
+    extra = state.extra
     spike = jnp.zeros((), jnp.bool_)
     if rule is not None:  # decided before the update, which a spike skips altogether
       finite_inputs = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # non-finite: apply_if_finite
-      spike = finite_inputs & is_spike(extra["spikes"], rule, loss, grad_norm)
-      extra["spikes"] = push_spike_stats(extra["spikes"], loss, grad_norm, finite_inputs, spike)
+      spike = finite_inputs & is_spike(extra.spikes, rule, loss, grad_norm)
+      extra = extra.replace(
+        spikes=push_spike_stats(extra.spikes, loss, grad_norm, finite_inputs, spike)
+      )
     params, opt_state, updates = _apply_update(state, grads, spike if rule is not None else None)
     finite = _finite_states(opt_state)
     applied, skipped = ~spike, jnp.zeros((), jnp.int32)
@@ -1081,7 +1160,7 @@ def make_train_step(
     counted = applied | spike  # a spike consumes its step; a non-finite update moves no counter
     new_step = state.step + counted.astype(state.step.dtype)
     if ema is not None:
-      extra["ema"] = update_ema(ema, extra["ema"], params, new_step, seed)
+      extra = extra.replace(ema=update_ema(ema, extra.ema, params, new_step, seed))
     # A skipped update leaves the state as it was: optax.apply_if_finite keeps
     # params and moments on a non-finite one (and counts it), a spike skips
     # the update above; the model state and the EMA are kept here.
@@ -1089,7 +1168,7 @@ def make_train_step(
     if finite or rule is not None:
       rest = keep(rest, state.rest)
       if ema is not None:
-        extra["ema"] = keep(extra["ema"], state.extra["ema"])
+        extra = extra.replace(ema=keep(extra.ema, state.extra.ema))
     metrics = {
       "loss": loss,
       "lr": jnp.asarray(state.lr_fn(state.step), jnp.float32),
@@ -1101,7 +1180,7 @@ def make_train_step(
     }
     if rule is not None:
       metrics["spike"] = spike.astype(jnp.int32)
-      metrics["skipped_spikes"] = extra["spikes"]["skipped"]
+      metrics["skipped_spikes"] = extra.spikes.skipped
     opt_state = offload.to_host(opt_state, opt_shardings)  # back to host memory, if offloaded
     new_state = state.replace(
       step=new_step, params=params, rest=rest, opt_state=opt_state, extra=extra
@@ -1134,7 +1213,7 @@ def make_eval_step(
     batch_sharding: sharding of the batch, if any.
     state_sharding: shardings of the state, if any.
     seed: the run's seed, for a loss that takes ``rngs``.
-    ema: evaluate the EMA of the params (``state.extra["ema"]``) instead.
+    ema: evaluate the EMA of the params (``state.extra.ema``) instead.
 
   Returns:
     A ``jax.jit``-compiled function ``(state, batch) -> metrics``.
@@ -1144,7 +1223,7 @@ def make_eval_step(
   def eval_step(state: TrainState, batch: Batch):
     params = None
     if ema:  # the EMA weights, in the params' dtypes
-      params = jax.tree.map(lambda e, p: e.astype(p.dtype), state.extra["ema"], state.params)
+      params = jax.tree.map(lambda e, p: e.astype(p.dtype), state.extra.ema, state.params)
     model = state.merge(params)
     model.eval()
     extra = {"rngs": nnx.Rngs(jax.random.key(seed))} if wants_rngs else {}

@@ -71,8 +71,8 @@ def test_spikes_are_skipped_and_normal_steps_match_the_plain_optimizer():
     assert _schedule_counts(new.opt_state) == [int(new.step)]
     state = new
   assert skipped == [12, 24]
-  assert int(state.step) == 28 and int(state.extra["spikes"]["skipped"]) == 2
-  assert int(state.extra["spikes"]["count"]) == 28  # every step entered the window
+  assert int(state.step) == 28 and int(state.extra.spikes.skipped) == 2
+  assert int(state.extra.spikes.count) == 28  # every step entered the window
 
 
 def test_a_lasting_loss_rise_becomes_the_baseline_and_the_run_ends(tmp_path):
@@ -130,12 +130,12 @@ def test_ema_is_the_hand_computed_ema_and_is_evaluated():
     state, _ = step(state, data.train_batch(position))
     params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
     ema = [np.float32(0.9) * e + np.float32(1 - 0.9) * p for e, p in zip(ema, params, strict=True)]
-  for got, want in zip(jax.tree.leaves(state.extra["ema"]), ema, strict=True):
+  for got, want in zip(jax.tree.leaves(state.extra.ema), ema, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   evaluate = train_state.make_eval_step(LOSS, ema=True)
   batch = data.eval_batches(1)[0]
   on_ema = float(evaluate(state, batch)["loss"])
-  by_hand = state.replace(params=state.extra["ema"])
+  by_hand = state.replace(params=state.extra.ema)
   assert on_ema == pytest.approx(float(train_state.make_eval_step(LOSS)(by_hand, batch)["loss"]))
 
 
@@ -145,7 +145,7 @@ def test_the_state_carries_its_ema_so_a_default_step_updates_it():
   state = train_state.state_from_config(cfg, {"features": 4})
   step = train_state.make_train_step(LOSS, donate=False)  # no ema_decay: the state's own
   new, _ = step(state, _data(cfg).train_batch(0))
-  for e0, e1, p in zip(*(jax.tree.leaves(t) for t in (state.extra["ema"], new.extra["ema"],
+  for e0, e1, p in zip(*(jax.tree.leaves(t) for t in (state.extra.ema, new.extra.ema,
                                                       new.params)), strict=True):  # fmt: skip
     np.testing.assert_allclose(e1, 0.9 * np.asarray(e0) + 0.1 * np.asarray(p), rtol=1e-6)
   with pytest.raises(ValueError, match="disagrees with the state's EMA decay"):
@@ -201,12 +201,12 @@ def test_ema_through_the_trainer_keep_best_and_restore(tmp_path):
   assert evals and all("ema_loss" in r and "loss" in r for r in evals)
   assert summary["eval_loss"] == evals[-1]["loss"]
   state = checkpoint.restore_state(tmp_path)
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.extra["ema"]))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.extra.ema))
   model = checkpoint.restore_params(tmp_path, ema=True)
   from flax import nnx
 
   got = jax.tree.leaves(nnx.state(model, nnx.Param))
-  want = [e.astype(p.dtype) for e, p in zip(jax.tree.leaves(state.extra["ema"]),
+  want = [e.astype(p.dtype) for e, p in zip(jax.tree.leaves(state.extra.ema),
                                             jax.tree.leaves(state.params), strict=True)]  # fmt: skip
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(a, b)
@@ -242,3 +242,27 @@ def test_ema_resumes_exactly(tmp_path):
   a, b = resumed_and_whole(cfg, tmp_path, stop_at=10)
   for x, y in zip(jax.tree.leaves(a.extra), jax.tree.leaves(b.extra), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_extra_is_typed_and_checkpoints_hold_the_first_builds_dict_form(tmp_path):
+  cfg = regression_config(num_steps=6)
+  cfg.trainer.ema_decay = 0.9
+  cfg.optimizer.skip_spikes = True
+  trainer.train_and_evaluate(cfg, tmp_path)
+  state = checkpoint.restore_state(tmp_path)
+  assert isinstance(state.extra, train_state.Extra)
+  assert isinstance(state.extra.spikes, train_state.SpikeStats)
+  assert int(state.extra.spikes.count) == 6 and state.extra.keys() == ["ema", "spikes"]
+  # Read by key as before: users' code written against the dict keeps working.
+  np.testing.assert_array_equal(state.extra["spikes"]["skipped"], state.extra.spikes.skipped)
+  # On disk the tree is the dict the first builds wrote (sorted keys), so their checkpoints restore.
+  entries = dict(map(tuple, checkpoint.CheckpointReader(tmp_path).meta()["fingerprint"]["entries"]))
+  assert entries["extra"] == "dict" and entries["extra/spikes"] == "dict"
+  assert (
+    entries["extra/spikes/count"] == "int32[]" and entries["extra/spikes/loss"] == "float32[128]"
+  )
+  # A state without them holds an empty Extra; {} (the old form) still replaces it.
+  plain = state.replace(extra={})
+  assert isinstance(plain.extra, train_state.Extra) and not plain.extra and "ema" not in plain.extra
+  with pytest.raises(ValueError, match="'ema' and 'spikes'"):
+    state.replace(extra={"emma": 1})

@@ -187,5 +187,5 @@ def test_ema_and_spike_state_shard_like_the_params_under_zero1():
   )
   factory = train_state.registered_state_factory(run, {"features": 8})
   shardings = factory.abstract().shardings(AbstractMesh((2, 2), ("data", "model")), run.mesh)
-  assert shardings.extra["ema"]["up"]["kernel"].spec == P("data", "model")
-  assert shardings.extra["spikes"]["loss"].spec == P()
+  assert shardings.extra.ema["up"]["kernel"].spec == P("data", "model")
+  assert shardings.extra.spikes.loss.spec == P()
