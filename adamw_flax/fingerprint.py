@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from adamw_flax import masks
+from adamw_flax import masks, schema
 from adamw_flax.config import config_diff, config_json
 
 PyTree = Any
@@ -128,21 +128,10 @@ def _optimizer_summary(config: ml_collections.ConfigDict | None, opt_state: Any)
   }
   o = config.get("optimizer") if config is not None else None
   if o is not None:
-    summary.update(
-      optimizer=o.get("name"),
-      schedule=o.get("schedule"),
-      weight_decay_mode=o.get("weight_decay_mode"),
-      mu_dtype=o.get("mu_dtype"),
-      nu_dtype=o.get("nu_dtype"),
-      weight_decay_mask=_rules_str(o.get("weight_decay_mask")),
-      lr_multipliers=_rules_str(o.get("lr_multipliers")),
-      freeze=_rules_str(o.get("freeze")),
-      accumulate_steps=o.get("accumulate_steps"),
-      skip_nonfinite=o.get("skip_nonfinite"),
-      grad_clip_norm=o.get("grad_clip_norm"),
-    )
-    if o.get("params_dtype"):  # only when set: older checkpoints' summaries lack it
-      summary.update(params_dtype=o.get("params_dtype"), params_rounding=o.get("params_rounding"))
+    summary["optimizer"] = o.get("name")
+    # The keys declared `fingerprint` (adamw_flax.schema); rules as text.
+    summary.update({k: _rules_str(v) if isinstance(v, (str, tuple, list)) else v
+                    for k, v in schema.fingerprinted(o).items()})  # fmt: skip
   return summary
 
 

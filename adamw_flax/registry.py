@@ -19,8 +19,6 @@ import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-import jax.numpy as jnp
-
 from adamw_flax import transform
 from adamw_flax.errors import UserError
 
@@ -244,40 +242,18 @@ def register_dataset(
 # ------------------------------------------------------------------ built-ins
 
 
-def _dtype(name: str | None) -> Any:
-  return None if name is None else jnp.dtype(name)
-
-
-def _peak(cfg) -> float | None:
-  # `learning_rate` is the schedule's peak; the transform takes it in "paper"/"adamc" only.
-  return cfg.learning_rate if cfg.weight_decay_mode in ("paper", "adamc") else None
-
-
-def _adam_family(
-  cfg, *, learning_rate, weight_decay_mask, nesterov: bool, quantize_mask=None, rounding_seed=None
-):
+def _adam_family(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None, rounding_seed=None,
+                 **overrides):  # fmt: skip
+  # The section's keys declared `adamw=True` (adamw_flax.schema) are adamw's
+  # arguments of the same names, as big_vision hands `config.optax` to optax.
   # A mask of decay multipliers (rules with numbers) is a strength per leaf.
   strengths = getattr(weight_decay_mask, "strengths", False)
   return transform.adamw(
     learning_rate,
-    b1=cfg.b1,
-    b2=cfg.b2,
-    eps=cfg.eps,
-    eps_root=cfg.eps_root,
-    mu_dtype=_dtype(cfg.mu_dtype),
-    weight_decay=cfg.weight_decay,
+    **{**cfg.adamw_arguments(), **overrides},
     mask=None if strengths else weight_decay_mask,
     weight_decay_multipliers=weight_decay_mask if strengths else None,
-    decay_to_init=cfg.decay_to_init,
-    nesterov=nesterov,
-    nu_dtype=_dtype(cfg.nu_dtype),
-    weight_decay_mode=cfg.weight_decay_mode,
-    peak_learning_rate=_peak(cfg),
-    update_from_stored_moments=cfg.update_from_stored_moments,
-    quantize_block_size=cfg.quantize_block_size,
-    quantize_min_size=cfg.quantize_min_size,
     quantize_mask=quantize_mask,
-    moments_rounding=cfg.get("moments_rounding"),
     rounding_seed=rounding_seed,
   )
 
@@ -288,7 +264,6 @@ def _adamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None, roundin
     cfg,
     learning_rate=learning_rate,
     weight_decay_mask=weight_decay_mask,
-    nesterov=cfg.nesterov,
     quantize_mask=quantize_mask,
     rounding_seed=rounding_seed,
   )
@@ -300,7 +275,7 @@ def _nadamw(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None, roundi
     cfg,
     learning_rate=learning_rate,
     weight_decay_mask=weight_decay_mask,
-    nesterov=True,
     quantize_mask=quantize_mask,
     rounding_seed=rounding_seed,
+    nesterov=True,
   )

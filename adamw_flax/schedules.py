@@ -37,6 +37,18 @@ import optax
 
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "piecewise", "wsd")
 WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+# The schedules that decay after their warmup: they need steps left to decay over.
+DECAYING = ("warmup_cosine", "warmup_linear")
+
+
+def piecewise_problem(boundaries: Any, scales: Any) -> str | None:
+  """Why ``piecewise`` cannot use these boundaries and scales (one scale each), or None."""
+  if len(boundaries) == len(scales):
+    return None
+  return (
+    f"optimizer.piecewise_scales: must have one scale per entry of "
+    f"optimizer.piecewise_boundaries ({len(scales)} scales, {len(boundaries)} boundaries)"
+  )
 
 
 def decay_steps(cfg: Any, num_steps: int | None) -> int:
@@ -123,11 +135,8 @@ def schedule_from_config(cfg: Any, num_steps: int | None = None) -> optax.Schedu
   if name == "piecewise":
     bounds = tuple(int(b) for b in cfg.piecewise_boundaries)
     scales = tuple(float(s) for s in cfg.piecewise_scales)
-    if len(bounds) != len(scales):
-      raise ValueError(
-        f"optimizer.piecewise_boundaries ({len(bounds)} values) and optimizer.piecewise_scales "
-        f"({len(scales)} values) must have the same length"
-      )
+    if (problem := piecewise_problem(bounds, scales)) is not None:
+      raise ValueError(problem)
     return optax.piecewise_constant_schedule(peak, dict(zip(bounds, scales, strict=True)))
   if name == "wsd":
     return wsd_schedule(

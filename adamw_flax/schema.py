@@ -57,6 +57,15 @@ class Key:
     check: a further check of the value, giving a message or None.
     explain: what the allowed values mean, said instead of listing them.
     items: the type of a tuple's entries, when they have one.
+    adamw: the built-in ``adamw``/``nadamw`` optimizers pass it to
+      :func:`adamw_flax.adamw` as the argument of the same name
+      (:meth:`Settings.adamw_arguments`).
+    fingerprint: it shapes the optimizer state, so checkpoints record it
+      (:mod:`adamw_flax.fingerprint`): True, or the name of a key of the same
+      section that must be set for it to be recorded.
+    summary: shown on the start-up report's optimizer line.
+    note: ``section settings -> text or None``: the start-up report's "also:"
+      entry when the key turns something on (:func:`notes`).
   """
 
   name: str
@@ -72,6 +81,10 @@ class Key:
   check: Callable[[Any], str | None] | None = None
   explain: str = ""
   items: type | None = None
+  adamw: bool = False
+  fingerprint: bool | str = False
+  summary: bool = False
+  note: Callable[[Any], str | None] | None = None
 
   @property
   def section(self) -> str:
@@ -215,6 +228,46 @@ def _profile_steps(value: tuple) -> str | None:
   return None if ok else f"must be () or (start, stop) with 0 <= start < stop, got {tuple(value)}"
 
 
+# What the start-up report says of a key that turns something on (Key.note).
+
+
+def _note_wsd(o: Any) -> str | None:
+  if o.schedule != "wsd":
+    return None
+  return f"wsd: last {o.wsd_decay_fraction:g} of the steps decay ({o.wsd_decay_shape})"
+
+
+def _note_decay_to_init(o: Any) -> str | None:
+  return "weight decay towards the initial params" if o.decay_to_init else None
+
+
+def _note_moments_rounding(o: Any) -> str | None:
+  stochastic = "int8" in (o.mu_dtype, o.nu_dtype) and o.moments_rounding == "stochastic"
+  return "8-bit moments rounded stochastically" if stochastic else None
+
+
+def _note_accumulation(o: Any) -> str | None:
+  if o.accumulate_steps == 1:
+    return None
+  return f"each step's batch in {o.accumulate_steps} micro-batches (accumulate_steps)"
+
+
+def _note_spikes(o: Any) -> str | None:
+  if not o.skip_spikes:
+    return None
+  return (
+    f"skip spikes ({o.spike_threshold} sigma over {o.spike_window} updates, after {o.spike_warmup})"
+  )
+
+
+def _note_update_rms_clip(o: Any) -> str | None:
+  return f"update RMS clipped to {o.update_rms_clip} x lr" if o.update_rms_clip else None
+
+
+def _note_ema(t: Any) -> str | None:
+  return f"EMA of the params (decay {t.ema_decay}, {t.ema_dtype})" if t.ema_decay else None
+
+
 # ------------------------------------------------------------------ the keys
 
 DECLARATIONS: tuple[Key, ...] = (
@@ -223,45 +276,45 @@ DECLARATIONS: tuple[Key, ...] = (
   _k("data.batch_size", 32, "global batch size (all processes together)", low=1),
   # ---- optimizer
   _k("optimizer.name", "adamw", "registered optimizer: 'adamw', 'nadamw' or a user one"),
-  _positive("optimizer.learning_rate", 1e-3, "peak learning rate", type=float),
-  _k("optimizer.schedule", "constant", "learning-rate schedule", choices=schedules.SCHEDULES),
-  _nonneg("optimizer.warmup_steps", 0, "linear warmup from 0 to learning_rate"),
+  _positive("optimizer.learning_rate", 1e-3, "peak learning rate", type=float, summary=True),
+  _k("optimizer.schedule", "constant", "learning-rate schedule", choices=schedules.SCHEDULES, summary=True, fingerprint=True, note=_note_wsd),
+  _nonneg("optimizer.warmup_steps", 0, "linear warmup from 0 to learning_rate", summary=True),
   _nonneg("optimizer.decay_steps", 0, "length of the schedule, warmup included; 0 = trainer.num_steps"),
   _nonneg("optimizer.end_learning_rate", 0.0, "final value of warmup_cosine / warmup_linear"),
   _k("optimizer.piecewise_boundaries", (), "steps at which 'piecewise' scales the rate", items=int),
   _k("optimizer.piecewise_scales", (), "multiplicative scale at each boundary", items=float),
   _k("optimizer.wsd_decay_fraction", 0.1, "'wsd': share of the schedule's steps that decay (the rest stable)", low=0, high=1),
   _k("optimizer.wsd_decay_shape", "linear", "'wsd': the decay's shape", choices=schedules.WSD_SHAPES),
-  _k("optimizer.b1", 0.9, "decay of the first moment", low=0, high=1, high_open=True),
-  _k("optimizer.b2", 0.999, "decay of the second moment", low=0, high=1, high_open=True),
-  _nonneg("optimizer.eps", 1e-8, "added to sqrt(nu_hat)"),
-  _nonneg("optimizer.eps_root", 0.0, "added to nu_hat inside the sqrt"),
-  _nonneg("optimizer.weight_decay", 1e-4, "decoupled weight decay strength (optax's default)"),
-  _k("optimizer.weight_decay_mode", "lr", "'lr': decay*lr(t) (optax); 'paper': decay*lr(t)/peak; 'adamc': decay*lr(t)^2/peak", choices=("lr", "paper", "adamc"), explain="'lr' (decay * lr(t), as optax), 'paper' (decay * lr(t)/peak) or 'adamc' (decay * lr(t)^2/peak)"),
-  _k("optimizer.weight_decay_mask", "default", "rules (adamw_flax.masks): which params decay, or how much", check=_rules("weight_decay_mask")),
-  _k("optimizer.decay_to_init", False, "decay towards the initial params instead of 0 (fine-tuning)"),
-  _k("optimizer.lr_multipliers", "", "rules 'selector=multiplier, ...' scaling the update per parameter group", check=_rules("lr_multipliers")),
-  _k("optimizer.freeze", "", "rules 'selector=true, ...' selecting parameters that are not trained", check=_rules("freeze")),
-  _k("optimizer.mu_dtype", None, "dtype of the first moment; None = the params' dtype; or 'int8'", optional=True, choices=MOMENT_DTYPES),
-  _k("optimizer.nu_dtype", None, "dtype of the second moment; None = the params' dtype; or 'int8'", optional=True, choices=MOMENT_DTYPES),
-  _k("optimizer.quantize_block_size", 256, "int8 moments: elements per scale, along the last axis", low=16),
-  _nonneg("optimizer.quantize_min_size", 4096, "int8 moments: smaller leaves keep float32 moments"),
+  _k("optimizer.b1", 0.9, "decay of the first moment", low=0, high=1, high_open=True, adamw=True, summary=True),
+  _k("optimizer.b2", 0.999, "decay of the second moment", low=0, high=1, high_open=True, adamw=True, summary=True),
+  _nonneg("optimizer.eps", 1e-8, "added to sqrt(nu_hat)", adamw=True, summary=True),
+  _nonneg("optimizer.eps_root", 0.0, "added to nu_hat inside the sqrt", adamw=True),
+  _nonneg("optimizer.weight_decay", 1e-4, "decoupled weight decay strength (optax's default)", adamw=True, summary=True),
+  _k("optimizer.weight_decay_mode", "lr", "'lr': decay*lr(t) (optax); 'paper': decay*lr(t)/peak; 'adamc': decay*lr(t)^2/peak", choices=transform.WEIGHT_DECAY_MODES, explain="'lr' (decay * lr(t), as optax), 'paper' (decay * lr(t)/peak) or 'adamc' (decay * lr(t)^2/peak)", adamw=True, summary=True, fingerprint=True),
+  _k("optimizer.weight_decay_mask", "default", "rules (adamw_flax.masks): which params decay, or how much", check=_rules("weight_decay_mask"), fingerprint=True),
+  _k("optimizer.decay_to_init", False, "decay towards the initial params instead of 0 (fine-tuning)", adamw=True, note=_note_decay_to_init),
+  _k("optimizer.lr_multipliers", "", "rules 'selector=multiplier, ...' scaling the update per parameter group", check=_rules("lr_multipliers"), fingerprint=True),
+  _k("optimizer.freeze", "", "rules 'selector=true, ...' selecting parameters that are not trained", check=_rules("freeze"), fingerprint=True),
+  _k("optimizer.mu_dtype", None, "dtype of the first moment; None = the params' dtype; or 'int8'", optional=True, choices=MOMENT_DTYPES, adamw=True, summary=True, fingerprint=True),
+  _k("optimizer.nu_dtype", None, "dtype of the second moment; None = the params' dtype; or 'int8'", optional=True, choices=MOMENT_DTYPES, adamw=True, summary=True, fingerprint=True),
+  _k("optimizer.quantize_block_size", 256, "int8 moments: elements per scale, along the last axis", low=16, adamw=True),
+  _nonneg("optimizer.quantize_min_size", 4096, "int8 moments: smaller leaves keep float32 moments", adamw=True),
   _k("optimizer.float_moments", "embeddings", "int8 moments: rules 'selector=true' keeping float32 moments", check=_rules("float_moments")),
-  _k("optimizer.params_dtype", None, "trained params' dtype; None = as the model builds them", optional=True, choices=("float32", "bfloat16")),
-  _k("optimizer.params_rounding", "stochastic", "bfloat16 params: how an update lands on them", choices=transform.ROUNDINGS),
-  _k("optimizer.moments_rounding", "stochastic", "int8 moments: codes rounded 'stochastic' (unbiased) or 'nearest'", choices=transform.MOMENTS_ROUNDINGS),
+  _k("optimizer.params_dtype", None, "trained params' dtype; None = as the model builds them", optional=True, choices=("float32", "bfloat16"), fingerprint="params_dtype"),
+  _k("optimizer.params_rounding", "stochastic", "bfloat16 params: how an update lands on them", choices=transform.ROUNDINGS, fingerprint="params_dtype"),
+  _k("optimizer.moments_rounding", "stochastic", "int8 moments: codes rounded 'stochastic' (unbiased) or 'nearest'", choices=transform.MOMENTS_ROUNDINGS, adamw=True, note=_note_moments_rounding),
   _k("optimizer.offload", "", "optimizer state in host memory between steps: 'opt_state' or fields 'mu, nu'", check=_offload),
-  _k("optimizer.nesterov", False, "Nesterov momentum (NAdamW)"),
-  _k("optimizer.update_from_stored_moments", False, "the update from the stored 16-bit or 8-bit moments: faster, not optax's numbers"),
-  _nonneg("optimizer.grad_clip_norm", 0.0, "clip gradients to this global norm; 0 = off"),
-  _k("optimizer.accumulate_steps", 1, "split each step's batch into this many micro-batches (same updates)", low=1),
-  _k("optimizer.skip_nonfinite", False, "skip steps whose gradients hold NaN/inf (optax.apply_if_finite)"),
-  _k("optimizer.skip_spikes", False, "skip updates whose loss or grad norm is a spike (z-score, below)"),
+  _k("optimizer.nesterov", False, "Nesterov momentum (NAdamW)", adamw=True),
+  _k("optimizer.update_from_stored_moments", False, "the update from the stored 16-bit or 8-bit moments: faster, not optax's numbers", adamw=True),
+  _nonneg("optimizer.grad_clip_norm", 0.0, "clip gradients to this global norm; 0 = off", fingerprint=True),
+  _k("optimizer.accumulate_steps", 1, "split each step's batch into this many micro-batches (same updates)", low=1, fingerprint=True, note=_note_accumulation),
+  _k("optimizer.skip_nonfinite", False, "skip steps whose gradients hold NaN/inf (optax.apply_if_finite)", fingerprint=True),
+  _k("optimizer.skip_spikes", False, "skip updates whose loss or grad norm is a spike (z-score, below)", note=_note_spikes),
   _k("optimizer.spike_window", 128, "skip_spikes: steps in the rolling mean and std (every step enters)", low=2),
   _positive("optimizer.spike_threshold", 6.0, "skip_spikes: z-score of a spike (MaxText/OLMo-core: 6)"),
   _k("optimizer.spike_warmup", 64, "skip_spikes: steps in the window before any is skipped (window // 2)", low=2),
   _k("optimizer.skip_spikes_max_consecutive", 32, "skip_spikes: stop the run after this many skips in a row", low=1),
-  _nonneg("optimizer.update_rms_clip", 0.0, "clip each tensor's update RMS to this times lr(t); 0 = off"),
+  _nonneg("optimizer.update_rms_clip", 0.0, "clip each tensor's update RMS to this times lr(t); 0 = off", note=_note_update_rms_clip),
   # ---- trainer
   _positive("trainer.num_steps", 1000, "steps to train"),
   _positive("trainer.log_every", 50, "steps between train-metric log lines"),
@@ -272,7 +325,7 @@ DECLARATIONS: tuple[Key, ...] = (
   _nonneg("trainer.max_nonfinite_steps", 10, "stop after this many consecutive non-finite losses"),
   _k("trainer.allow_config_change", False, "resume a workdir whose saved config differs"),
   _k("trainer.progress", True, "show a progress bar on stderr"),
-  _k("trainer.ema_decay", 0.0, "EMA of the params (e.g. 0.999), evaluated beside them; 0 = off", low=0, high=1, high_open=True),
+  _k("trainer.ema_decay", 0.0, "EMA of the params (e.g. 0.999), evaluated beside them; 0 = off", low=0, high=1, high_open=True, note=_note_ema),
   _k("trainer.ema_dtype", "float32", "storage dtype of the EMA params (the arithmetic is float32)", choices=DTYPES),
   _k("trainer.ema_warmup", False, "EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t (timm, Kauldron)"),
   _k("trainer.wandb_project", "", "also log the metrics rows to this W&B project (needs wandb); '' = off"),
@@ -327,7 +380,23 @@ class Settings:
     return [f.name for f in dataclasses.fields(self)]
 
 
+class OptimizerSection(Settings):
+  """The ``optimizer`` section's base: what the built-in optimizers read of it."""
+
+  def adamw_arguments(self) -> dict[str, Any]:
+    """The keys declared ``adamw=True``, as :func:`adamw_flax.adamw`'s keyword arguments.
+
+    With ``peak_learning_rate``: ``learning_rate`` (the schedule's peak) where
+    ``weight_decay_mode`` divides by it (``transform.PEAK_MODES``), else None.
+    """
+    args = {k.field: getattr(self, k.field) for k in section_keys("optimizer") if k.adamw}
+    paper = args["weight_decay_mode"] in transform.PEAK_MODES
+    args["peak_learning_rate"] = self.learning_rate if paper else None
+    return args
+
+
 _SECTION_TYPES: dict[str, type] = {}
+_SECTION_BASES: dict[str, type] = {"optimizer": OptimizerSection}
 
 
 def section_type(section: str) -> type:
@@ -342,7 +411,8 @@ def section_type(section: str) -> type:
   if section not in _SECTION_TYPES:
     fields = [(k.field, k.type | None if k.optional else k.type) for k in section_keys(section)]
     name = f"{section.capitalize()}Settings"
-    cls = dataclasses.make_dataclass(name, fields, bases=(Settings,), frozen=True)
+    base = _SECTION_BASES.get(section, Settings)
+    cls = dataclasses.make_dataclass(name, fields, bases=(base,), frozen=True)
     cls.__doc__ = (
       f"The validated ``{section}`` section, one typed field per key (adamw_flax.schema)."
     )
@@ -364,6 +434,42 @@ def settings(section: str, values: Any) -> Any:
   """
   freeze = lambda v: tuple(freeze(x) for x in v) if isinstance(v, list | tuple) else v
   return section_type(section)(**{k.field: freeze(values[k.field]) for k in section_keys(section)})
+
+
+def fingerprinted(values: Any) -> dict[str, Any]:
+  """``field -> value`` of the ``optimizer`` keys declared ``fingerprint`` (set where so declared).
+
+  Args:
+    values: the ``optimizer`` section (a ConfigDict or its settings).
+  """
+  out = {}
+  for k in section_keys("optimizer"):
+    wanted = k.fingerprint if isinstance(k.fingerprint, bool) else bool(values.get(k.fingerprint))
+    if wanted:
+      out[k.field] = values.get(k.field)
+  return out
+
+
+def summary(values: Any) -> str:
+  """``"learning_rate 0.001, schedule constant, ..."``: the ``optimizer`` keys declared ``summary``."""
+  return ", ".join(
+    f"{k.field} {values.get(k.field)}" for k in section_keys("optimizer") if k.summary
+  )
+
+
+def notes(sections: dict[str, Any]) -> list[str]:
+  """What the keys that turn something on say of it (``Key.note``), in declaration order.
+
+  Args:
+    sections: ``section name -> its settings`` (those without notes may be left out).
+  """
+  out = []
+  for k in DECLARATIONS:
+    if k.note is not None and k.section in sections:
+      text = k.note(sections[k.section])
+      if text:
+        out.append(text)
+  return out
 
 
 def markdown_table() -> str:
@@ -396,7 +502,7 @@ def _warmup_fits(c: Any) -> list[str]:
   o, total = c.optimizer, _schedule_length(c)
   # A decaying schedule needs steps after its warmup to decay over (optax's
   # cosine decay fails on a zero-length decay).
-  decaying = o.schedule in ("warmup_cosine", "warmup_linear")
+  decaying = o.schedule in schedules.DECAYING
   if (o.warmup_steps < total) if decaying else (o.warmup_steps <= total):
     return []
   return [
@@ -420,12 +526,10 @@ def _wsd_fits(c: Any) -> list[str]:
 
 
 def _piecewise_fits(c: Any) -> list[str]:
-  o = c.optimizer
-  if len(o.piecewise_boundaries) == len(o.piecewise_scales):
-    return []
-  return [
-    "optimizer.piecewise_scales: must have one scale per entry of optimizer.piecewise_boundaries"
-  ]
+  problem = schedules.piecewise_problem(
+    c.optimizer.piecewise_boundaries, c.optimizer.piecewise_scales
+  )
+  return [] if problem is None else [problem]
 
 
 def _batch_splits(c: Any) -> list[str]:

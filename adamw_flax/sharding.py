@@ -57,7 +57,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from adamw_flax import masks, plan, quantize
+from adamw_flax import masks, plan, quantize, schema
 
 PyTree = Any
 
@@ -588,11 +588,9 @@ def opt_state_shardings(
     A tree like ``opt_state`` of ``NamedSharding``.
   """
   mp = plan.as_mesh_plan(mesh_cfg)
-  if mp.shard_opt_state not in ("params", "data"):
-    raise ValueError(
-      "mesh.shard_opt_state must be 'params' (like the params) or 'data' (ZeRO-1), got "
-      f"{mp.shard_opt_state!r}"
-    )
+  key = schema.KEYS["mesh.shard_opt_state"]  # a section from the Python API, unvalidated
+  if (problem := key.problem(mp.shard_opt_state)) is not None:
+    raise ValueError(f"{key.name}: {problem}")
   sizes = _axis_sizes(mp, mesh)
   data_axes = _data_axes(mp, mesh) if mp.shard_opt_state == "data" else ()
   by_path: dict[tuple[str, ...], tuple[tuple[int, ...], PartitionSpec]] = {}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 WeightDecayMode = Literal["lr", "paper", "adamc"]
-_WEIGHT_DECAY_MODES = ("lr", "paper", "adamc")
+WEIGHT_DECAY_MODES: tuple[str, ...] = get_args(WeightDecayMode)
+# The modes whose decay is relative to the schedule's peak (peak_learning_rate).
+PEAK_MODES = ("paper", "adamc")
 # How 8-bit moments round when stored (scale_by_adam's moments_rounding).
 MOMENTS_ROUNDINGS = ("nearest", "stochastic")
 # fold_in constant that separates the moments' rounding bits from round_params'.
@@ -446,9 +448,9 @@ def _decoupled_weight_decay(
   peak_learning_rate: jax.typing.ArrayLike | None,
 ) -> optax.ScalarOrSchedule:
   """Returns the strength to give add_decayed_weights (later scaled by lr(t))."""
-  if mode not in _WEIGHT_DECAY_MODES:
+  if mode not in WEIGHT_DECAY_MODES:
     raise ValueError(
-      f"weight_decay_mode={mode!r} is not one of {_WEIGHT_DECAY_MODES}: 'lr' multiplies the "
+      f"weight_decay_mode={mode!r} is not one of {WEIGHT_DECAY_MODES}: 'lr' multiplies the "
       f"decay by the learning rate (optax, PyTorch), 'paper' by lr(t)/peak_learning_rate "
       f"(Loshchilov et al.)."
     )

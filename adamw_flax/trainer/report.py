@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from adamw_flax import offload, plan, quantize, sharding, train_state
+from adamw_flax import offload, plan, quantize, schema, sharding, train_state
 
 
 def bytes_per_param(state) -> str:
@@ -65,27 +65,12 @@ def startup_report(run: plan.RunPlan, state, mesh, factory, unmapped: list[str])
     f"model {run.model.name}: {train_state.param_count(state.params):,} trainable params, "
     f"{train_state.param_count(state.frozen):,} frozen",
     f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)",
-    f"optimizer {o.name}: lr {o.learning_rate} ({o.schedule}, warmup {o.warmup_steps}), "
-    f"b1 {o.b1}, b2 {o.b2}, eps {o.eps}, weight_decay {o.weight_decay} "
-    f"(mode {o.weight_decay_mode!r}), mu_dtype {o.mu_dtype}, nu_dtype {o.nu_dtype}"
-    + (f", accumulate_steps {o.accumulate_steps}" if o.accumulate_steps > 1 else ""),
+    f"optimizer {o.name}: {schema.summary(o)}",
     "per-device bytes: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in per_device.items()),
     bytes_per_param(state),
   ]
-  extras = []
-  if run.trainer.ema_decay:
-    extras.append(f"EMA of the params (decay {run.trainer.ema_decay}, {run.trainer.ema_dtype})")
-  if run.optimizer.spikes is not None:
-    r = run.optimizer.spikes
-    extras.append(f"skip spikes ({r.threshold} sigma over {r.window} updates, after {r.warmup})")
-  if run.optimizer.update_rms_clip:
-    extras.append(f"update RMS clipped to {run.optimizer.update_rms_clip} x lr")
-  if o.decay_to_init:
-    extras.append("weight decay towards the initial params")
-  if o.schedule == "wsd":
-    extras.append(f"wsd: last {o.wsd_decay_fraction:g} of the steps decay ({o.wsd_decay_shape})")
-  if "int8" in (o.mu_dtype, o.nu_dtype) and o.get("moments_rounding") == "stochastic":
-    extras.append("8-bit moments rounded stochastically")
+  # What the keys that turn something on say of it (their declarations' notes).
+  extras = schema.notes({"optimizer": o, "trainer": run.trainer})
   if o.get("offload"):
     devices = list(mesh.devices.flat)
     extras.append(
