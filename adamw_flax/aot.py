@@ -348,7 +348,7 @@ def _mesh_shape_text(requested: Sequence[int], sizes: Sequence[int]) -> str:
 
 
 def propose_mesh_shape(
-  mesh_cfg: Any, devices: Sequence[Any], tries: int = 64
+  mesh_cfg: plan.MeshSection, devices: Sequence[Any], tries: int = 64
 ) -> tuple[int, ...] | None:
   """The axis sizes nearest to ``mesh_cfg``'s that map onto the devices' physical topology.
 
@@ -380,7 +380,9 @@ def propose_mesh_shape(
   return None
 
 
-def slice_mesh(mesh_cfg: Any, devices: Sequence[Any], topology: Topology | None = None) -> Any:
+def slice_mesh(
+  mesh_cfg: plan.MeshSection, devices: Sequence[Any], topology: Topology | None = None
+) -> Any:
   """The config's mesh over a slice's devices; one that does not map onto it proposes one.
 
   Args:

@@ -141,6 +141,11 @@ class CheckpointPlan(schema.section_type("checkpoint")):
   """The ``checkpoint`` section: one typed field per declared key (:mod:`adamw_flax.schema`)."""
 
 
+# What the functions taking a section accept: its plan, or the ConfigDict
+# section, which they turn into its plan at the door (as_mesh_plan, ...).
+MeshSection = MeshPlan | ml_collections.ConfigDict
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
   """A whole launch: the validated config and its parsed sections.

@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
@@ -109,9 +108,7 @@ def _resolve_shape(axes: Sequence[str], shape: Sequence[int], num_devices: int) 
   return shape
 
 
-def mesh_from_config(
-  mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None
-) -> Mesh:
+def mesh_from_config(mesh_cfg: plan.MeshSection, devices: Sequence[Any] | None = None) -> Mesh:
   """Builds the device mesh that ``config.mesh`` describes.
 
   Args:
@@ -179,9 +176,7 @@ def _dcn_split(
   )
 
 
-def abstract_mesh_from_config(
-  mesh_cfg: ml_collections.ConfigDict, num_devices: int
-) -> AbstractMesh:
+def abstract_mesh_from_config(mesh_cfg: plan.MeshSection, num_devices: int) -> AbstractMesh:
   """The mesh ``config.mesh`` would give on ``num_devices`` devices, without the devices.
 
   For planning: :func:`state_shardings` and :func:`per_device_bytes` accept
@@ -207,7 +202,7 @@ def abstract_mesh_from_config(
   return AbstractMesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
-def _axis_sizes(mesh_cfg: Any, mesh: Mesh | AbstractMesh | None) -> dict[str, int]:
+def _axis_sizes(mesh_cfg: plan.MeshSection, mesh: Mesh | AbstractMesh | None) -> dict[str, int]:
   if mesh is not None:
     return {str(k): int(v) for k, v in mesh.shape.items()}
   shape = _resolve_shape(mesh_cfg.axes, mesh_cfg.shape, jax.device_count())
@@ -315,7 +310,7 @@ def _group_entries(tree: PyTree, template: Any) -> tuple[list[tuple[str, ...]], 
 
 def param_specs_of_groups(
   trees: Sequence[PyTree],
-  mesh_cfg: Any,
+  mesh_cfg: plan.MeshSection,
   *,
   mesh: Mesh | AbstractMesh | None = None,
   templates: Sequence[Any] | None = None,
@@ -398,7 +393,7 @@ def param_specs_of_groups(
 
 def param_specs(
   params: Any,
-  mesh_cfg: Any,
+  mesh_cfg: plan.MeshSection,
   *,
   mesh: Mesh | AbstractMesh | None = None,
 ) -> PyTree:
@@ -514,7 +509,7 @@ def named(mesh: Mesh | AbstractMesh) -> Callable[[Any], Any]:
 def unmapped_logical_axes(
   templates: Sequence[Any],
   trees: Sequence[PyTree],
-  mesh_cfg: Any,
+  mesh_cfg: plan.MeshSection,
   *,
   mesh: Mesh | AbstractMesh | None = None,
 ) -> list[str]:
@@ -539,7 +534,7 @@ def unmapped_logical_axes(
 # ------------------------------------------------------------ state shardings
 
 
-def _data_axes(mesh_cfg: Any, mesh: Mesh) -> tuple[str, ...]:
+def _data_axes(mesh_cfg: plan.MeshSection, mesh: Mesh) -> tuple[str, ...]:
   axes = plan.as_mesh_plan(mesh_cfg).data_axes
   for a in axes:
     if a not in mesh.axis_names:
@@ -565,7 +560,11 @@ def _zero1_spec(
 
 
 def opt_state_shardings(
-  opt_state: Any, params: PyTree, specs: PyTree, mesh: Mesh | AbstractMesh, mesh_cfg: Any
+  opt_state: Any,
+  params: PyTree,
+  specs: PyTree,
+  mesh: Mesh | AbstractMesh,
+  mesh_cfg: plan.MeshSection,
 ) -> PyTree:
   """A ``NamedSharding`` for every leaf of an optimizer state.
 
@@ -643,7 +642,7 @@ def opt_state_shardings(
   return jax.tree_util.tree_map_with_path(opt_leaf, opt_state, is_leaf=quantize.is_quantized)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: Any) -> PyTree:
+def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: plan.MeshSection) -> PyTree:
   """The shardings of a train state: ``abstract_state.shardings(mesh, mesh_cfg)``.
 
   Kept for callers of the first build; see
@@ -663,7 +662,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, mesh_cfg: Any) -> PyTree:
 # --------------------------------------------------------------------- data
 
 
-def batch_sharding(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> NamedSharding:
+def batch_sharding(mesh: Mesh, mesh_cfg: plan.MeshSection) -> NamedSharding:
   """The sharding of a batch: leading dimension over ``mesh_cfg.data_axes``, the rest replicated.
 
   Examples:
@@ -685,7 +684,9 @@ def batch_sharding(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> NamedShar
   return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, mesh_cfg: Any, accumulate_steps: int = 1):
+def check_batch_size(
+  global_batch_size: int, mesh: Mesh, mesh_cfg: plan.MeshSection, accumulate_steps: int = 1
+):
   """Refuses a batch the mesh cannot split, at start-up, with the numbers.
 
   Args:
@@ -713,7 +714,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, mesh_cfg: Any, accumula
   )
 
 
-def data_shard_info(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+def data_shard_info(mesh: Mesh, mesh_cfg: plan.MeshSection) -> tuple[int, int]:
   """Which slice of each global batch this process loads: ``(index, count)``.
 
   The batch is split into ``count`` equal slices; this process loads slice
@@ -755,7 +756,7 @@ def data_shard_info(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> tuple[in
 def global_batch(
   local_batch: Mapping[str, Any],
   mesh: Mesh,
-  mesh_cfg: ml_collections.ConfigDict,
+  mesh_cfg: plan.MeshSection,
   *,
   global_batch_size: int | None = None,
 ) -> dict[str, jax.Array]:

@@ -205,7 +205,7 @@ class TrainState(struct.PyTreeNode):
     ]
     return nnx.merge(self.graphdef, *states)
 
-  def shardings(self, mesh: jax.sharding.Mesh, mesh_cfg: Any) -> TrainState:
+  def shardings(self, mesh: jax.sharding.Mesh, mesh_cfg: plan.MeshSection) -> TrainState:
     """A ``NamedSharding`` for every leaf, as ``jax.jit``'s in/out shardings.
 
     * ``params``, ``frozen``: partition rules (``type:`` rules read the
@@ -375,7 +375,11 @@ class StateFactory:
     return jax.eval_shape(self.init)
 
   def build(
-    self, mesh: jax.sharding.Mesh | None = None, mesh_cfg: Any = None, *, abstract: bool = False
+    self,
+    mesh: jax.sharding.Mesh | None = None,
+    mesh_cfg: plan.MeshSection = None,
+    *,
+    abstract: bool = False,
   ) -> TrainState:
     """The state, or its abstract form, placed on ``mesh`` by :meth:`TrainState.shardings`.
 
