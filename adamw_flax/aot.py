@@ -496,7 +496,9 @@ def batch_specs(dataset: Any, batch_sharding: Any, process_count: int = 1) -> tu
   return train, (_abstract(evals[0], batch_sharding, process_count) if evals else None)
 
 
-def build_job(config: Any, devices: Sequence[Any], topology: Topology | None = None) -> Job:
+def build_job(
+  config: plan.RunConfig, devices: Sequence[Any], topology: Topology | None = None
+) -> Job:
   """The run's abstract state, batches and steps on a mesh over ``devices``.
 
   What the trainer builds before its first step, without data beyond one
@@ -1398,7 +1400,9 @@ def _short_error(e: BaseException) -> str:
   return text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
 
 
-def _trial(label: str, config: Any, devices: Sequence[Any], topology: Topology, say) -> Trial:
+def _trial(
+  label: str, config: plan.RunConfig, devices: Sequence[Any], topology: Topology, say
+) -> Trial:
   say(f"trying {label} ...")
   try:
     result = compile_run(config, devices, topology, evals=False, details=False, progress=say)

@@ -163,6 +163,11 @@ class RunPlan:
   mesh: MeshPlan
 
 
+# What the functions taking a whole launch accept: the config, or its plan
+# (make_plan returns a plan as it is).
+RunConfig = RunPlan | ml_collections.ConfigDict
+
+
 def as_optimizer_plan(section: Any, num_steps: int | None = None) -> OptimizerPlan:
   """The plan of an ``optimizer`` section (returned as is if it already is one).
 
@@ -243,7 +248,7 @@ def as_checkpoint_plan(section: Any) -> CheckpointPlan:
   return CheckpointPlan(**dataclasses.asdict(schema.settings("checkpoint", section)))
 
 
-def make_plan(config: ml_collections.ConfigDict) -> RunPlan:
+def make_plan(config: RunConfig) -> RunPlan:
   """Validates a launch config and parses it once.
 
   Args:

@@ -595,7 +595,7 @@ def _frozen_paths(target: Any, rules: Any) -> frozenset[str]:
 
 def state_factory(
   model: nnx.Module | Callable[[nnx.Rngs], Any] | linen.Module,
-  config: Any,
+  config: plan.RunConfig,
   *,
   example_inputs: tuple[Any, ...] | None = None,
   tx: optax.GradientTransformation | None = None,
@@ -679,7 +679,7 @@ def state_factory(
 
 def create_train_state(
   model: nnx.Module | Callable[[nnx.Rngs], Any] | linen.Module,
-  config: Any,
+  config: plan.RunConfig,
   *,
   example_inputs: tuple[Any, ...] | None = None,
   mesh: jax.sharding.Mesh | None = None,
@@ -734,7 +734,7 @@ def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
   )
 
 
-def model_factory(config: Any, data_info: dict[str, Any]) -> Callable[[nnx.Rngs], Any]:
+def model_factory(config: plan.RunConfig, data_info: dict[str, Any]) -> Callable[[nnx.Rngs], Any]:
   """Returns ``rngs -> module`` for the registered model that ``config.model.name`` names.
 
   Args:
@@ -748,7 +748,7 @@ def model_factory(config: Any, data_info: dict[str, Any]) -> Callable[[nnx.Rngs]
   return lambda rngs: entry.build(config.model, rngs=rngs, data_info=dict(data_info))
 
 
-def registered_state_factory(config: Any, data_info: dict[str, Any]) -> StateFactory:
+def registered_state_factory(config: plan.RunConfig, data_info: dict[str, Any]) -> StateFactory:
   """The :class:`StateFactory` of the registered model a config names.
 
   Args:
