@@ -417,6 +417,7 @@ def test_the_tpu_compile_holds_no_float32_copy_of_the_moments():
     "rows = {k + (', state offloaded' if off else ''): b.compile_update(f(), d, 4, 2048, off)\n"
     "        for k, d, f in b.FORMATS\n"
     "        for off in (False, True) if not off or k in b.OFFLOADED}\n"
+    "rows['parts'] = b.compile_parts(2048)\n"
     "print(json.dumps({k: {x: v for x, v in r.items() if x != 'hlo'} for k, r in rows.items()}))"
   )
   env = dict(
@@ -435,6 +436,12 @@ def test_the_tpu_compile_holds_no_float32_copy_of_the_moments():
   assert total(q) <= 0.75 * total(f32)
   assert q["temps"] <= 0.25 * state
   assert total(rows["ours bf16 params + int8"]) <= 0.55 * total(f32)
+  # The update from stored moments, its two passes apart: the kernel reads the gradient and
+  # the codes and writes the codes (8 bytes per param, and the scales); the update with
+  # optax.apply_updates reads the new codes and the params and writes the params (10).
+  parts = rows["parts"]
+  assert parts["kernel"]["bytes_per_param"] <= 9.5  # 9.1 at 2048^2 (8.6 at 4096^2)
+  assert parts["update"]["bytes_per_param"] <= 10.5
   for name in ("ours float32", "ours int8 mu + nu"):
     off = rows[f"{name}, state offloaded"]
     held = rows[name]["args"] - off["args"]  # HBM between steps drops by the state ...
