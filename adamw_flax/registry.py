@@ -248,6 +248,12 @@ def _adam_family(cfg, *, learning_rate, weight_decay_mask, quantize_mask=None, r
   # arguments of the same names, as big_vision hands `config.optax` to optax.
   # A mask of decay multipliers (rules with numbers) is a strength per leaf.
   strengths = getattr(weight_decay_mask, "strengths", False)
+  if not hasattr(cfg, "adamw_arguments"):
+    raise TypeError(
+      "the built-in optimizers take the optimizer section's settings: pass "
+      "adamw_flax.plan.as_optimizer_plan(config.optimizer).section, or call "
+      "adamw_flax.optimizer_from_config(config.optimizer)"
+    )
   return transform.adamw(
     learning_rate,
     **{**cfg.adamw_arguments(), **overrides},

@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
+import optax
+import pytest
+
 import adamw_flax
 from adamw_flax import config, plan, schema
 
@@ -57,3 +62,19 @@ def test_declarations_drive_the_optimizer_arguments_the_fingerprint_and_the_repo
     "update RMS clipped to 1.5 x lr",
     "EMA of the params (decay 0.99, float32)",
   ]
+
+
+def test_a_built_in_optimizer_called_with_a_configdict_section_says_what_to_pass():
+  section = config.default_config().optimizer
+  with pytest.raises(TypeError, match="as_optimizer_plan"):
+    adamw_flax.registry.OPTIMIZERS.get("nadamw")(
+      section, learning_rate=1e-3, weight_decay_mask=None
+    )
+  settings = plan.as_optimizer_plan(section).section
+  tx = adamw_flax.registry.OPTIMIZERS.get("nadamw")(
+    settings, learning_rate=1e-3, weight_decay_mask=None
+  )
+  params = {"w": jax.numpy.ones(3)}
+  updates, _ = tx.update(params, tx.init(params), params)
+  want, _ = optax.nadamw(1e-3).update(params, optax.nadamw(1e-3).init(params), params)
+  np.testing.assert_array_equal(updates["w"], want["w"])
