@@ -59,7 +59,7 @@ class Key:
     items: the type of a tuple's entries, when they have one.
     adamw: the built-in ``adamw``/``nadamw`` optimizers pass it to
       :func:`adamw_flax.adamw` as the argument of the same name
-      (:meth:`Settings.adamw_arguments`).
+      (:meth:`OptimizerSection.adamw_arguments`).
     fingerprint: it shapes the optimizer state, so checkpoints record it
       (:mod:`adamw_flax.fingerprint`): True, or the name of a key of the same
       section that must be set for it to be recorded.
