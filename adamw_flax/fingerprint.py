@@ -130,7 +130,7 @@ def _optimizer_summary(config: ml_collections.ConfigDict | None, opt_state: Any)
   if o is not None:
     summary["optimizer"] = o.get("name")
     # The keys declared `fingerprint` (adamw_flax.schema); rules as text.
-    summary.update({k: _rules_str(v) if isinstance(v, (str, tuple, list)) else v
+    summary.update({k: _rules_str(v) if isinstance(v, (tuple, list)) else v
                     for k, v in schema.fingerprinted(o).items()})  # fmt: skip
   return summary
 

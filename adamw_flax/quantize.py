@@ -633,6 +633,14 @@ def _expand(x: jax.Array, cols: int) -> jax.Array:
   return out
 
 
+def _values_tiled(codes: jax.Array, scale: jax.Array, kind: str) -> jax.Array:
+  """The float32 values of a (local) leaf's ``codes``, its ``scale`` reaching them through :func:`_expand`.
+
+  The TPU paths' dequantization (no ``(rows, blocks, block)`` view of a tiled array).
+  """
+  return _decode(codes, _expand(_factor(scale, MAPS[kind]), codes.shape[-1]), MAPS[kind])
+
+
 def _xla_update(g, cm, sm, cn, sn, s, word, nesterov, from_stored=False):
   """The step as XLA fusions only (no kernel, no custom call): for sharded leaves on TPU.
 
@@ -646,9 +654,7 @@ def _xla_update(g, cm, sm, cn, sn, s, word, nesterov, from_stored=False):
   shape, cols, nb = g.shape, g.shape[-1], sm.shape[-1]
   block = cols // nb
   mu_map, nu_map = MAPS["mu"], MAPS["nu"]
-  mu_c = _decode(cm, _expand(_factor(sm, mu_map), cols), mu_map)
-  nu_c = _decode(cn, _expand(_factor(sn, nu_map), cols), nu_map)
-  mu_new, nu_new = _moments(g, mu_c, nu_c, s)
+  mu_new, nu_new = _moments(g, _values_tiled(cm, sm, "mu"), _values_tiled(cn, sn, "nu"), s)
   cut = lambda x, b: x[..., b * block : (b + 1) * block]
   am = jnp.concatenate([_absmax(cut(mu_new, b), mu_map) for b in range(nb)], axis=-1)
   an = jnp.concatenate([_absmax(cut(nu_new, b), nu_map) for b in range(nb)], axis=-1)
@@ -656,8 +662,7 @@ def _xla_update(g, cm, sm, cn, sn, s, word, nesterov, from_stored=False):
   codes_mu = _encode(mu_new, _expand(am, cols), mu_map, bm)
   codes_nu = _encode(jnp.sqrt(nu_new), _expand(an, cols), nu_map, bn)
   if from_stored:
-    mu_new = _decode(codes_mu, _expand(_factor(am, mu_map), cols), mu_map)
-    nu_new = _decode(codes_nu, _expand(_factor(an, nu_map), cols), nu_map)
+    mu_new, nu_new = _values_tiled(codes_mu, am, "mu"), _values_tiled(codes_nu, an, "nu")
   u = _direction(g, mu_new, nu_new, s, nesterov)
   return u, codes_mu, am, codes_nu, an
 
@@ -846,16 +851,14 @@ def adam_update(
     local_shape = tuple(g.shape)
     if not (affine and kernel_supports(local_shape, local_shape[-1] // sm.shape[-1])):
       return loop(_CHUNK_ELEMENTS)(g, cm, sm, cn, sn, s, w, rows, col0, affine)
-    cols = local_shape[-1]
-    dequantized = lambda c, sc, m: _decode(c, _expand(_factor(sc, MAPS[m]), cols), MAPS[m])
     requant = lambda: _kernel_requant(
       g, cm, sm, cn, sn, s, w, rows[0], col0, shape[-1], impl == "kernel" and interpret
     )
     if from_stored:  # the new codes' values: the gradient and the old codes are read once
       new = requant()
-      mu_new, nu_new = dequantized(new[0], new[1], "mu"), dequantized(new[2], new[3], "nu")
+      mu_new, nu_new = _values_tiled(new[0], new[1], "mu"), _values_tiled(new[2], new[3], "nu")
     else:
-      mu_new, nu_new = _moments(g, dequantized(cm, sm, "mu"), dequantized(cn, sn, "nu"), s)
+      mu_new, nu_new = _moments(g, _values_tiled(cm, sm, "mu"), _values_tiled(cn, sn, "nu"), s)
     u = _direction(g, mu_new, nu_new, s, nesterov)
     return (u, *(new if from_stored else requant()))
 

@@ -170,8 +170,8 @@ def compile_parts(size: int) -> dict[str, dict]:
     return q._kernel_requant(g, cm, sm, cn, sn, s, None, 0, 0, size, False)
 
   def update(p, cm, sm, cn, sn):
-    value = lambda c, sc, m: q._decode(c, q._expand(q._factor(sc, q.MAPS[m]), size), q.MAPS[m])
-    u = -1e-3 * q._direction(p, value(cm, sm, "mu"), value(cn, sn, "nu"), s, False)
+    mu, nu = q._values_tiled(cm, sm, "mu"), q._values_tiled(cn, sn, "nu")
+    u = -1e-3 * q._direction(p, mu, nu, s, False)
     return optax.apply_updates(p, u)
 
   out = {}

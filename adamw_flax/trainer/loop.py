@@ -141,7 +141,7 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
       run, loss, state_sharding=shardings, batch_sharding=batch_sharding
     )
     target = train_state.with_shardings(abstract, shardings)  # the restore's and the precompile's
-    warm = _precompile(run, workdir, mesh, dataset, steps, target, batch_sharding)
+    warm = _precompile(workdir, mesh, dataset, data_count, steps, target, batch_sharding)
     try:
       ckpts = distributed.agree(
         lambda: _checkpoints(run, workdir, mesh, dataset), "opening checkpoints"
@@ -248,7 +248,7 @@ def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, steps, sta
 
 
 def _precompile(
-  run, workdir, mesh, dataset, steps, target, batch_sharding
+  workdir, mesh, dataset, data_count, steps, target, batch_sharding
 ) -> threading.Thread | None:
   """Starts compiling the train step, from abstract values, beside the state's restore or init.
 
@@ -263,6 +263,7 @@ def _precompile(
   ``python -m train.compile`` (they load instead).
 
   Args:
+    data_count: the slices each global batch is loaded in (the dataset's batches are one).
     target: the abstract state with its shardings (the restore's target).
 
   Returns:
@@ -273,8 +274,7 @@ def _precompile(
 
   def compile_train_step() -> None:
     try:
-      _, count = sharding.data_shard_info(mesh, run.mesh)
-      batch = aot.train_batch_spec(dataset, batch_sharding, count)  # reads train batch 0
+      batch = aot.train_batch_spec(dataset, batch_sharding, data_count)  # reads train batch 0
       with sharding.use_mesh(mesh):  # the mesh context is per thread
         steps.train.lower(target, batch).compile()
     except Exception:  # noqa: BLE001 (the first step's own compile reports it)
