@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -62,6 +63,8 @@ TITLE = "Tiny Shakespeare: time to quality"
 # The canonical text (set by --text; default: the project's shared copy beside the repository).
 TEXT = [SHARED_TEXT]
 TARGET = 1.88
+# A run that has not ended by then is killed (each takes 0.5-2 min on 2 cores).
+RUN_TIMEOUT_S = 3600
 
 
 def _ours(variant: str, *overrides: str) -> Any:
@@ -132,14 +135,19 @@ def run_nanogpt(workdir: pathlib.Path) -> dict[str, Any]:
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)  # fmt: skip
+  deadline = threading.Timer(RUN_TIMEOUT_S, proc.kill)  # the line loop below ends with the process
+  deadline.start()
   evals, iters, rss, out = [], [], 0.0, []
-  for line in proc.stdout:
-    out.append(line)
-    rss = max(rss, _peak_rss_mib(proc.pid) or 0.0)
-    if m := _NANOGPT_EVAL.search(line):
-      evals.append((int(m[1]), float(m[2]), time.perf_counter() - t0))
-    elif m := _NANOGPT_ITER.search(line):
-      iters.append(float(m[2]))
+  try:
+    for line in proc.stdout:
+      out.append(line)
+      rss = max(rss, _peak_rss_mib(proc.pid) or 0.0)
+      if m := _NANOGPT_EVAL.search(line):
+        evals.append((int(m[1]), float(m[2]), time.perf_counter() - t0))
+      elif m := _NANOGPT_ITER.search(line):
+        iters.append(float(m[2]))
+  finally:
+    deadline.cancel()
   wall = time.perf_counter() - t0
   if proc.wait() or not evals:
     raise RuntimeError(f"nanoGPT train.py failed ({proc.returncode}):\n{''.join(out)[-3000:]}")
@@ -162,11 +170,17 @@ def run_once(name: str, workdir: pathlib.Path) -> dict[str, Any]:
     RUNS[name](workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   rss = 0.0
-  while proc.poll() is None:
-    rss = max(rss, _peak_rss_mib(proc.pid) or 0.0)
-    time.sleep(0.25)
+  while True:  # communicate() drains both pipes, so a chatty run cannot block on a full one
+    try:
+      out, err = proc.communicate(timeout=0.25)
+      break
+    except subprocess.TimeoutExpired:
+      rss = max(rss, _peak_rss_mib(proc.pid) or 0.0)
+      if time.perf_counter() - t0 > RUN_TIMEOUT_S:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{name} did not end within {RUN_TIMEOUT_S} s; killed") from None
   wall = time.perf_counter() - t0
-  out, err = proc.communicate()
   if proc.returncode:
     raise RuntimeError(f"{name} failed ({proc.returncode}):\n{err[-3000:]}")
   rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
