@@ -136,7 +136,12 @@ def zero1_bytes() -> dict[str, dict[str, float]]:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   code = ZERO1_CODE.format(here=str(HERE))
   out = subprocess.run(
-    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    [sys.executable, "-c", code],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=1800,
   )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -215,7 +220,7 @@ def shakespeare_quality(
       *[f"--config.{o}" for o in overrides],
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode:
       raise RuntimeError(f"{label}: python -m train failed:\n{proc.stderr[-2000:]}")

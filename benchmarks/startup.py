@@ -36,10 +36,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# A launch that has not ended by then is killed (one takes 1-5 s).
+LAUNCH_TIMEOUT_S = 600
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED_TEXT, cpu_model, write_section  # noqa: E402
 
@@ -129,7 +132,12 @@ def _launch(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
   proc = subprocess.Popen(
     args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
-  _, status, usage = os.wait4(proc.pid, 0)
+  deadline = threading.Timer(LAUNCH_TIMEOUT_S, proc.kill)  # a hung launch ends (and fails)
+  deadline.start()
+  try:
+    _, status, usage = os.wait4(proc.pid, 0)
+  finally:
+    deadline.cancel()
   proc.returncode = os.waitstatus_to_exitcode(status)
   return time.time() - t0, usage.ru_utime + usage.ru_stime, proc.returncode
 
@@ -183,9 +191,9 @@ def clean_venv(path: Path) -> str:
   """
   python = path / "bin" / "python"
   if not python.exists():
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
     pip = [str(python), "-m", "pip", "install", "-q", "-e", f"{ROOT}[shakespeare]"]
-    subprocess.run(pip, check=True)
+    subprocess.run(pip, check=True, timeout=1800)
   return str(python)
 
 
@@ -195,7 +203,8 @@ def ml_dtypes_import(python: str) -> str:
     "import time, numpy; t = time.perf_counter(); import ml_dtypes; "
     "print(f'ml_dtypes {ml_dtypes.__version__} imports in {time.perf_counter() - t:.3f} s')"
   )
-  return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+  proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+  return proc.stdout.strip()
 
 
 def measure(python: str, rounds: int, hook_dir: str, caches: str) -> tuple[list[str], list]:

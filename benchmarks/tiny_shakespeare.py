@@ -105,7 +105,9 @@ def _nanogpt(workdir: pathlib.Path) -> list[str]:
   shutil.copytree(NANOGPT[0], workdir, ignore=shutil.ignore_patterns(".git", "out-*"))
   data = workdir / "data" / "shakespeare_char"
   shutil.copyfile(TEXT[0], data / "input.txt")  # prepare.py downloads it only when missing
-  subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+  subprocess.run(
+    [sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True, timeout=600
+  )
   return [sys.executable, "-u", "train.py", *NANOGPT_CPU]
 
 
