@@ -240,9 +240,10 @@ def _encode(v: jax.Array, absmax: jax.Array, m: _Map, rbits: jax.Array | None) -
     smallest = _code_value(m, 1)
     up = rbits.astype(jnp.float32) < y * (65536.0 / smallest)
     code = jnp.where(y < smallest, jnp.where(up, 1, 0), jnp.minimum(code, top_code))
-  else:
-    floor = 0 if m.zero_floor else 1
-    code = jnp.where(code < 1, jnp.where(y > 0, floor, 0), jnp.minimum(code, top_code))
+  elif m.zero_floor:  # below the smallest code: 0
+    code = jnp.clip(code, 0, top_code)
+  else:  # a positive value below the smallest code: that code; 0 stays 0
+    code = jnp.where(y > 0, jnp.clip(code, 1, top_code), 0)
   if m.signed:
     return jnp.where(v < 0, -code, code).astype(jnp.int8)
   return code.astype(jnp.uint8)
@@ -384,8 +385,8 @@ def _direction(g: jax.Array, mu: jax.Array, nu: jax.Array, s: AdamScalars, neste
   return mu_hat / (jnp.sqrt(nu / s.bc2 + s.eps_root) + s.eps)
 
 
-def _absmax(v: jax.Array, m: _Map) -> jax.Array:
-  """The block maximum over the last axis (kept) of ``mu`` (``v`` signed) or of ``sqrt(nu)`` (``v = nu``).
+def _absmax(v: jax.Array, m: _Map, keepdims: bool = True) -> jax.Array:
+  """The block maximum over the last axis (kept unless ``keepdims`` is False) of ``mu`` (``v`` signed) or of ``sqrt(nu)`` (``v = nu``).
 
   Equal to ``max(|v|)`` and ``max(sqrt(v))`` (sqrt is monotonic), but each a
   reduction of the stored values: XLA:CPU fuses ``abs`` and everything that
@@ -395,9 +396,11 @@ def _absmax(v: jax.Array, m: _Map) -> jax.Array:
   into ``+0.0`` as ``max(|v|)`` has it.
   """
   if m.signed:
-    top = jnp.maximum(jnp.max(v, axis=-1, keepdims=True), -jnp.min(v, axis=-1, keepdims=True))
+    top = jnp.maximum(
+      jnp.max(v, axis=-1, keepdims=keepdims), -jnp.min(v, axis=-1, keepdims=keepdims)
+    )
     return jnp.abs(top)
-  return jnp.sqrt(jnp.max(v, axis=-1, keepdims=True))
+  return jnp.sqrt(jnp.max(v, axis=-1, keepdims=keepdims))
 
 
 def _element_bits(index: jax.Array, word: jax.Array) -> jax.Array:
@@ -414,36 +417,88 @@ def _split_bits(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   return h >> 16, h & np.uint32(0xFFFF)
 
 
+def _each(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Per-block values ``x`` (``(..., blocks)``) over the elements of blocks ``shape`` (``(..., blocks, block)``).
+
+  A broadcast_in_dim, not a ``(..., blocks, 1)`` view: XLA:CPU gives such a
+  view another layout and copies it inside every fusion that reads it.
+  """
+  return jax.lax.broadcast_in_dim(x, shape, tuple(range(x.ndim)))
+
+
+def _requant(g, cm, sm, cn, sn, s, h):
+  """The new moments of a chunk, requantized: ``(mu codes, mu scale, nu codes, nu scale)``.
+
+  Arrays in blocks ``(..., blocks, block)``, scales ``(..., blocks)``; ``h``
+  None or the chunk's :func:`_element_bits`. Also returns the unrounded new
+  moments, for an update in the same pass.
+  """
+  mu_map, nu_map = MAPS["mu"], MAPS["nu"]
+  mu_c = _decode(cm, _each(_factor(sm, mu_map), cm.shape), mu_map)
+  nu_c = _decode(cn, _each(_factor(sn, nu_map), cn.shape), nu_map)
+  mu_new, nu_new = _moments(g, mu_c, nu_c, s)
+  am = _absmax(mu_new, mu_map, keepdims=False)
+  an = _absmax(nu_new, nu_map, keepdims=False)
+  bm, bn = (None, None) if h is None else _split_bits(h)
+  codes_mu = _encode(mu_new, _each(am, g.shape), mu_map, bm)
+  codes_nu = _encode(jnp.sqrt(nu_new), _each(an, g.shape), nu_map, bn)
+  return (codes_mu, am, codes_nu, an), (mu_new, nu_new)
+
+
 def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h, from_stored=False):
-  """One chunk's step; arrays in blocks ``(..., blocks, block)``, scales ``(..., blocks)``.
+  """A leaf's step in one piece; arrays in blocks ``(..., blocks, block)``, scales ``(..., blocks)``.
 
   Returns ``(u, mu codes, mu scale, nu codes, nu scale)``; ``h`` is None or
-  the chunk's :func:`_element_bits`; ``from_stored``: the update from the new
-  codes (:func:`adam_update`).
+  the :func:`_element_bits`; ``from_stored``: the update from the new codes
+  (:func:`adam_update`).
   """
-  mu_c = _decode(cm, _factor(sm, MAPS["mu"])[..., None], MAPS["mu"])
-  nu_c = _decode(cn, _factor(sn, MAPS["nu"])[..., None], MAPS["nu"])
-  mu_new, nu_new = _moments(g, mu_c, nu_c, s)
-  am = _absmax(mu_new, MAPS["mu"])
-  an = _absmax(nu_new, MAPS["nu"])
-  bm, bn = (None, None) if h is None else _split_bits(h)
-  codes_mu = _encode(mu_new, am, MAPS["mu"], bm)
-  codes_nu = _encode(jnp.sqrt(nu_new), an, MAPS["nu"], bn)
+  new, (mu_new, nu_new) = _requant(g, cm, sm, cn, sn, s, h)
   if from_stored:
-    mu_new = _decode(codes_mu, _factor(am, MAPS["mu"]), MAPS["mu"])
-    nu_new = _decode(codes_nu, _factor(an, MAPS["nu"]), MAPS["nu"])
-  u = _direction(g, mu_new, nu_new, s, nesterov)
-  return u, codes_mu, am[..., 0], codes_nu, an[..., 0]
+    codes_mu, am, codes_nu, an = new
+    mu_new = _decode(codes_mu, _each(_factor(am, MAPS["mu"]), g.shape), MAPS["mu"])
+    nu_new = _decode(codes_nu, _each(_factor(an, MAPS["nu"]), g.shape), MAPS["nu"])
+  return (_direction(g, mu_new, nu_new, s, nesterov), *new)
+
+
+def _update_of(g, cm, sm, cn, sn, s, nesterov, stored):
+  """The update of a leaf's 2-D view from its codes: the old ones (``stored`` False) or the new ones.
+
+  An elementwise expression that ``optax.apply_updates`` fuses into, so the
+  update is never written out. XLA:CPU iterates that fusion over the param's
+  (rows, cols) shape: a block that is not a power of two reaches its scale
+  through a chain of selects on the column (:func:`_expand`), since a
+  ``(rows, blocks, block)`` view costs a division and a gather per element
+  there (measured: the step of a 448-column leaf 40% slower).
+  """
+  rows, cols = g.shape
+  nb = sm.shape[-1]
+  block = cols // nb
+  if block & (block - 1) and nb <= 16:
+    mu, nu = _values_tiled(cm, sm, "mu"), _values_tiled(cn, sn, "nu")
+  else:
+    three = lambda x: x.reshape(rows, nb, block)
+    g = three(g)
+    mu = _decode(three(cm), _each(_factor(sm, MAPS["mu"]), g.shape), MAPS["mu"])
+    nu = _decode(three(cn), _each(_factor(sn, MAPS["nu"]), g.shape), MAPS["nu"])
+  if not stored:
+    mu, nu = _moments(g, mu, nu, s)
+  return _direction(g, mu, nu, s, nesterov).reshape(rows, cols)
 
 
 # Elements per chunk of the loop: 2^18 float32 (1 MiB, the L2 of the CPU
 # benchmarks/RESULTS.md measures on) was fastest of 2^15..2^20 there.
 _CHUNK_ELEMENTS = 1 << 18
+# A leaf of at least this many rows that fits one chunk still runs as two:
+# the loop's in-place writes go to a (rows, blocks, block) buffer, which
+# XLA:CPU writes vector by vector, while a leaf in one piece writes its codes
+# through the (rows, cols) view, element by element where a block is not a
+# power of two (measured: the step of a 448x448 leaf 1.6x faster in two).
+_MIN_SPLIT_ROWS = 16
 
 
 def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, chunk,
                  from_stored=False):  # fmt: skip
-  """The step of a (local) leaf, looping over chunks of rows of its 2-D view.
+  """The step of a (local) leaf: a loop over chunks of rows requantizes, the update stays elementwise.
 
   Args:
     g, cm, sm, cn, sn: gradient, codes and scales, shaped like the leaf (local shard).
@@ -453,57 +508,72 @@ def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, c
     col0: the global column of the first local column (int32).
     c_total: the leaf's last dimension (global).
     nesterov: Nesterov momentum.
-    chunk: elements per chunk (the whole leaf in one when it is at least its size).
+    chunk: elements per chunk; None: the leaf in one piece (GPUs, where a
+      loop of small fusions would be launch-bound).
     from_stored: the update from the new codes (:func:`adam_update`).
 
   Returns:
     ``(u, mu codes, mu scale, nu codes, nu scale)`` shaped like the inputs.
+
+  The loop requantizes in place, chunk by chunk, its float32 temporaries a
+  chunk's. The update is computed apart, from the gradient and the codes
+  (:func:`_update_of`), so ``optax.apply_updates`` fuses it into the param
+  update and no float32 buffer of the whole leaf exists: XLA:CPU allocates
+  its temporaries afresh each call, and a leaf-sized update buffer per leaf
+  cost a page fault per 4 KiB (41.6k per step on the 32M-param tree of
+  benchmarks/memory_lean.py).
   """
   shape, scale_shape = g.shape, sm.shape
   cols = shape[-1]
   nb = scale_shape[-1]
   block = cols // nb
   rows = math.prod(shape[:-1])
-  t = max(1, min(rows, chunk // cols))
-  two = lambda x, w: x.reshape(rows, w)
-  g2, cm2, cn2 = two(g, cols), two(cm, cols), two(cn, cols)
-  sm2, sn2 = two(sm, nb), two(sn, nb)
+  blocks = (rows, nb, block)
 
-  def chunk_of(r0, n, cm2, sm2, cn2, sn2):
+  def bits(r0, n):
+    if word is None:
+      return None
+    # The element's global index row * c_total + col, in blocks.
+    at = (n, nb, block)
+    base = jax.lax.dynamic_slice_in_dim(row_ids, r0, n).astype(jnp.uint32) * np.uint32(c_total)
+    base = _each(base + col0.astype(jnp.uint32), at)
+    col = jax.lax.broadcasted_iota(jnp.uint32, at, 1) * np.uint32(block)
+    return _element_bits(base + col + jax.lax.broadcasted_iota(jnp.uint32, at, 2), word)
+
+  g3, cm3, cn3 = g.reshape(blocks), cm.reshape(blocks), cn.reshape(blocks)
+  sm2, sn2 = sm.reshape(rows, nb), sn.reshape(rows, nb)
+  t = rows if chunk is None else max(1, min(rows, chunk // cols))
+  if rows <= t and (chunk is None or rows < _MIN_SPLIT_ROWS):
+    out = _chunk_step(g3, cm3, sm2, cn3, sn2, s, nesterov, bits(0, rows), from_stored)
+    u, cm3, sm2, cn3, sn2 = out
+    return (
+      u.reshape(shape), cm3.reshape(shape), sm2.reshape(scale_shape), cn3.reshape(shape),
+      sn2.reshape(scale_shape),
+    )  # fmt: skip
+  t = min(t, -(-rows // 2))
+
+  def rows_of(r0, n, carry):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, r0, n, 0)
-    blk = lambda a: a.reshape(n, nb, block)
-    h = None
-    if word is not None:
-      ids = sl(row_ids).astype(jnp.uint32)[:, None] * np.uint32(c_total)
-      cols_idx = jax.lax.broadcasted_iota(jnp.uint32, (n, cols), 1) + col0.astype(jnp.uint32)
-      h = blk(_element_bits(ids + cols_idx, word))
-    out = _chunk_step(
-      blk(sl(g2)), blk(sl(cm2)), sl(sm2), blk(sl(cn2)), sl(sn2), s, nesterov, h, from_stored
-    )
-    return tuple(x.reshape(n, -1) for x in out)
+    new, _ = _requant(sl(g3), *(sl(a) for a in carry[:2]), *(sl(a) for a in carry[2:]), s,
+                      bits(r0, n))  # fmt: skip
+    up = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, r0, 0)
+    return tuple(up(b, x) for b, x in zip(carry, new, strict=True))
 
-  if rows <= t:  # one chunk: the whole leaf
-    carry = chunk_of(0, rows, cm2, sm2, cn2, sn2)
-  else:
-
-    def rows_of(r0, n, carry):
-      # XLA:CPU fuses each chunk's encode and update into these in-place
-      # writes. An optimization_barrier meant to keep them apart compiles to
-      # the same program (jax 0.8.1 and 0.10.2, compared HLO), so there is none.
-      out = chunk_of(r0, n, *carry[1:])
-      up = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, r0, 0)
-      return tuple(up(b, x) for b, x in zip(carry, out, strict=True))
-
-    # The update is written chunk by chunk into one buffer, the codes and
-    # scales in place.
-    carry = (jnp.zeros((rows, cols), jnp.float32), cm2, sm2, cn2, sn2)
-    full = rows // t
-    carry = jax.lax.fori_loop(0, full, lambda i, c: rows_of(i * t, t, c), carry)
-    if rows % t:
-      carry = rows_of(full * t, rows % t, carry)
-  u, cm2, sm2, cn2, sn2 = carry
+  two = lambda x: x.reshape(rows, -1)
+  if not from_stored:
+    u = _update_of(two(g), two(cm), sm2, two(cn), sn2, s, nesterov, stored=False)
+  # The codes and scales are written in place through their (rows, blocks,
+  # block) view; XLA:CPU copies the old codes for the update, which reads them.
+  carry = (cm3, sm2, cn3, sn2)
+  full = rows // t
+  carry = jax.lax.fori_loop(0, full, lambda i, c: rows_of(i * t, t, c), carry)
+  if rows % t:
+    carry = rows_of(full * t, rows % t, carry)
+  cm3, sm2, cn3, sn2 = carry
+  if from_stored:
+    u = _update_of(two(g), two(cm3), sm2, two(cn3), sn2, s, nesterov, stored=True)
   return (
-    u.reshape(shape), cm2.reshape(shape), sm2.reshape(scale_shape), cn2.reshape(shape),
+    u.reshape(shape), cm3.reshape(shape), sm2.reshape(scale_shape), cn3.reshape(shape),
     sn2.reshape(scale_shape),
   )  # fmt: skip
 
@@ -866,7 +936,6 @@ def adam_update(
     args = (g, cm, sm, cn, sn, s, w, rows, col0)
     if impl is not None:
       return (loop(_CHUNK_ELEMENTS) if impl == "loop" else kernel)(*args, affine)
-    whole = math.prod(g.shape)
     # Chosen per shard, inside the partitioned call (XLA's SPMD partitioner does
     # not reach a custom partitioning inside a platform conditional). GPUs take
     # the leaf in one piece: a loop of small fusions would be launch-bound.
@@ -874,8 +943,8 @@ def adam_update(
     return jax.lax.platform_dependent(
       *args,
       tpu=branch(kernel),
-      cuda=branch(loop(whole)),
-      rocm=branch(loop(whole)),
+      cuda=branch(loop(None)),
+      rocm=branch(loop(None)),
       default=branch(loop(_CHUNK_ELEMENTS)),
     )
 
