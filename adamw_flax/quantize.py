@@ -309,8 +309,12 @@ def dequantize(q: QuantizedMoment, dtype: Any = jnp.float32) -> jax.Array:
 #   in one pass), in place in the donated codes, and the update itself stays
 #   an XLA fusion that ``optax.apply_updates`` fuses into: a kernel's output
 #   is materialized, and under optax's API the update is an array;
-# * elsewhere a loop over chunks of rows does everything, its float32
-#   temporaries a chunk's, in cache.
+# * on CPU the same split: a loop over chunks of rows requantizes in place,
+#   its float32 temporaries a chunk's, in cache, and the update is an
+#   elementwise expression that ``optax.apply_updates`` fuses into (no
+#   leaf-sized update buffer, see _loop_update);
+# * on GPU the leaf runs in one piece (a loop of small fusions would be
+#   launch-bound).
 #
 # Both run per shard (jax.experimental.custom_partitioning): blocks never
 # straddle shards, so a shard's blocks are whole, and the random bits of
@@ -874,8 +878,9 @@ def adam_update(
   ``quantize(new moment)``'s bitwise when rounding to nearest. No float32
   copy of a whole moment is held: on TPU a Pallas kernel requantizes tile by
   tile in place while the update stays an XLA fusion (``optax.apply_updates``
-  fuses into it); on other platforms a loop over chunks of rows computes
-  everything. Each shard of a sharded leaf runs on its own.
+  fuses into it); on CPU a loop over chunks of rows requantizes in place and
+  the update is likewise an elementwise expression; on GPU the leaf runs in
+  one piece. Each shard of a sharded leaf runs on its own.
 
   With ``word`` the codes are rounded stochastically: up or down with the
   probabilities that make the stored moment unbiased (mu values below the
