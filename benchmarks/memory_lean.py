@@ -29,6 +29,7 @@ import json
 import math
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -167,7 +168,13 @@ def update_times(params: dict[str, Any], quick: bool) -> dict[str, float]:
 
     runs[name] = run
     keep.append(holder)
-  return interleaved_medians(runs, iters=2 if quick else 3, repeats=3 if quick else 5)
+  ms = interleaved_medians(runs, iters=2 if quick else 3, repeats=3 if quick else 7)
+  faults = {}
+  for name, run in runs.items():  # minor page faults: temporaries allocated afresh each call
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run(3)
+    faults[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+  return ms, faults
 
 
 # ---------------------------------------------------------------- quality
@@ -308,7 +315,8 @@ def main() -> None:
     rows, totals = bytes_table(params)
     cache["bytes"] = {"when": stamp, "rows": rows, "totals": totals, "zero1": zero1_bytes()}
   if "time" in parts:
-    cache["time"] = {"when": stamp, "ms": update_times(params, args.quick)}
+    ms, faults = update_times(params, args.quick)
+    cache["time"] = {"when": stamp, "ms": ms, "faults": faults}
   if "shakespeare" in parts:
     with tempfile.TemporaryDirectory() as tmp:
       cache["shakespeare"] = {"when": stamp, "rows": shakespeare_quality(pathlib.Path(tmp))}
@@ -319,6 +327,28 @@ def main() -> None:
   if not args.no_write:
     CACHE.write_text(json.dumps(cache, indent=1) + "\n")
     write_section(TITLE, text)
+
+
+UPDATE_TIME_NOTE = (
+  "int8 rows round their codes stochastically (the default) unless marked nearest. How the "
+  "8-bit step runs on CPU (`quantize.adam_update`): a loop over chunks of rows (2^18 "
+  "elements; a leaf that fits one chunk runs as two) requantizes in place through "
+  "`(rows, blocks, block)` views, its float32 temporaries a chunk's, and the update is an "
+  "elementwise expression of the gradient and the old codes that `optax.apply_updates` "
+  "fuses into, so no float32 buffer of a whole leaf exists. The codes and the update are "
+  "bitwise the previous code's. Before (3.78x stochastic, 3.33x nearest, 41.7k page faults "
+  "per step), the loop also wrote the update into a leaf-sized buffer, which XLA:CPU "
+  "allocates afresh each call (163 MiB of temporaries for this tree), and a leaf in one "
+  "piece wrote its codes through the `(rows, cols)` view, which XLA:CPU indexes element by "
+  "element when a block is not a power of two (224 here). The page faults left come from "
+  "XLA:CPU's copies of the old codes, which the update reads while the loop rewrites them "
+  "in place (writing the new codes to fresh buffers instead was slower). This VM's timings "
+  "drift from run to run: three runs of this table in one session gave int8 2.09x, 2.13x "
+  "and 2.48x (stochastic) and 1.82x, 1.84x and 2.34x (nearest). Pinned to one core the "
+  "ratios are higher (about 2.9x and 2.6x): float32 is memory-bound and gains little from "
+  "the second core. Stochastic rounding adds an integer hash per element, which XLA:CPU "
+  "computes in the fusion of each moment's codes."
+)
 
 
 def section(cache: dict[str, Any], n: int) -> str:
@@ -358,6 +388,7 @@ def section(cache: dict[str, Any], n: int) -> str:
     ]
   if "time" in cache:
     ms = cache["time"]["ms"]
+    faults = cache["time"].get("faults", {})
     base = ms["optax float32"]
     body += [
       "",
@@ -365,22 +396,14 @@ def section(cache: dict[str, Any], n: int) -> str:
       "",
       f"Measured {cache['time']['when']}.",
       "",
-      "| step | ms | / optax float32 |",
-      "|---|---|---|",
-      *[f"| {k} | {v * 1e3:.1f} | {v / base:.2f} |" for k, v in ms.items()],
+      "| step | ms | / optax float32 | minor page faults / step |",
+      "|---|---|---|---|",
+      *[
+        f"| {k} | {v * 1e3:.1f} | {v / base:.2f} | {faults.get(k, float('nan')):.0f} |"
+        for k, v in ms.items()
+      ],
       "",
-      "int8 rows round their codes stochastically (the default) unless marked nearest. The "
-      "8-bit step runs block by block (`quantize.adam_update`): on CPU, leaves of up to "
-      "2^18 elements in one piece, larger ones in a loop over chunks of rows; each chunk's "
-      "new moments are written once (in cache) for the block-maximum reductions (XLA:CPU "
-      "reduces a computed input several times slower) and the update is fused into the "
-      "param update where the leaf is one piece. What keeps it above 2x float32 here: "
-      "XLA:CPU keeps every leaf's float32 chunk temporaries live at once and allocates "
-      "them afresh each call (163 MiB of temporaries for this tree, 41.7k minor page faults "
-      "per step against 9 for float32; the previous code held 255 MiB), so the step runs "
-      "from DRAM, not cache; an `optimization_barrier` or a conditional between leaves did "
-      "not order them (XLA:CPU drops the barrier). One 2048x2048 leaf alone takes about "
-      "2x float32's step. Stochastic rounding adds one integer hash per element.",
+      UPDATE_TIME_NOTE,
     ]
   if "shakespeare" in cache:
     ts = cache["shakespeare"]["rows"]
