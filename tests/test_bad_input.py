@@ -212,3 +212,24 @@ def test_an_unwritable_disk_mid_run_is_one_line_too(tmp_path):
   assert run.returncode == 2, run.stderr[-3000:]
   assert len(lines) == 1 and "a file would exceed the size limit" in lines[0], lines
   assert os.path.isdir(workdir)
+
+
+@pytest.mark.parametrize("module", ["train", "train.compile", "train.inspect"])
+def test_help_exits_0_and_a_bad_flag_exits_2(module, tmp_path):
+  run = lambda *args: subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  helped = run("--help")
+  assert helped.returncode == 0, helped.stderr[-2000:]
+  assert "--config" in helped.stdout + helped.stderr
+  missing = run()  # no --config
+  assert missing.returncode == 2, missing.stderr[-2000:]
+  assert _error_lines(missing) == [
+    "error: flag --config=None: Flag --config must have a value other than None.",
+    f"  see: python -m {module} --help",
+  ]
+  unknown = run("--config=configs/tiny_shakespeare.py", f"--no_such_flag={tmp_path / 'run'}")
+  assert unknown.returncode == 2, unknown.stderr[-2000:]
+  assert "no_such_flag" in _error_lines(unknown)[0]
+  assert not (tmp_path / "run").exists()

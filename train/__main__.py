@@ -75,5 +75,4 @@ def main(argv: list[str], overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  argv, overrides = cli.split_config_overrides(sys.argv)
-  app.run(lambda args: sys.exit(main(args, overrides)), argv=argv)
+  cli.run_app(main, sys.argv)

@@ -75,6 +75,36 @@ def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def run_app(main: Callable[[list[str], list[str]], int], argv: Sequence[str]) -> None:
+  """Runs ``main(args, overrides)`` under absl's ``app.run`` and exits with its code.
+
+  A help request exits 0 and a bad flag 2 (absl exits 1 for both, which
+  scripts read as a crash).
+  """
+  from absl import app, flags  # noqa: PLC0415 (the entry points import absl first)
+
+  def parse(args: list[str]) -> list[str]:
+    # absl exits 1 on a bad flag (a missing --config); bad input exits 2 here.
+    try:
+      return flags.FLAGS(args)
+    except flags.Error as e:
+      spec = getattr(sys.modules["__main__"], "__spec__", None)
+      prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec else args[0]
+      print(f"error: {e}\n  see: {prog} --help", file=sys.stderr)
+      sys.exit(2)
+
+  rest, overrides = split_config_overrides(argv)
+  try:
+    app.run(lambda args: sys.exit(main(args, overrides)), argv=rest, flags_parser=parse)
+  except SystemExit as done:
+    if done.code == 1 and any(a in _HELP for a in rest[1:]):
+      sys.exit(0)
+    raise
+
+
 def train(config: str, workdir: str | None, overrides: Sequence[str], *, verbose: bool) -> int:
   """What ``python -m train`` runs after flags and ``jax.distributed``: returns the exit status.
 

@@ -97,5 +97,4 @@ def main(argv: list[str], overrides: list[str]) -> int:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  argv, overrides = cli.split_config_overrides(sys.argv)
-  app.run(lambda args: sys.exit(main(args, overrides)), argv=argv)
+  cli.run_app(main, sys.argv)

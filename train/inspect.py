@@ -129,5 +129,4 @@ def main(args: Sequence[str], overrides: Sequence[str]) -> int:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  argv, overrides = cli.split_config_overrides(sys.argv)
-  app.run(lambda a: sys.exit(main(a, overrides)), argv=argv)
+  cli.run_app(main, sys.argv)
