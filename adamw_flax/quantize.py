@@ -202,6 +202,8 @@ def quantize(x: jax.Array, kind: str, block: int, bits: jax.Array | None = None)
   # float32 pass per elementwise op before it).
   mag = jnp.abs(xb) if m.signed else xb
   absmax = jnp.max(mag, axis=-1, keepdims=True)
+  # A NaN poisons its block (XLA:CPU's vectorized max may skip it; a sum does not).
+  absmax = jnp.where(jnp.isnan(jnp.sum(xb, axis=-1, keepdims=True)), jnp.nan, absmax)
   rbits = None if bits is None else _blocks(bits, block)
   codes = _encode(xb, absmax, m, rbits)
   return QuantizedMoment(codes.reshape(x.shape), absmax[..., 0])
@@ -240,10 +242,10 @@ def _encode(v: jax.Array, absmax: jax.Array, m: _Map, rbits: jax.Array | None) -
     smallest = _code_value(m, 1)
     up = rbits.astype(jnp.float32) < y * (65536.0 / smallest)
     code = jnp.where(y < smallest, jnp.where(up, 1, 0), jnp.minimum(code, top_code))
-  elif m.zero_floor:  # below the smallest code: 0
+  elif m.zero_floor:  # below the smallest code: 0 (a clip: the same codes, two ops fewer)
     code = jnp.clip(code, 0, top_code)
   else:  # a positive value below the smallest code: that code; 0 stays 0
-    code = jnp.where(y > 0, jnp.clip(code, 1, top_code), 0)
+    code = jnp.where(code < 1, jnp.where(y > 0, 1, 0), jnp.minimum(code, top_code))
   if m.signed:
     return jnp.where(v < 0, -code, code).astype(jnp.int8)
   return code.astype(jnp.uint8)
@@ -443,6 +445,12 @@ def _requant(g, cm, sm, cn, sn, s, h):
   mu_new, nu_new = _moments(g, mu_c, nu_c, s)
   am = _absmax(mu_new, mu_map, keepdims=False)
   an = _absmax(nu_new, nu_map, keepdims=False)
+  # A NaN (in the gradient, or a poisoned old block) poisons the block's
+  # scales, as the module docstring says: XLA:CPU's vectorized max may skip a
+  # NaN, a sum never does (finite values sum to NaN only past float32's range
+  # in both signs). The TPU kernel tests for NaN likewise.
+  nan = jnp.isnan(jnp.sum(mu_new, axis=-1))
+  am, an = jnp.where(nan, jnp.nan, am), jnp.where(nan, jnp.nan, an)
   bm, bn = (None, None) if h is None else _split_bits(h)
   codes_mu = _encode(mu_new, _each(am, g.shape), mu_map, bm)
   codes_nu = _encode(jnp.sqrt(nu_new), _each(an, g.shape), nu_map, bn)

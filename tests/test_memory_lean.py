@@ -107,6 +107,34 @@ def test_nonfinite_inputs_poison_their_block_as_the_float_path(kind):
   assert not bool(jnp.isfinite(updates["w"]).all())
 
 
+# One piece, two chunks, several chunks with a tail (the CPU loop's cases).
+@pytest.mark.parametrize("shape", [(8, 512), (40, 512), (1100, 512)])
+@pytest.mark.parametrize("from_stored", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_a_nan_gradient_poisons_its_block_in_the_8bit_step(shape, from_stored, rounding):
+  """Also in the update from the stored codes, which does not read the gradient again.
+
+  XLA:CPU's block maximum may skip a NaN (a vector max returns the other
+  operand): a finite scale then left the update from the stored codes finite
+  where the gradient was NaN, past ``apply_if_finite``.
+  """
+  params = {"w": jnp.ones(shape)}
+  tx = adamw_flax.adamw(
+    1e-3, mu_dtype="int8", nu_dtype="int8", quantize_min_size=0, moments_rounding=rounding,
+    update_from_stored_moments=from_stored,
+  )  # fmt: skip
+  row = shape[0] - 3
+  grads = {"w": jnp.full(shape, 1e-3).at[row, 300].set(jnp.nan)}
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  u = np.asarray(updates["w"])
+  assert np.isnan(u[row, 300])  # apply_if_finite skips the step
+  if from_stored:  # the update of the whole block reads its NaN scale
+    assert np.isnan(u[row, 256:]).all()
+  assert np.isfinite(np.delete(u, row, axis=0)).all() and np.isfinite(u[row, :256]).all()
+  scale = np.asarray(state[0].mu["w"].scale)
+  assert np.isnan(scale[row, 1]) and np.isfinite(np.delete(scale, row, axis=0)).all()
+
+
 def test_block_size_and_exclusions_decide_the_format():
   params = {
     "big": jnp.ones((64, 256)),
