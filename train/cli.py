@@ -75,7 +75,7 @@ def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
-_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+_HELP = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
 def run_app(main: Callable[[list[str], list[str]], int], argv: Sequence[str]) -> None:
@@ -100,7 +100,8 @@ def run_app(main: Callable[[list[str], list[str]], int], argv: Sequence[str]) ->
   try:
     app.run(lambda args: sys.exit(main(args, overrides)), argv=rest, flags_parser=parse)
   except SystemExit as done:
-    if done.code == 1 and any(a in _HELP for a in rest[1:]):
+    flags_given = rest[1 : rest.index("--")] if "--" in rest else rest[1:]
+    if done.code == 1 and any(a in _HELP for a in flags_given):
       sys.exit(0)
     raise
 
