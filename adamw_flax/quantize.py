@@ -202,8 +202,7 @@ def quantize(x: jax.Array, kind: str, block: int, bits: jax.Array | None = None)
   # float32 pass per elementwise op before it).
   mag = jnp.abs(xb) if m.signed else xb
   absmax = jnp.max(mag, axis=-1, keepdims=True)
-  # A NaN poisons its block (XLA:CPU's vectorized max may skip it; a sum does not).
-  absmax = jnp.where(jnp.isnan(jnp.sum(xb, axis=-1, keepdims=True)), jnp.nan, absmax)
+  absmax = jnp.where(_has_nan(xb, keepdims=True), jnp.nan, absmax)
   rbits = None if bits is None else _blocks(bits, block)
   codes = _encode(xb, absmax, m, rbits)
   return QuantizedMoment(codes.reshape(x.shape), absmax[..., 0])
@@ -291,8 +290,7 @@ def dequantize(q: QuantizedMoment, dtype: Any = jnp.float32) -> jax.Array:
   Returns:
     An array of the param's shape.
   """
-  m = MAPS[q.kind]
-  v = _decode(_blocks(q.codes, q.block), _factor(q.scale, m)[..., None], m)
+  v = _values_blocked(_blocks(q.codes, q.block), q.scale, q.kind)
   return v.reshape(q.codes.shape).astype(dtype)
 
 
@@ -432,6 +430,24 @@ def _each(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.lax.broadcast_in_dim(x, shape, tuple(range(x.ndim)))
 
 
+def _values_blocked(codes: jax.Array, scale: jax.Array, kind: str) -> jax.Array:
+  """The float32 values of ``codes`` in blocks ``(..., blocks, block)``, ``scale`` ``(..., blocks)``.
+
+  The dequantization of the CPU and GPU paths (:func:`_values_tiled` is the TPU paths').
+  """
+  return _decode(codes, _each(_factor(scale, MAPS[kind]), codes.shape), MAPS[kind])
+
+
+def _has_nan(v: jax.Array, keepdims: bool = False) -> jax.Array:
+  """Whether each block (last axis) of ``v`` holds a NaN, which poisons the block's scale.
+
+  A sum: XLA:CPU's vectorized block maximum may skip a NaN, a sum never does
+  (finite values sum to NaN only past float32's range in both signs). The TPU
+  kernel tests for NaN in its own way.
+  """
+  return jnp.isnan(jnp.sum(v, axis=-1, keepdims=keepdims))
+
+
 def _requant(g, cm, sm, cn, sn, s, h):
   """The new moments of a chunk, requantized: ``(mu codes, mu scale, nu codes, nu scale)``.
 
@@ -440,16 +456,12 @@ def _requant(g, cm, sm, cn, sn, s, h):
   moments, for an update in the same pass.
   """
   mu_map, nu_map = MAPS["mu"], MAPS["nu"]
-  mu_c = _decode(cm, _each(_factor(sm, mu_map), cm.shape), mu_map)
-  nu_c = _decode(cn, _each(_factor(sn, nu_map), cn.shape), nu_map)
+  mu_c, nu_c = _values_blocked(cm, sm, "mu"), _values_blocked(cn, sn, "nu")
   mu_new, nu_new = _moments(g, mu_c, nu_c, s)
   am = _absmax(mu_new, mu_map, keepdims=False)
   an = _absmax(nu_new, nu_map, keepdims=False)
-  # A NaN (in the gradient, or a poisoned old block) poisons the block's
-  # scales, as the module docstring says: XLA:CPU's vectorized max may skip a
-  # NaN, a sum never does (finite values sum to NaN only past float32's range
-  # in both signs). The TPU kernel tests for NaN likewise.
-  nan = jnp.isnan(jnp.sum(mu_new, axis=-1))
+  # A NaN (in the gradient, or a poisoned old block) is in mu_new: both scales.
+  nan = _has_nan(mu_new)
   am, an = jnp.where(nan, jnp.nan, am), jnp.where(nan, jnp.nan, an)
   bm, bn = (None, None) if h is None else _split_bits(h)
   codes_mu = _encode(mu_new, _each(am, g.shape), mu_map, bm)
@@ -467,8 +479,7 @@ def _chunk_step(g, cm, sm, cn, sn, s, nesterov, h, from_stored=False):
   new, (mu_new, nu_new) = _requant(g, cm, sm, cn, sn, s, h)
   if from_stored:
     codes_mu, am, codes_nu, an = new
-    mu_new = _decode(codes_mu, _each(_factor(am, MAPS["mu"]), g.shape), MAPS["mu"])
-    nu_new = _decode(codes_nu, _each(_factor(an, MAPS["nu"]), g.shape), MAPS["nu"])
+    mu_new, nu_new = _values_blocked(codes_mu, am, "mu"), _values_blocked(codes_nu, an, "nu")
   return (_direction(g, mu_new, nu_new, s, nesterov), *new)
 
 
@@ -489,9 +500,7 @@ def _update_of(g, cm, sm, cn, sn, s, nesterov, stored):
     mu, nu = _values_tiled(cm, sm, "mu"), _values_tiled(cn, sn, "nu")
   else:
     three = lambda x: x.reshape(rows, nb, block)
-    g = three(g)
-    mu = _decode(three(cm), _each(_factor(sm, MAPS["mu"]), g.shape), MAPS["mu"])
-    nu = _decode(three(cn), _each(_factor(sn, MAPS["nu"]), g.shape), MAPS["nu"])
+    g, mu, nu = three(g), _values_blocked(three(cm), sm, "mu"), _values_blocked(three(cn), sn, "nu")
   if not stored:
     mu, nu = _moments(g, mu, nu, s)
   return _direction(g, mu, nu, s, nesterov).reshape(rows, cols)
@@ -556,34 +565,30 @@ def _loop_update(g, cm, sm, cn, sn, s, word, row_ids, col0, c_total, nesterov, c
   sm2, sn2 = sm.reshape(rows, nb), sn.reshape(rows, nb)
   t = rows if chunk is None else max(1, min(rows, chunk // cols))
   if rows <= t and (chunk is None or rows < _MIN_SPLIT_ROWS):
-    out = _chunk_step(g3, cm3, sm2, cn3, sn2, s, nesterov, bits(0, rows), from_stored)
-    u, cm3, sm2, cn3, sn2 = out
-    return (
-      u.reshape(shape), cm3.reshape(shape), sm2.reshape(scale_shape), cn3.reshape(shape),
-      sn2.reshape(scale_shape),
-    )  # fmt: skip
-  t = min(t, -(-rows // 2))
+    u, *new = _chunk_step(g3, cm3, sm2, cn3, sn2, s, nesterov, bits(0, rows), from_stored)
+  else:
+    t = min(t, -(-rows // 2))
 
-  def rows_of(r0, n, carry):
-    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, r0, n, 0)
-    new, _ = _requant(sl(g3), *(sl(a) for a in carry[:2]), *(sl(a) for a in carry[2:]), s,
-                      bits(r0, n))  # fmt: skip
-    up = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, r0, 0)
-    return tuple(up(b, x) for b, x in zip(carry, new, strict=True))
+    def rows_of(r0, n, carry):
+      sl = lambda a: jax.lax.dynamic_slice_in_dim(a, r0, n, 0)
+      chunk_new, _ = _requant(sl(g3), *(sl(a) for a in carry), s, bits(r0, n))
+      up = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, r0, 0)
+      return tuple(up(b, x) for b, x in zip(carry, chunk_new, strict=True))
 
-  two = lambda x: x.reshape(rows, -1)
-  if not from_stored:
-    u = _update_of(two(g), two(cm), sm2, two(cn), sn2, s, nesterov, stored=False)
-  # The codes and scales are written in place through their (rows, blocks,
-  # block) view; XLA:CPU copies the old codes for the update, which reads them.
-  carry = (cm3, sm2, cn3, sn2)
-  full = rows // t
-  carry = jax.lax.fori_loop(0, full, lambda i, c: rows_of(i * t, t, c), carry)
-  if rows % t:
-    carry = rows_of(full * t, rows % t, carry)
-  cm3, sm2, cn3, sn2 = carry
-  if from_stored:
-    u = _update_of(two(g), two(cm3), sm2, two(cn3), sn2, s, nesterov, stored=True)
+    two = lambda x: x.reshape(rows, -1)
+    if not from_stored:
+      u = _update_of(two(g), two(cm), sm2, two(cn), sn2, s, nesterov, stored=False)
+    # The codes and scales are written in place through their (rows, blocks,
+    # block) view; XLA:CPU copies the old codes for the update, which reads them.
+    new = (cm3, sm2, cn3, sn2)
+    full = rows // t
+    new = jax.lax.fori_loop(0, full, lambda i, c: rows_of(i * t, t, c), new)
+    if rows % t:
+      new = rows_of(full * t, rows % t, new)
+    if from_stored:
+      cm_new, sm_new, cn_new, sn_new = new
+      u = _update_of(two(g), two(cm_new), sm_new, two(cn_new), sn_new, s, nesterov, stored=True)
+  cm3, sm2, cn3, sn2 = new
   return (
     u.reshape(shape), cm3.reshape(shape), sm2.reshape(scale_shape), cn3.reshape(shape),
     sn2.reshape(scale_shape),

@@ -147,7 +147,7 @@ def zero1_bytes() -> dict[str, dict[str, float]]:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def update_times(params: dict[str, Any], quick: bool) -> dict[str, float]:
+def update_times(params: dict[str, Any], quick: bool) -> tuple[dict[str, float], dict[str, float]]:
   grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
   runs = {}
   keep = []
