@@ -40,18 +40,10 @@ def _is_adam(node: Any) -> bool:
   return isinstance(node, dict) and set(_ADAM_FIELDS) <= set(node)
 
 
-def _is_raw_quantized(node: Any) -> bool:
-  return isinstance(node, dict) and set(node) == {"codes", "scale"}
-
-
-def _as_leaf(node: Any) -> Any:
-  if _is_raw_quantized(node):  # as Orbax restores a QuantizedMoment without a target
-    return quantize.QuantizedMoment(node["codes"], node["scale"])
-  return node
-
-
 def _is_moment_leaf(node: Any) -> bool:
-  return quantize.is_quantized(node) or _is_raw_quantized(node)
+  # A QuantizedMoment, or one in a mapping's form (as Orbax restores it
+  # without a target, or as nnx.Optimizer keeps it: quantize.moment_of).
+  return quantize.is_quantized(quantize.moment_of(node))
 
 
 def _field(node: Any, name: str) -> Any:
@@ -65,7 +57,7 @@ def _flat(tree: Any, stop: Any = None) -> list[tuple[Path, Any]]:
     return _is_moment_leaf(x) or (stop is not None and stop(x))
 
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-  return [(tuple(key_str(k) for k in kp), _as_leaf(x)) for kp, x in flat]
+  return [(tuple(key_str(k) for k in kp), quantize.moment_of(x)) for kp, x in flat]
 
 
 def _adam_nodes(tree: Any) -> list[tuple[Path, Any]]:
@@ -227,9 +219,9 @@ def to_optax_state(state: Any, dtype: Any = jnp.float32) -> Any:
   """
   state = _strip_rounding(state)
   return jax.tree.map(
-    lambda x: quantize.dequantize(x, dtype) if quantize.is_quantized(x) else x,
+    lambda x: quantize.dequantize(quantize.moment_of(x), dtype) if _is_moment_leaf(x) else x,
     state,
-    is_leaf=quantize.is_quantized,
+    is_leaf=_is_moment_leaf,
   )
 
 

@@ -46,6 +46,7 @@ Kahan compensation carried by the caller.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -67,8 +68,10 @@ __all__ = [
   "QuantizedMoment",
   "block_size_for",
   "dequantize",
+  "in_form_of",
   "is_quantized",
   "max_relative_error",
+  "moment_of",
   "moments_summary",
   "quantize",
   "random_bits16",
@@ -120,6 +123,37 @@ MAPS: dict[str, _Map] = {
 def is_quantized(x: Any) -> bool:
   """Whether ``x`` is a :class:`QuantizedMoment`."""
   return isinstance(x, QuantizedMoment)
+
+
+def moment_of(x: Any) -> Any:
+  """``x`` as a :class:`QuantizedMoment` where it is one in a mapping's form, else ``x`` itself.
+
+  A mapping of exactly ``codes`` and ``scale`` is how a moment comes back
+  from Orbax restoring without a target (a dict), and from ``nnx.Optimizer``
+  after its first update: it keeps the state in Variables and refills them
+  from ``nnx.state`` of the new state, which turns the NamedTuple into an
+  ``nnx.State``.
+
+  Examples:
+    >>> q = zeros((2, 256), "mu", 256)
+    >>> moment_of({"codes": q.codes, "scale": q.scale}) == q
+    True
+  """
+  if isinstance(x, Mapping) and set(x) == {"codes", "scale"}:
+    return QuantizedMoment(x["codes"], x["scale"])
+  return x
+
+
+def in_form_of(new: Any, old: Any) -> Any:
+  """A new moment ``new`` in the container of the old one ``old`` (the inverse of :func:`moment_of`).
+
+  So that a state tree keeps its structure across an update
+  (``optax.apply_if_finite`` and ``MultiSteps`` select between old and new
+  states leaf by leaf).
+  """
+  if is_quantized(new) and isinstance(old, Mapping) and set(old) == {"codes", "scale"}:
+    return type(old)({"codes": new.codes, "scale": new.scale})
+  return new
 
 
 def max_relative_error(kind: str) -> float:

@@ -296,8 +296,10 @@ def scale_by_adam(
 
     is_none = lambda x: x is None
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
+    mu_in, nu_in = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    # An 8-bit moment may come as a mapping (nnx.Optimizer's state after its
+    # first update); it goes back in the form it came in.
+    mu_leaves, nu_leaves = map(quantize.moment_of, mu_in), map(quantize.moment_of, nu_in)
     p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
     out = []
     for i, (g, m, v, p) in enumerate(zip(g_leaves, mu_leaves, nu_leaves, p_leaves, strict=True)):
@@ -307,8 +309,8 @@ def scale_by_adam(
         word = quantize.moment_word(jax.random.fold_in(step_key, i))
       out.append(_adam_leaf(step_rule, (bc1, bc2, bc1_next), g, m, v, p, word))
     new_updates = treedef.unflatten([o[0] for o in out])
-    mu = treedef.unflatten([o[1] for o in out])
-    nu = treedef.unflatten([o[2] for o in out])
+    mu = treedef.unflatten([quantize.in_form_of(o[1], m) for o, m in zip(out, mu_in, strict=True)])
+    nu = treedef.unflatten([quantize.in_form_of(o[2], v) for o, v in zip(out, nu_in, strict=True)])
     return new_updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

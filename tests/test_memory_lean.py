@@ -554,3 +554,52 @@ def test_a_block_that_would_straddle_devices_is_a_user_error_through_the_cli(tmp
   assert len(lines) == 1 and "would straddle two devices" in lines[0]
   assert "optimizer.quantize_block_size" in lines[0] and "Traceback" not in out.stderr
   assert not workdir.exists()
+
+
+def test_8bit_moments_train_in_nnx_optimizer_as_in_plain_optax():
+  """nnx.Optimizer keeps the state in Variables and refills them from nnx.state, which turns a
+  QuantizedMoment into an nnx.State: the update takes that form and gives it back."""
+
+  class Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.fc1 = nnx.Linear(64, 256, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+      self.fc2 = nnx.Linear(256, 64, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(nnx.relu(self.fc1(x))))
+
+  x = jax.random.normal(jax.random.key(1), (8, 64))
+  tx = optax.apply_if_finite(
+    adamw_flax.adamw(1e-2, weight_decay=0.1, mu_dtype="int8", nu_dtype="int8"), 3
+  )
+  model = Net(nnx.Rngs(0, dropout=1))
+  model.eval()  # the same gradients for the plain-optax twin below
+  params = nnx.state(model, nnx.Param)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  loss = lambda m: jnp.mean(m(x) ** 2)
+
+  @nnx.jit
+  def step(model, opt):
+    grads = nnx.grad(loss)(model)
+    opt.update(model, grads)
+
+  graphdef = nnx.graphdef(model)
+  pure = nnx.to_pure_dict(params)
+  state = tx.init(pure)
+  for _ in range(3):
+    step(model, opt)
+    grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, nnx.state(model, nnx.Not(nnx.Param)))))(
+      pure
+    )
+    updates, state = tx.update(grads, state, pure)
+    pure = optax.apply_updates(pure, updates)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(pure), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # nnx.Optimizer holds the kernels' 8-bit moments as mappings, and migrate reads them.
+  kept = nnx.as_pure(opt.opt_state).inner_state[0].mu["fc1"]["kernel"]
+  assert not quantize.is_quantized(kept) and kept["codes"].dtype == jnp.int8
+  plain = migrate.to_optax_state(nnx.as_pure(opt.opt_state))
+  moment = plain.inner_state[0].mu["fc1"]["kernel"]
+  assert moment.dtype == jnp.float32 and moment.shape == (64, 256)
