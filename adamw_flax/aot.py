@@ -492,8 +492,22 @@ def batch_specs(dataset: Any, batch_sharding: Any, process_count: int = 1) -> tu
     ``(train batch, validation batch or None)`` of ``jax.ShapeDtypeStruct``.
   """
   train = train_batch_spec(dataset, batch_sharding, process_count)
+  return train, eval_batch_spec(dataset, batch_sharding, process_count)
+
+
+def eval_batch_spec(dataset: Any, batch_sharding: Any, process_count: int = 1) -> Any:
+  """The abstract global validation batch of a dataset (its first is read), or None without one.
+
+  Args:
+    dataset: a registered dataset (``eval_batches``).
+    batch_sharding: the batch's sharding.
+    process_count: as for :func:`batch_specs`.
+
+  Returns:
+    A tree of ``jax.ShapeDtypeStruct``, or None.
+  """
   evals = list(dataset.eval_batches(1)) if hasattr(dataset, "eval_batches") else []
-  return train, (_abstract(evals[0], batch_sharding, process_count) if evals else None)
+  return _abstract(evals[0], batch_sharding, process_count) if evals else None
 
 
 def build_job(

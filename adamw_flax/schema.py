@@ -319,7 +319,7 @@ DECLARATIONS: tuple[Key, ...] = (
   _positive("trainer.num_steps", 1000, "steps to train"),
   _positive("trainer.log_every", 50, "steps between train-metric log lines"),
   _nonneg("trainer.eval_every", 250, "steps between evaluations; 0 = only at the end"),
-  _nonneg("trainer.eval_batches", 20, "validation batches per evaluation"),
+  _nonneg("trainer.eval_batches", 20, "validation batches per evaluation; 0 = none during training"),
   _nonneg("trainer.final_eval_batches", 0, "validation batches of the evaluation at the end; 0 = eval_batches"),
   _k("trainer.seed", 0, "seed of parameter init and data order"),
   _nonneg("trainer.max_nonfinite_steps", 10, "stop after this many consecutive non-finite losses"),
@@ -336,7 +336,7 @@ DECLARATIONS: tuple[Key, ...] = (
   # ---- checkpoint
   _nonneg("checkpoint.every_steps", 1000, "steps between saves; 0 = only at the end"),
   _k("checkpoint.keep", 3, "keep this many latest checkpoints", low=1),
-  _k("checkpoint.keep_best_by", "", "eval metric (e.g. 'loss') to keep the best checkpoints by; '' = off"),
+  _k("checkpoint.keep_best_by", "", "eval metric (e.g. 'loss') to keep the best checkpoints by, checked at start-up; '' = off"),
   _k("checkpoint.best_mode", "min", "'min' or 'max' for keep_best_by", choices=("min", "max")),
   _nonneg("checkpoint.keep_period", 0, "also keep every step divisible by this permanently; 0 = off"),
   _k("checkpoint.async_save", True, "write in the background while training goes on"),
@@ -532,6 +532,24 @@ def _piecewise_fits(c: Any) -> list[str]:
   return [] if problem is None else [problem]
 
 
+def _best_is_evaluated(c: Any) -> list[str]:
+  """``checkpoint.keep_best_by`` names a metric some evaluation gives (its name is checked at start-up)."""
+  best, t = c.checkpoint.keep_best_by, c.trainer
+  if not best:
+    return []
+  if not (t.final_eval_batches or t.eval_batches):
+    return [
+      f"checkpoint.keep_best_by: {best!r} needs evaluations, and trainer.eval_batches and "
+      "final_eval_batches are 0; set trainer.eval_batches > 0, or keep_best_by=''"
+    ]
+  if best.startswith("ema_") and not t.ema_decay:
+    return [
+      f"checkpoint.keep_best_by: {best!r} is a metric of the EMA weights, which this run does "
+      f"not keep; set trainer.ema_decay (e.g. 0.999), or keep_best_by={best[4:]!r}"
+    ]
+  return []
+
+
 def _batch_splits(c: Any) -> list[str]:
   batch, k = c.data.get("batch_size"), c.optimizer.accumulate_steps
   if not isinstance(batch, int) or batch < 1 or k < 1 or batch % k == 0:
@@ -634,6 +652,7 @@ def _partition_rule_errors(i: int, text: str, spec: Any, axes: tuple[str, ...]) 
 CROSS_CHECKS: tuple[Callable[[Any], list[str]], ...] = (
   _warmup_fits,
   _batch_splits,
+  _best_is_evaluated,
   _wsd_fits,
   _piecewise_fits,
   _optimizer_registered,

@@ -55,6 +55,8 @@ class Blobs:
     self.block_process = cfg.get("block_process", 0)  # ... on this process
     self.slow_s = cfg.get("slow_s", 0.0)  # seconds each batch takes to load
     self.label_key = cfg.get("label_key", "label")  # "lbl": the loss's batch["label"] fails
+    self.eval_slow_s = cfg.get("eval_slow_s", 0.0)  # seconds each validation batch takes
+    self.nan_from = cfg.get("nan_from", -1)  # train batches from this one hold a NaN
     self.centers = np.random.default_rng(7).normal(size=(self.classes, self.features)) * 3
 
   def _batch(self, key):
@@ -68,10 +70,16 @@ class Blobs:
       threading.Event().wait()  # blocks for good, as a hung read would
     if self.slow_s:
       time.sleep(self.slow_s)
-    return self._batch((self.seed, position))
+    batch = self._batch((self.seed, position))
+    if 0 <= self.nan_from <= position:
+      batch["features"][0, 0] = np.nan
+    return batch
 
   def eval_batches(self, num):
-    return [self._batch((self.seed, 1 << 30, i)) for i in range(num)]
+    for i in range(num):
+      if self.eval_slow_s:
+        time.sleep(self.eval_slow_s)
+      yield self._batch((self.seed, 1 << 30, i))
 
 
 register_dataset("blobs")(Blobs)
@@ -88,6 +96,8 @@ def config(**overrides):
   cfg.data.block_at = -1
   cfg.data.block_process = 0
   cfg.data.slow_s = 0.0
+  cfg.data.eval_slow_s = 0.0
+  cfg.data.nan_from = -1
   cfg.data.label_key = "label"
   cfg.optimizer.learning_rate = 3e-3
   cfg.trainer.num_steps = 40

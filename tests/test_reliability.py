@@ -227,3 +227,87 @@ def test_two_processes_end_alike_on_a_start_up_error(tmp_path, case):
     assert "process 1 was given another config than process 0" in lines[0]
     assert "optimizer.learning_rate" in lines[0]
   assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("best", ["", pytest.param("loss", marks=pytest.mark.slow)])
+def test_ctrl_c_in_the_final_evaluation_keeps_the_last_step_and_reruns_evaluate_once(
+  tmp_path, best
+):
+  # A long final evaluation (about 10 s) and no periodic checkpoint: the last steps are only
+  # in the final save. Without keep_best_by it is written before the evaluation; with it,
+  # after (it records the evaluation's metrics), or at the signal.
+  config = write_config(tmp_path / "c.py", data__eval_slow_s=0.05, trainer__eval_every=0,
+                        trainer__final_eval_batches=200, checkpoint__every_steps=0,
+                        checkpoint__keep_best_by=best)  # fmt: skip
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    job.wait_for_step(40, timeout=120)
+    time.sleep(1.0)  # in the final evaluation
+    job.signal(signal.SIGINT)
+    (code,), _ = job.wait(timeout=60)
+  out = job.output()
+  assert code == watchdog.INTERRUPT_EXIT_CODE, out[-3000:]
+  assert "Traceback" not in out
+  assert "interrupted: saved step 40; the final evaluation did not run" in out, out[-2000:]
+  assert (tmp_path / "run" / "checkpoints" / "40").is_dir()
+  assert not [r for r in _train_rows(tmp_path / "run") if r["split"] == "eval"]
+  for n, log in enumerate(["logs2", "logs3"]):  # the rerun evaluates; the next has nothing to do
+    with Job(config, tmp_path / "run", tmp_path / log) as job:
+      (code,), _ = job.wait(timeout=120)
+    out = job.output()
+    assert code == 0, out[-3000:]
+    assert ("trained and evaluated already" in out) == (n == 1), out[-2000:]
+    (summary,) = [x for x in out.splitlines() if x.startswith("step 40: train loss ")]
+    assert "nan" not in summary, summary
+  evals = [r for r in _train_rows(tmp_path / "run") if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [40]  # each step's evaluation once
+
+
+def test_a_state_gone_nan_is_never_checkpointed(tmp_path):
+  # From batch 12 on, a NaN feature: the loss and the update are NaN from step 13; the save
+  # due at step 20 is refused, and the run stops after 10 non-finite steps, naming step 10.
+  config = write_config(tmp_path / "c.py", data__nan_from=12, optimizer__skip_nonfinite=False)
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    (code,), _ = job.wait(timeout=120)
+  out = job.output()
+  assert code == 1, out[-3000:]
+  assert "step 20: the state holds NaN or inf: not saved (the last good checkpoint (step 10)" in out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("error: loss was non-finite for 10 consecutive steps"), last
+  assert "the last good checkpoint (step 10) is kept" in last, last
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["10"]
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"checkpoint__keep_best_by": "f1"},
+     "checkpoint.keep_best_by: 'f1' is not a metric of the evaluation, which gives accuracy, loss"),
+    ({"checkpoint__keep_best_by": "ema_loss"},
+     "checkpoint.keep_best_by: 'ema_loss' is a metric of the EMA weights, which this run does not "
+     "keep; set trainer.ema_decay"),
+    ({"checkpoint__keep_best_by": "loss", "trainer__eval_batches": 0},
+     "checkpoint.keep_best_by: 'loss' needs evaluations, and trainer.eval_batches and "
+     "final_eval_batches are 0"),
+  ],
+  ids=["unknown-metric", "ema-without-ema", "no-evaluation"],
+)  # fmt: skip
+def test_a_keep_best_by_no_evaluation_gives_is_refused_before_training(
+  tmp_path, overrides, message
+):
+  config = write_config(tmp_path / "c.py", **overrides)
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    (code,), _ = job.wait(timeout=120)
+  out = job.output()
+  assert code == 2, out[-3000:]
+  assert out.strip().splitlines()[-1].startswith("error: " + message), out[-2000:]
+  assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_evaluations_of_zero_batches_are_skipped(tmp_path):
+  config = write_config(tmp_path / "c.py", trainer__eval_batches=0, trainer__final_eval_batches=0)
+  with Job(config, tmp_path / "run", tmp_path / "logs") as job:
+    (code,), _ = job.wait(timeout=120)
+  assert code == 0, job.output()[-3000:]
+  rows = _train_rows(tmp_path / "run")
+  assert rows[-1]["step"] == 40 and not [r for r in rows if r["split"] == "eval"]
+  assert (tmp_path / "run" / "checkpoints" / "40").is_dir()

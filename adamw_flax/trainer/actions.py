@@ -33,10 +33,20 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from adamw_flax import checkpoint, errors, plan, reporting, sharding, train_state, watchdog
+from adamw_flax import (
+  checkpoint,
+  distributed,
+  errors,
+  plan,
+  reporting,
+  sharding,
+  train_state,
+  watchdog,
+)
 from adamw_flax.errors import UserCodeError, UserError
 from adamw_flax.trainer.workdir import check_space
 
@@ -76,6 +86,7 @@ class Loop:
     costs: the run's fixed costs so far, in seconds.
     eval_metrics: the last evaluation's metrics.
     last_good_step: the latest checkpoint's step, or None.
+    start: the step this run (or resumption) started from.
     skipped_total: updates skipped so far (non-finite and spikes).
     train_loss: the last step's loss.
     stopped: ``"preempted"`` or ``"interrupted"`` once a signal's save is done.
@@ -100,6 +111,7 @@ class Loop:
   )
   eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
   last_good_step: int | None = None
+  start: int = 0
   skipped_total: int = 0
   train_loss: float = float("nan")
   stopped: str = ""
@@ -154,8 +166,8 @@ def user_code(where: str, batch: Any = None, *, batch_fn: Any = None) -> Iterato
 
 
 def evaluate(
-  eval_step, state, dataset, num_batches: int, mesh, mesh_cfg, *, beat=None
-) -> dict[str, float]:
+  eval_step, state, dataset, num_batches: int, mesh, mesh_cfg, *, beat=None, stop=None
+) -> dict[str, float] | None:
   """Mean of ``eval_step``'s metrics over ``num_batches`` validation batches.
 
   At most two eval steps are in flight: batch ``i + 1`` is dispatched before
@@ -177,9 +189,11 @@ def evaluate(
     mesh_cfg: the ``mesh`` section or its plan.
     beat: called with the batch index after each batch's metrics are read
       (the stall watchdog's progress), if given.
+    stop: called after each batch's metrics are read, if given: True stops
+      the evaluation (a stop signal), which then returns None.
 
   Returns:
-    ``metric -> mean``.
+    ``metric -> mean``, or None if stopped.
   """
   totals: dict[str, float] = {}
   count = 0
@@ -197,6 +211,9 @@ def evaluate(
     metrics = eval_step(state, sharding.global_batch(batch, mesh, mesh_cfg))
     if pending is not None:
       read(pending)
+      if stop is not None and stop():
+        jax.block_until_ready(metrics)  # nothing left running
+        return None
     pending = metrics
   if pending is not None:
     read(pending)
@@ -204,8 +221,8 @@ def evaluate(
 
 
 def evaluate_all(
-  eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg, *, beat=None
-) -> dict[str, float]:
+  eval_steps, state, dataset, num_batches: int, mesh, mesh_cfg, *, beat=None, stop=None
+) -> dict[str, float] | None:
   """:func:`evaluate` with each eval step, its metrics prefixed by the step's key.
 
   Args:
@@ -216,20 +233,32 @@ def evaluate_all(
     mesh: the device mesh.
     mesh_cfg: the ``mesh`` section or its plan.
     beat: as for :func:`evaluate`.
+    stop: as for :func:`evaluate`.
 
   Returns:
-    ``prefix + metric -> mean``.
+    ``prefix + metric -> mean``, or None if stopped.
   """
   out: dict[str, float] = {}
   for prefix, step in eval_steps.items():
-    metrics = evaluate(step, state, dataset, num_batches, mesh, mesh_cfg, beat=beat)
+    metrics = evaluate(step, state, dataset, num_batches, mesh, mesh_cfg, beat=beat, stop=stop)
+    if metrics is None:
+      return None
     out.update({prefix + k: v for k, v in metrics.items()})
   return out
 
 
-def run_evaluation(loop: Loop, num_batches: int) -> dict[str, float]:
-  """Evaluates ``loop.state`` over ``num_batches`` (watchdog beats per batch; timed)."""
+def run_evaluation(
+  loop: Loop, num_batches: int, *, stoppable: bool = False
+) -> dict[str, float] | None:
+  """Evaluates ``loop.state`` over ``num_batches`` (watchdog beats per batch; timed).
+
+  ``stoppable``: a stop signal ends the evaluation between batches (one
+  process: several would have to agree where), which then returns None and
+  records nothing.
+  """
   what = f"the evaluation at step {loop.step}"
+  signals = loop.guards.signals
+  stop = signals.is_set if stoppable and jax.process_count() == 1 else None
   wd = loop.guards.watchdog
   wd.beat(None, what)
   t = time.perf_counter()
@@ -238,19 +267,33 @@ def run_evaluation(loop: Loop, num_batches: int) -> dict[str, float]:
     next(iter(loop.dataset.eval_batches(1))), loop.mesh, loop.run.mesh
   )
   with user_code("the eval step (your model and loss, train=False)", batch_fn=first):
-    loop.eval_metrics = evaluate_all(
+    metrics = evaluate_all(
       loop.steps.evals, loop.state, loop.dataset, num_batches, loop.mesh, loop.run.mesh,
-      beat=lambda i: wd.beat(f"batch {i} of {what}", what),
+      beat=lambda i: wd.beat(f"batch {i} of {what}", what), stop=stop,
     )  # fmt: skip
   loop.costs["evals"] += time.perf_counter() - t
+  if metrics is None:
+    return None
+  loop.eval_metrics = metrics
   if loop.writer:
     row = {**loop.eval_metrics, "wall_time": time.perf_counter() - loop.t_start}
     loop.writer.write(loop.step, "eval", row)
   return loop.eval_metrics
 
 
-def save(loop: Loop) -> None:
-  """Saves ``loop.state`` (checked for room first; timed; the watchdogs told)."""
+def save(loop: Loop) -> bool:
+  """Saves ``loop.state`` (checked for room first; timed; the watchdogs told); False if not finite.
+
+  A state holding a NaN or an infinity (a loss gone non-finite, its update
+  applied) is never a checkpoint: it is not saved, and the last good one
+  stays the newest.
+  """
+  if not bool(_all_finite(loop.state)):
+    if loop.main:
+      loop.progress.write(
+        f"step {loop.step}: the state holds NaN or inf: not saved ({_last_good(loop)})"
+      )
+    return False
   t = time.perf_counter()
   check_space(loop.workdir, _state_bytes(loop.state), loop.step, loop.last_good_step)
   loop.guards.watchdog.beat(None, f"the checkpoint save of step {loop.step}")
@@ -260,6 +303,103 @@ def save(loop: Loop) -> None:
   loop.guards.watchdog.beat(f"the checkpoint save of step {loop.step}", "training")
   loop.guards.peers.note = f"step {loop.step}"
   loop.costs["saves"] += time.perf_counter() - t
+  loop.last_good_step = loop.step
+  return True
+
+
+@jax.jit
+def _all_finite(state: Any) -> jax.Array:
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
+
+
+def _last_good(loop: Loop) -> str:
+  if loop.last_good_step is None:
+    return "no checkpoint was written"
+  return f"the last good checkpoint (step {loop.last_good_step}) is kept in {loop.workdir / 'checkpoints'}"
+
+
+def finish(loop: Loop) -> None:
+  """The end of training: the final evaluation and the last checkpoint, in the order that loses least.
+
+  Without ``checkpoint.keep_best_by`` the last state is saved first (its
+  write runs beside the evaluation), so a kill during a long final
+  evaluation loses no training; with it, after the evaluation, whose metrics
+  it records. A stop signal during the evaluation (one process) ends it:
+  the state is saved and the rerun evaluates. A rerun of a finished run does
+  not evaluate again what ``metrics.jsonl`` holds.
+
+  Raises:
+    TrainingDiverged: the last state is not finite (not saved).
+  """
+  tc = loop.run.trainer
+  batches = tc.final_eval_batches or tc.eval_batches
+  saved = loop.ckpts.latest_step() == loop.step
+  if not saved and not loop.run.checkpoint.keep_best_by:
+    saved = _save_last(loop)
+  if batches and not _recorded_final_eval(loop):
+    if run_evaluation(loop, batches, stoppable=True) is None:  # a stop signal
+      if not saved:
+        _save_last(loop)
+      _stopped(loop, "the final evaluation did not run")
+      return
+  if not saved:
+    _save_last(loop)
+  wait_for_writes(loop)
+
+
+def _save_last(loop: Loop) -> bool:
+  if not save(loop):
+    raise TrainingDiverged(
+      f"the state at the last step ({loop.step}) holds NaN or inf: not saved; {_last_good(loop)}. "
+      "To go on: lower optimizer.learning_rate or set optimizer.grad_clip_norm."
+    )
+  return True
+
+
+def _recorded_final_eval(loop: Loop) -> bool:
+  """Whether this run trained nothing and ``metrics.jsonl`` has its step's evaluation (a rerun).
+
+  A run that trained nothing takes its summary's train loss (and, if
+  recorded, eval metrics) from the file. Process 0 reads it and tells the
+  others (the evaluation is a collective: all processes or none).
+  """
+  if loop.step != loop.start:
+    return False
+  text = "{}"
+  if loop.main:
+    rows = reporting.read_metrics(loop.workdir / "metrics.jsonl")
+    last = lambda split: next(
+      (r for r in reversed(rows) if r.get("split") == split and r.get("step", -1) <= loop.step), {}
+    )
+    evals = last("eval")
+    text = json.dumps(
+      {"train": last("train"), "eval": evals if evals.get("step") == loop.step else {}}
+    )
+  recorded = json.loads(distributed.exchange_text(text)[0])
+  loop.train_loss = float(recorded["train"].get("loss", float("nan")))
+  if not recorded["eval"]:
+    return False
+  drop = ("step", "split", "wall_time")
+  loop.eval_metrics = {k: v for k, v in recorded["eval"].items() if k not in drop}
+  if loop.main:
+    print(
+      f"step {loop.step}: trained and evaluated already (metrics.jsonl); nothing to do", flush=True
+    )
+  return True
+
+
+def _stopped(loop: Loop, note: str = "") -> None:
+  """Marks the run stopped by its signal and says what was saved."""
+  wait_for_writes(loop)
+  interrupted = loop.guards.signals.received == signal.SIGINT
+  loop.stopped = "interrupted" if interrupted else "preempted"
+  if loop.main:
+    saved = f"saved step {loop.step}" if loop.last_good_step == loop.step else _last_good(loop)
+    print(
+      f"\n{loop.stopped}: {saved}{'; ' + note if note else ''}; rerun the same command to resume",
+      flush=True,
+    )
 
 
 def _state_bytes(state: Any) -> int:
@@ -290,18 +430,12 @@ class Divergence:
     self.count = 0 if finite else self.count + 1
     if not (self.limit and self.count >= self.limit):
       return
-    where = (
-      f"the last good checkpoint (step {loop.last_good_step}) is kept in "
-      f"{loop.workdir / 'checkpoints'}"
-      if loop.last_good_step is not None
-      else "no checkpoint was written"
-    )
     fixes = "lower optimizer.learning_rate or set optimizer.grad_clip_norm"
     if not self.skip_nonfinite:
       fixes += ", or set optimizer.skip_nonfinite=True"
     raise TrainingDiverged(
       f"loss was non-finite for {self.count} consecutive steps (at step {loop.step}); stopped "
-      f"without saving; {where}. To go on: {fixes}."
+      f"without saving; {_last_good(loop)}. To go on: {fixes}."
     )
 
 
@@ -394,7 +528,7 @@ class Evaluate:
 
   def due(self, loop: Loop, step: int) -> bool:
     del loop
-    return bool(self.every) and step % self.every == 0 and step < self.num_steps
+    return bool(self.every and self.batches) and step % self.every == 0 and step < self.num_steps
 
   def run(self, loop: Loop, applied: bool) -> None:
     if not applied:
@@ -420,7 +554,6 @@ class Save:
   def run(self, loop: Loop, applied: bool) -> None:
     if applied:
       save(loop)
-      loop.last_good_step = loop.step
 
 
 class Stop:
@@ -436,13 +569,7 @@ class Stop:
   def run(self, loop: Loop, applied: bool) -> None:
     del applied
     save(loop)
-    wait_for_writes(loop)
-    interrupted = loop.guards.signals.received == signal.SIGINT
-    loop.stopped = "interrupted" if interrupted else "preempted"
-    if loop.main:
-      print(
-        f"\n{loop.stopped}: saved step {loop.step}; rerun the same command to resume", flush=True
-      )
+    _stopped(loop)
 
 
 # ------------------------------------------------------------------ around the loop

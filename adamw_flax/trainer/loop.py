@@ -39,7 +39,7 @@ from adamw_flax import (
   train_state,
   watchdog,
 )
-from adamw_flax.config import check_registered, config_json, user_errors
+from adamw_flax.config import ConfigError, check_registered, config_json, user_errors
 from adamw_flax.errors import UserError, WorkdirError
 from adamw_flax.trainer import actions, report
 from adamw_flax.trainer import workdir as wd_lib
@@ -141,6 +141,10 @@ def _train(run: plan.RunPlan, workdir: epath.Path, main: bool, guards, t_start: 
       run, loss, state_sharding=shardings, batch_sharding=batch_sharding
     )
     target = train_state.with_shardings(abstract, shardings)  # the restore's and the precompile's
+    distributed.agree(
+      lambda: _check_best_metric(run, steps, target, dataset, batch_sharding, data_count),
+      "checking checkpoint.keep_best_by",
+    )
     warm = _precompile(workdir, mesh, dataset, data_count, steps, target, batch_sharding)
     try:
       ckpts = distributed.agree(
@@ -191,6 +195,26 @@ def _model(run: plan.RunPlan, mesh, dataset):
     unmapped = sharding.unmapped_logical_axes(abstract.spec.templates, trees, run.mesh, mesh=mesh)
     factory.report(run.optimizer)
   return factory, abstract, shardings, unmapped
+
+
+def _check_best_metric(run, steps, target, dataset, batch_sharding, data_count: int) -> None:
+  """Fails before training if ``checkpoint.keep_best_by`` is no metric the evaluation gives.
+
+  The metrics' names come from tracing the eval steps (``jax.eval_shape``,
+  no compile; the first evaluation's call reuses the trace), so a name they
+  never give stops the run here, not at its first save after steps trained.
+  """
+  best = run.checkpoint.keep_best_by
+  spec = aot.eval_batch_spec(dataset, batch_sharding, data_count) if best else None
+  if spec is None:
+    return
+  with actions.user_code("the eval step (your model and loss, train=False)"):
+    names = sorted(p + k for p, fn in steps.evals.items() for k in jax.eval_shape(fn, target, spec))
+  if best not in names:
+    raise ConfigError(
+      f"checkpoint.keep_best_by: {best!r} is not a metric of the evaluation, which gives "
+      f"{', '.join(names)}; set it to one of those"
+    )
 
 
 def _checkpoints(run: plan.RunPlan, workdir: epath.Path, mesh, dataset) -> checkpoint.Checkpoints:
@@ -244,7 +268,7 @@ def _start(run, workdir, main, guards, t_start, mesh, dataset, ckpts, steps, sta
   position = int(data_state.get("position", data_state.get("step", start)))
   progress = reporting.ProgressBar(tc.num_steps, start=start, enabled=main and tc.progress)
   return Loop(run, workdir, main, mesh, dataset, ckpts, steps, guards, state, start, position,
-              t_start, writer, progress, last_good_step=ckpts.latest_step())  # fmt: skip
+              t_start, writer, progress, last_good_step=ckpts.latest_step(), start=start)  # fmt: skip
 
 
 def _precompile(
@@ -314,11 +338,7 @@ def _loop(loop: Loop) -> dict[str, Any]:
     if pending is not None:
       _read(loop, pending, per_step, t_loop)
     if not loop.stopped:
-      if final := tc.final_eval_batches or tc.eval_batches:
-        actions.run_evaluation(loop, final)
-      if loop.ckpts.latest_step() != loop.step:
-        actions.save(loop)
-      actions.wait_for_writes(loop)
+      actions.finish(loop)
   finally:
     profile.close(loop.state)
     loop.progress.close()
