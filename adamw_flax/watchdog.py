@@ -56,6 +56,32 @@ STALL_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: a temporary failure, rerun the jo
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A Ctrl-C before StopSignals takes over (start-up), once seen.
+_EARLY_INTERRUPT = threading.Event()
+
+
+def remember_interrupts(*, seen: bool = False) -> None:
+  """Until :class:`StopSignals` takes over, a Ctrl-C raises KeyboardInterrupt, and is remembered.
+
+  Python drops a KeyboardInterrupt raised inside a callback (JAX's garbage
+  collection hook prints "Exception ignored ... KeyboardInterrupt") and goes
+  on: a Ctrl-C about a second after launch then trained to the end, status 0
+  (2 tries of 6). Remembered, it stops the start-up where
+  :meth:`StopSignals.install` runs. Call from the main thread.
+
+  Args:
+    seen: a Ctrl-C came already (before this module could be imported).
+  """
+  if seen:
+    _EARLY_INTERRUPT.set()
+
+  def handler(signum: int, frame: Any) -> None:
+    _EARLY_INTERRUPT.set()
+    signal.default_int_handler(signum, frame)
+
+  signal.signal(signal.SIGINT, handler)
+
+
 _CHandler = ctypes.CFUNCTYPE(None, ctypes.c_int)
 
 
@@ -118,6 +144,8 @@ class StopSignals:
     if threading.current_thread() is not threading.main_thread():
       print("trainer runs off the main thread: SIGTERM and Ctrl-C will not save", file=sys.stderr)
       return
+    if _EARLY_INTERRUPT.is_set():  # a Ctrl-C during start-up that Python dropped
+      raise KeyboardInterrupt
     # JAX's preemption notifier listens on SIGTERM only; a Ctrl-C is forwarded there too.
     self._forward = _foreign_handler(signal.SIGTERM)
     reader, writer = socket.socketpair()

@@ -311,3 +311,21 @@ def test_evaluations_of_zero_batches_are_skipped(tmp_path):
   rows = _train_rows(tmp_path / "run")
   assert rows[-1]["step"] == 40 and not [r for r in rows if r["split"] == "eval"]
   assert (tmp_path / "run" / "checkpoints" / "40").is_dir()
+
+
+def test_ctrl_c_at_any_moment_of_start_up_ends_it_in_one_line(tmp_path):
+  # Python drops a KeyboardInterrupt raised in a callback (JAX's gc hook): such a Ctrl-C
+  # used to be lost, and the run trained to the end with status 0.
+  config = write_config(tmp_path / "c.py", trainer__num_steps=100000, checkpoint__every_steps=0)
+  for i, delay in enumerate([1.0, 1.3, 1.6, 2.0, 2.5, 4.0]):
+    with Job(config, tmp_path / f"run{i}", tmp_path / f"logs{i}") as job:
+      time.sleep(delay)
+      job.signal(signal.SIGINT)
+      (code,), _ = job.wait(timeout=60)
+    out = job.output()
+    assert code == watchdog.INTERRUPT_EXIT_CODE, (delay, out[-3000:])
+    assert "Traceback" not in out and "Exception ignored" not in out, (delay, out[-3000:])
+    last = out.strip().splitlines()[-1]
+    assert last == "interrupted before training started: nothing was saved" or (
+      "interrupted: saved step" in out
+    ), (delay, out[-2000:])

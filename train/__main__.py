@@ -10,6 +10,7 @@ JAX_PROCESS_ID). Rerunning the same command resumes the run.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -26,9 +27,40 @@ if (
   os.environ.update(_MALLOC_ENV)
   os.execv(sys.executable, [sys.executable, "-m", "train", *sys.argv[1:]])
 
-from absl import app, flags, logging  # noqa: E402
+# A Ctrl-C during the imports raises KeyboardInterrupt as Python's handler does
+# and is remembered (watchdog.remember_interrupts says why); it ends them in
+# one line, as the trainer ends a start-up it interrupts.
+_INTERRUPTED: list[int] = []
 
-from train import cli  # noqa: E402
+
+def _remember(signum, frame) -> None:
+  _INTERRUPTED.append(signum)
+  signal.default_int_handler(signum, frame)
+
+
+def _interrupted() -> int:
+  print("interrupted before training started: nothing was saved", file=sys.stderr)
+  return 130  # watchdog.INTERRUPT_EXIT_CODE, which may not be importable yet
+
+
+def _drop_interrupts(unraisable) -> None:
+  # "Exception ignored in: <function _xla_gc_callback> ... KeyboardInterrupt":
+  # the interrupt is remembered and ends the start-up in one line instead.
+  if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+    sys.__unraisablehook__(unraisable)
+
+
+if __name__ == "__main__":
+  signal.signal(signal.SIGINT, _remember)
+  sys.unraisablehook = _drop_interrupts
+try:
+  from absl import app, flags, logging
+
+  from train import cli
+except BaseException:  # an interrupted import may raise ImportError("initialization failed")
+  if not _INTERRUPTED:
+    raise
+  sys.exit(_interrupted())
 
 _CONFIG = flags.DEFINE_string("config", None, "Config file (get_config()); path or path:arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
@@ -51,14 +83,20 @@ def main(argv: list[str], overrides: list[str]) -> int:
     # Orbax logs every save step at INFO; the trainer prints what users need.
     logging.set_verbosity(logging.WARNING)
     cli.quiet_library_errors()
-  from adamw_flax import distributed  # noqa: PLC0415 (after absl parsed the flags)
+  try:
+    from adamw_flax import distributed, watchdog  # noqa: PLC0415 (after absl parsed the flags)
 
-  multi = distributed.initialize(
-    _COORDINATOR.value,
-    _NUM_PROCESSES.value,
-    _PROCESS_ID.value,
-    initialization_timeout=_INIT_TIMEOUT.value,
-  )
+    watchdog.remember_interrupts(seen=bool(_INTERRUPTED))
+    multi = distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      initialization_timeout=_INIT_TIMEOUT.value,
+    )
+  except BaseException as e:  # an interrupted import may raise ImportError, as above
+    if not (_INTERRUPTED or isinstance(e, KeyboardInterrupt)):
+      raise
+    return _interrupted()
   try:
     code = cli.train(_CONFIG.value, _WORKDIR.value, overrides, verbose=verbose)
   except BaseException:
