@@ -9,6 +9,7 @@ frame and the batch, status 1. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sysconfig
@@ -177,3 +178,129 @@ def describe_user_exception(
       "--verbosity=1)"
     )
   return "\n".join(lines)
+
+
+def _definition(fn: Any) -> str | None:
+  """``file:line (in name): code`` of the line defining ``fn`` (its ``def``), if its source is readable."""
+  fn = inspect.unwrap(getattr(fn, "func", fn))  # a functools.partial: its function
+  try:
+    lines, start = inspect.getsourcelines(fn)
+    path = inspect.getsourcefile(fn)
+  except (OSError, TypeError):
+    return None
+  if path is None or not lines:
+    return None
+  defs = [i for i, line in enumerate(lines) if line.lstrip().startswith(("def ", "async def "))]
+  i = defs[0] if defs else 0  # past decorators (@nn.compact); a lambda: its first line
+  name = getattr(fn, "__qualname__", getattr(fn, "__name__", "?"))
+  return f"{os.path.relpath(path)}:{start + i} (in {name}): {lines[i].strip()[:160]}"
+
+
+def describe_user_value(problem: str, where: str, fn: Any, *advice: str, batch: Any = None) -> str:
+  """A short report of a value the user's function returned, or was called with, that cannot work.
+
+  For mistakes found by checking the user's function rather than by an
+  exception in it (a loss of shape ``(16,)``, a Linen ``__call__`` its example
+  inputs cannot call): the report names ``fn`` where it is defined.
+
+  Args:
+    problem: what is wrong, naming the function and the value's shape.
+    where: what was running (``"the train step (your model and loss)"``).
+    fn: the user's function (its ``def`` line is shown).
+    *advice: one or two lines of what to do.
+    batch: the batch it ran on, if any (its keys, dtypes and shapes are shown).
+
+  Returns:
+    At most four lines: ``error: problem``, where and the ``def`` line, the
+    batch or the context, what to do.
+  """
+  at = _definition(fn)
+  lines = [f"error: {problem[:300]}", f"  in {where} at {at}" if at else f"  in {where}"]
+  if batch is not None:
+    lines.append(f"  batch: {_shapes(batch)}")
+  lines += [f"  {a}" for a in advice]
+  return "\n".join(lines)
+
+
+# Values that put a Linen module in inference mode at init, as Flax's guides
+# call init (`model.init(key, x, train=False)`; `deterministic=True`).
+_INIT_FLAGS = {"train": "False", "training": "False", "is_training": "False",
+               "deterministic": "True"}  # fmt: skip
+
+
+def describe_linen_init_call(
+  module: Any, inputs: tuple[Any, ...], exc: BaseException
+) -> str | None:
+  """The short report of a Linen model whose ``__call__`` its example inputs cannot call.
+
+  The library initialises a registered (or passed) Linen module as
+  ``module.init(key, *example_inputs)``: positional inputs only, no keywords,
+  so a ``__call__(self, x, train: bool)`` fails there with a ``TypeError``
+  raised by Python in no frame of the user's code.
+
+  Args:
+    module: the Linen module.
+    inputs: the example inputs it was called with.
+    exc: the ``TypeError`` of the call.
+
+  Returns:
+    Four lines naming the module, its ``__call__`` and the missing
+    arguments, and how to pass them; None when the inputs do bind to
+    ``__call__`` (the ``TypeError`` is then another one).
+  """
+  cls = type(module).__name__
+  call = type(module).__call__
+  try:
+    signature = inspect.signature(call)
+  except (TypeError, ValueError):
+    return None
+  try:
+    signature.bind(module, *inputs)
+  except TypeError:
+    pass
+  else:
+    return None
+  kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  params = list(signature.parameters.values())[1:]  # after self
+  positional = [p for p in params if p.kind in kinds]
+  given = positional[: len(inputs)]
+  missing = [p for p in positional[len(inputs) :] if p.default is p.empty]
+  keyword_only = [
+    p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty
+  ]
+  value = lambda p: _INIT_FLAGS.get(p.name, "False" if p.annotation in (bool, "bool") else "...")
+  names = ", ".join(p.name for p in missing + keyword_only)
+  shown = ", ".join(p.name for p in given)
+  message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+  context = (
+    f"it is initialised as {cls}.init(key, *example_inputs): {len(inputs)} example input(s) "
+    f"({shown}), no keywords; in the steps only your loss calls it, with the arguments the "
+    "loss gives (model(x, train=train))"
+  )
+  if missing:
+    values = ", ".join(value(p) for p in missing)
+    keywords = ", ".join(f"{p.name}={value(p)}" for p in missing)
+    advice = (
+      f"pass {names} at init: example_inputs ({shown}, {values}), as Flax's "
+      f"model.init(key, {shown}, {keywords}); or give it a default ({missing[0].name}: bool = "
+      f"{value(missing[0])}) (the full traceback: --verbosity=1)"
+    )
+  elif keyword_only:
+    p = keyword_only[0]
+    advice = (
+      f"give {names} a default (*, {p.name}: bool = {value(p)}): example_inputs are passed "
+      "by position, so a keyword-only argument gets no value at init (the full traceback: "
+      "--verbosity=1)"
+    )
+  else:
+    advice = (
+      f"make example_inputs the inputs of one call of {cls}.__call__{signature} (the full "
+      "traceback: --verbosity=1)"
+    )
+  return describe_user_value(
+    f"{type(exc).__name__}: {message}" if message else type(exc).__name__,
+    f"the init of the Linen model {cls}",
+    call,
+    context,
+    advice,
+  )

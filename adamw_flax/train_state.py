@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as linen
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from adamw_flax import masks, offload, optim, plan, quantize, registry, sharding, transform
+from adamw_flax import errors, masks, offload, optim, plan, quantize, registry, sharding, transform
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -511,7 +512,16 @@ def _bridge(module: linen.Module, example_inputs: Any, rngs: nnx.Rngs) -> nnx.Mo
       "with register_model(..., example_inputs=fn)"
     )
   wrapped = BridgedLinen(module, rngs=rngs)
-  nnx.bridge.lazy_init(wrapped, *_concrete_inputs(example_inputs))
+  inputs = _concrete_inputs(example_inputs)
+  try:
+    nnx.bridge.lazy_init(wrapped, *inputs)
+  except TypeError as e:
+    # Python's TypeError of a `__call__(self, x, train)` called with `x` alone
+    # is raised in no frame of the user's code: say what the init passes.
+    report = errors.describe_linen_init_call(module, inputs, e)
+    if report is None:
+      raise
+    raise errors.UserCodeError(report) from e
   return wrapped
 
 
@@ -996,6 +1006,89 @@ def split_micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(one, batch)
 
 
+_STEPS = {True: "the train step (your model and loss)",
+          False: "the eval step (your model and loss, train=False)"}  # fmt: skip
+
+
+def _check_loss_output(
+  loss_fn: LossFn, out: Any, batch: Batch, *, train: bool, scalar_metrics: bool = False
+) -> tuple[Any, Mapping[str, Any]]:
+  """``loss_fn``'s ``(loss, metrics)``, checked while the step is traced: shapes are known then.
+
+  ``jax.grad`` of a loss of shape ``(16,)`` (a forgotten ``.mean()``) fails in
+  JAX's frames with no word of the loss function; a metric that is not a
+  scalar would fail only when the trainer logs it, steps later.
+
+  Args:
+    loss_fn: the user's loss function (named in the report).
+    out: what it returned.
+    batch: the batch it got (described in the report).
+    train: whether this is the train step (else the eval step).
+    scalar_metrics: require every metric to be a scalar (the trainer logs
+      each as one float).
+
+  Returns:
+    ``(loss, metrics)``.
+
+  Raises:
+    UserCodeError: ``out`` is not a pair, the loss is not a scalar, the
+      metrics are not a dict (of scalars, with ``scalar_metrics``).
+  """
+  fn = inspect.unwrap(loss_fn)
+  name = getattr(fn, "__qualname__", type(fn).__name__)
+  rerun = "then rerun the same command"
+
+  def fail(problem: str, advice: str):
+    report = errors.describe_user_value(problem, _STEPS[train], fn, advice, batch=batch)
+    raise errors.UserCodeError(report)
+
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    got = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+    fail(
+      f"the loss function {name} returned {got}, not (loss, metrics)",
+      f"return the scalar loss and a dict of scalar metrics: return loss, {{}}; {rerun}",
+    )
+  loss, metrics = out
+  if np.shape(loss) != ():
+    fail(
+      f"the loss function {name} returned a loss of shape {np.shape(loss)} "
+      f"({getattr(loss, 'dtype', type(loss).__name__)}); the loss must be a scalar",
+      "reduce it to one number, the mean over the batch's rows: return loss.mean(), metrics "
+      f"(jax.grad needs a scalar; the mean keeps optimizer.accumulate_steps exact); {rerun}",
+    )
+  if not isinstance(metrics, Mapping):
+    fail(
+      f"the loss function {name} returned metrics of type {type(metrics).__name__}, not a dict",
+      f"return the loss and a dict name -> scalar: return loss, {{'accuracy': acc}}; {rerun}",
+    )
+  for key, value in metrics.items() if scalar_metrics else ():
+    if not hasattr(value, "shape") and not isinstance(value, (int, float, np.number)):
+      fail(
+        f"the loss function {name} returned the metric {key!r} as a {type(value).__name__}; "
+        "a metric must be a scalar",
+        f"make it one number per batch (the trainer logs each metric as a float); {rerun}",
+      )
+    if np.shape(value) != ():
+      fail(
+        f"the loss function {name} returned the metric {key!r} of shape {np.shape(value)} "
+        f"({getattr(value, 'dtype', '')}); a metric must be a scalar",
+        f"reduce it to one number per batch, e.g. its mean over the rows, jnp.mean(...) (the "
+        f"trainer logs each metric as one float per step); {rerun}",
+      )
+  return loss, metrics
+
+
+def _scalar_metrics(loss_fn: LossFn) -> LossFn:
+  """``loss_fn`` whose metrics are checked to be scalars when a step is traced (the trainer's)."""
+
+  @functools.wraps(loss_fn)  # its signature too: whether it takes `rngs`
+  def checked(model, batch, *, train, **kwargs):
+    out = loss_fn(model, batch, train=train, **kwargs)
+    return _check_loss_output(loss_fn, out, batch, train=train, scalar_metrics=True)
+
+  return checked
+
+
 def _loss_and_grads(state: TrainState, batch: Batch, loss_fn: LossFn, k: int, key, wants_rngs):
   """Loss, the loss function's metrics, the new model state and the gradients (accumulated)."""
 
@@ -1003,7 +1096,8 @@ def _loss_and_grads(state: TrainState, batch: Batch, loss_fn: LossFn, k: int, ke
     model = state.merge(params, rest)
     model.train()
     extra = {"rngs": nnx.Rngs(key)} if wants_rngs else {}
-    loss, aux = loss_fn(model, batch, train=True, **extra)
+    out = loss_fn(model, batch, train=True, **extra)
+    loss, aux = _check_loss_output(loss_fn, out, batch, train=True)
     new_rest = _to_pure(nnx.state(model, nnx.Not(nnx.Param)))
     return loss, (aux, new_rest)
 
@@ -1111,8 +1205,10 @@ def make_train_step(
       ``model`` is the NNX module (re-assembled inside the trace, in
       ``model.train()`` mode). If it has an ``rngs`` parameter it gets
       ``rngs=nnx.Rngs(key)`` with the key of :func:`step_key`, for dropout
-      (``nnx.Dropout(rate)(x, rngs=rngs)``). The loss must be a mean over the
-      batch's rows for accumulation to give the same update.
+      (``nnx.Dropout(rate)(x, rngs=rngs)``). The loss must be a scalar, a
+      mean over the batch's rows for accumulation to give the same update,
+      and ``metrics`` a dict; both are checked when the step is traced (a
+      :class:`~adamw_flax.errors.UserCodeError` naming the loss function).
     donate: donate the input state's buffers to the output (the caller must
       not use the old state after the call).
     batch_sharding: sharding of the batch (a ``jax.sharding.Sharding``), if any.
@@ -1231,7 +1327,8 @@ def make_eval_step(
     model = state.merge(params)
     model.eval()
     extra = {"rngs": nnx.Rngs(jax.random.key(seed))} if wants_rngs else {}
-    loss, aux = loss_fn(model, batch, train=False, **extra)
+    out = loss_fn(model, batch, train=False, **extra)
+    loss, aux = _check_loss_output(loss_fn, out, batch, train=False)
     return {"loss": loss, **aux}
 
   kwargs: dict[str, Any] = {}
@@ -1267,11 +1364,15 @@ def make_run_steps(
     batch_sharding: sharding of a batch, if any.
 
   Returns:
-    The :class:`RunSteps`.
+    The :class:`RunSteps`; their tracing checks that every metric of the
+    loss is a scalar (:func:`_check_loss_output`).
   """
   run = plan.make_plan(run)
   tc = run.trainer
   placed = {"state_sharding": state_sharding, "batch_sharding": batch_sharding}
+  # The trainer logs every metric as one float: a non-scalar one is an error
+  # when the step is traced, not a traceback at the first log step.
+  loss_fn = _scalar_metrics(loss_fn)
   train = make_train_step(
     loss_fn, accumulate_steps=run.optimizer.accumulate_steps, seed=tc.seed, **placed
   )

@@ -19,6 +19,11 @@ way to fail, registered as ``<kind>_<failure>``:
 * ``no_kernel``: a model with no parameter the ``default`` weight-decay mask
   selects (a config problem: status 2).
 
+Beside that grid, the step's contract broken: ``resnet_training_arg`` (a
+Linen ``__call__(self, x, training: bool)`` whose ``example_inputs`` give
+``x`` alone), ``cnn_vector_loss`` (a loss without ``.mean()``) and
+``cnn_vector_metric`` (a metric per row).
+
 Also ``flipped_images``: the images dataset with an augmentation in
 ``train_batch`` that raises (numpy's AxisError) before the first step.
 
@@ -351,6 +356,66 @@ register_model("wrapped_missing_key", loss=wrapped_target_loss, config_fields=WR
 register_model("wrapped_shape", loss=um.wrapped_loss, config_fields=WRAPPED)(NarrowHeadRegressor)
 register_model("wrapped_init", loss=um.wrapped_loss, config_fields=WRAPPED)(LazyRegressor)
 register_model("wrapped_no_kernel", loss=um.wrapped_loss, config_fields=WRAPPED)(ScaleRegressor)
+
+# ------------------------------ the step's contract (beside the KINDS x FAILURES grid)
+
+
+class DropoutCNN(nn.Module):
+  """A CNN written as in Flax's dropout guide: ``__call__(self, x, training: bool)``, no default.
+
+  Flax initialises it as ``model.init(key, x, training=False)``; registered
+  with ``example_inputs`` that give ``x`` alone (``resnet_training_arg``),
+  its init cannot call it; with ``training`` in them (``..._fixed``) it trains.
+  """
+
+  classes: int
+
+  @nn.compact
+  def __call__(self, x, training: bool):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = nn.BatchNorm(use_running_average=not training, momentum=0.9)(x)
+    x = nn.Dropout(rate=0.2, deterministic=not training)(x.reshape(x.shape[0], -1))
+    return nn.Dense(self.classes)(x)
+
+
+def build_dropout_cnn(cfg, *, rngs, data_info):
+  del cfg, rngs
+  return DropoutCNN(data_info["classes"])
+
+
+def dropout_cnn_loss(model, batch, *, train, rngs):
+  logits = model(batch["image"], training=train, rngs=rngs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+
+def image_inputs_not_training(cfg, data_info):
+  return (*um.image_inputs(cfg, data_info), False)  # Flax's init(key, x, training=False)
+
+
+register_model(
+  "resnet_training_arg", loss=dropout_cnn_loss, example_inputs=um.image_inputs, **RESNET
+)(build_dropout_cnn)
+register_model(
+  "resnet_training_arg_fixed", loss=dropout_cnn_loss, example_inputs=image_inputs_not_training,
+  **RESNET,
+)(build_dropout_cnn)  # fmt: skip
+
+
+def cnn_per_example_loss(model, batch, *, train):
+  del train
+  logits = model(batch["image"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}  # no .mean()
+
+
+def cnn_correct_loss(model, batch, *, train):
+  del train
+  logits = model(batch["image"])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return loss, {"correct": jnp.argmax(logits, -1) == batch["label"]}  # per row: no .mean()
+
+
+register_model("cnn_vector_loss", loss=cnn_per_example_loss, config_fields=CNN_FIELDS)(um.CNN)
+register_model("cnn_vector_metric", loss=cnn_correct_loss, config_fields=CNN_FIELDS)(um.CNN)
 
 # --------------------------------------------------------------- configs
 

@@ -23,10 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from adamw_flax import errors
+from adamw_flax import errors, plan, registry
+from adamw_flax import train_state as ts
 from tests import failing_models as fm
 from tests.conftest import ROOT
 from tests.sharding_workers import child_env
@@ -279,3 +281,102 @@ def test_the_missing_key_advice_is_for_the_batch_s_keys_only():
   assert lines[2] == "  batch: image float32[2, 3], label int32[2]"
   assert lines[3].startswith("  your code reads batch['labels'], which the dataset does not give")
   assert _report_of(metrics, batch)[3].startswith("  (your code raised this: fix it"), lines
+
+
+# ------------------------------------------------ the step's contract, broken
+
+
+def _inspect(kind: str, failure: str, tmp_path: Path) -> subprocess.CompletedProcess:
+  config = tmp_path / f"{kind}_{failure}.py"  # written by _train
+  return subprocess.run(
+    [sys.executable, "-m", "train.inspect", f"--config={config}"],
+    cwd=ROOT,
+    env=child_env(2),
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+
+
+def _short(run: subprocess.CompletedProcess) -> list[str]:
+  lines = [line for line in run.stderr.splitlines() if line.strip()]
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr + run.stdout, run.stderr[-3000:]
+  assert 3 <= len(lines) <= 4, lines
+  return lines
+
+
+def test_a_linen_call_that_needs_training_at_init_is_short_and_the_advice_trains(tmp_path):
+  run = _train("resnet", "training_arg", tmp_path)
+  lines = _short(run)
+  code = "def __call__(self, x, training: bool):"
+  assert lines == [
+    "error: TypeError: DropoutCNN.__call__() missing 1 required positional argument: 'training'",
+    f"  in the init of the Linen model DropoutCNN at {FAILING}:{_line_of(FAILING, code)} "
+    f"(in DropoutCNN.__call__): {code}",
+    "  it is initialised as DropoutCNN.init(key, *example_inputs): 1 example input(s) (x), no "
+    "keywords; in the steps only your loss calls it, with the arguments the loss gives "
+    "(model(x, train=train))",
+    "  pass training at init: example_inputs (x, False), as Flax's model.init(key, x, "
+    "training=False); or give it a default (training: bool = False) (the full traceback: "
+    "--verbosity=1)",
+  ]
+  assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+  inspected = _inspect("resnet", "training_arg", tmp_path)
+  assert _short(inspected) == lines  # train.inspect builds the model the same way
+  # The advice, followed: `False` in example_inputs.
+  fixed = _train(
+    "resnet", "training_arg", tmp_path, "--config.model.name=tests.failing_models:"
+    "resnet_training_arg_fixed",
+  )  # fmt: skip
+  assert fixed.returncode == 0, fixed.stderr[-3000:]
+  assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_a_loss_that_is_not_a_scalar_is_short_and_names_the_loss_function(tmp_path):
+  lines = _short(_train("cnn", "vector_loss", tmp_path))
+  code = "def cnn_per_example_loss(model, batch, *, train):"
+  assert lines[0] == (
+    "error: the loss function cnn_per_example_loss returned a loss of shape (8,) (float32); "
+    "the loss must be a scalar"
+  ), lines
+  assert lines[1] == (
+    f"  in {TRAIN} at {FAILING}:{_line_of(FAILING, code)} (in cnn_per_example_loss): {code}"
+  ), lines
+  assert lines[2] == f"  batch: {IMAGES}", lines
+  assert lines[3].startswith("  reduce it to one number, the mean over the batch's rows: "
+                             "return loss.mean(), metrics"), lines  # fmt: skip
+
+
+def test_a_metric_that_is_not_a_scalar_is_short_before_any_step_ran(tmp_path):
+  lines = _short(_train("cnn", "vector_metric", tmp_path))
+  code = "def cnn_correct_loss(model, batch, *, train):"
+  assert lines[0] == (
+    "error: the loss function cnn_correct_loss returned the metric 'correct' of shape (8,) "
+    "(bool); a metric must be a scalar"
+  ), lines
+  at = f"{FAILING}:{_line_of(FAILING, code)}"
+  assert lines[1] == f"  in {TRAIN} at {at} (in cnn_correct_loss): {code}", lines
+  assert lines[2] == f"  batch: {IMAGES}", lines
+  assert lines[3].startswith("  reduce it to one number per batch"), lines
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  assert not metrics.exists() or not metrics.read_text().strip()  # found at trace, not at a log
+
+
+def test_the_step_s_contract_is_checked_when_the_step_is_traced():
+  batch = {
+    "image": jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32),
+    "label": jax.ShapeDtypeStruct((8,), np.int32),
+  }
+  run = plan.make_plan(fm.config("cnn", "vector_metric"))
+  abstract = ts.registered_state_factory(run, {"classes": 4}).abstract()
+  metric_loss = registry.MODELS.get(run.model.name).loss
+  steps = ts.make_run_steps(run, metric_loss)
+  for step in (lambda s, b: steps.train(s, b)[1], steps.evals[""]):
+    with pytest.raises(errors.UserCodeError, match=r"the metric 'correct' of shape \(8,\)"):
+      jax.eval_shape(step, abstract, batch)  # traced only: nothing compiled, nothing ran
+  # make_train_step alone (the Python API) leaves the metrics to its caller.
+  _, metrics = jax.eval_shape(ts.make_train_step(metric_loss), abstract, batch)
+  assert metrics["correct"].shape == (8,)
+  with pytest.raises(errors.UserCodeError, match=r"a loss of shape \(8,\) \(float32\)"):
+    jax.eval_shape(ts.make_eval_step(fm.cnn_per_example_loss), abstract, batch)

@@ -20,6 +20,7 @@ from flax.training import train_state
 
 from adamw_flax import masks, plan
 from adamw_flax import train_state as ts
+from adamw_flax.config import default_config
 
 # nnx.as_pure (a State of plain arrays) is newer than the oldest flax supported.
 _as_pure = getattr(nnx, "as_pure", None) or (
@@ -456,6 +457,62 @@ def test_linen_scanned_layers_keep_their_types():
   # Why ndim rules are only explicit: a stacked bias has ndim 2.
   ndim = masks.path_values(target, "ndim>=2=true, *=false")
   assert ndim["stack/Dense_0/bias"] is True
+
+
+class ScanLSTM(nn.Module):
+  """An LSTM language model as Flax users write one: ``nn.scan`` over a cell, over time."""
+
+  cell: type = nn.OptimizedLSTMCell
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(11, 8)(tokens)
+    scan = nn.scan(
+      self.cell,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=1,
+      out_axes=1,
+    )
+    carry = self.cell(8, parent=None).initialize_carry(jax.random.key(0), x[:, 0].shape)
+    _, ys = scan(8, name="lstm")(carry, x)
+    return nn.Dense(11)(ys)
+
+
+class RNNLSTM(nn.Module):
+  """The same with ``nn.RNN`` (the seq2seq example's way)."""
+
+  cell: type = nn.OptimizedLSTMCell
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(11, 8)(tokens)
+    return nn.Dense(11)(nn.RNN(self.cell(8, name="lstm"))(x))
+
+
+@pytest.mark.parametrize("cell", [nn.OptimizedLSTMCell, nn.LSTMCell])
+@pytest.mark.parametrize("model", [ScanLSTM, RNNLSTM])
+def test_default_preset_decays_linen_lstm_kernels_like_nnx_lstm_kernels(model, cell):
+  tokens = jax.ShapeDtypeStruct((2, 5), jnp.int32)
+  config = plan.make_plan(default_config())
+  targets = {
+    "linen_target": masks.linen_target(model(cell), tokens),
+    # The trainer's: a registered Linen model, bridged, its classes recorded as it builds.
+    "state_factory": ts.state_factory(
+      lambda rngs: model(cell), config, example_inputs=(tokens,)
+    ).target,
+  }
+  for name, target in targets.items():
+    values = masks.path_values(target, "default")
+    gates = {p: v for p, v in values.items() if p.startswith("lstm/")}
+    # OptimizedLSTMCell: 8 DenseParams (ii..io, hi..ho); LSTMCell: 8 Dense.
+    assert len([p for p in gates if p.endswith("/kernel")]) == 8, (name, gates)
+    assert all(v == p.endswith("/kernel") for p, v in gates.items()), (name, gates)
+    assert values["Dense_0/kernel"] and not values["Embed_0/embedding"], name
+  # NNX's cell holds Linear layers: its gate kernels decay under the same preset.
+  nnx_cell = nnx.OptimizedLSTMCell(8, 8, rngs=nnx.Rngs(0))
+  nnx_values = masks.path_values(nnx_cell, "default")
+  assert nnx_values and all(v == p.endswith("/kernel") for p, v in nnx_values.items())
 
 
 def test_nnx_stacked_layers_by_type():

@@ -1,9 +1,15 @@
-"""The README's drop-in example runs as written."""
+"""The README's examples run as written."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamw_flax import masks
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -35,3 +41,18 @@ def test_every_adamw_flax_name_the_readme_uses_exists():
   assert names >= {"weight_decay_mask", "save_state", "restore_state", "restore_params"}
   for name in sorted(names):
     assert hasattr(adamw_flax, name), name
+
+
+def test_readme_linen_mask_example_runs():
+  text = README.read_text()
+  (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "linen_target(" in b]
+  assert "adamw_flax.weight_decay_mask(" in block
+  scope: dict = {}
+  exec(compile(block, str(README), "exec"), scope)
+  state = scope["state"]
+  # With zero gradients the Adam step is 0: only the decay moves a parameter.
+  new = state.apply_gradients(grads=jax.tree.map(jnp.zeros_like, state.params)).params
+  pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(new), strict=True)
+  moved = [not np.array_equal(old, now) for old, now in pairs]
+  decayed = {p for p, m in zip(masks.tree_paths(state.params), moved, strict=True) if m}
+  assert decayed == {"layers_0/kernel", "layers_2/kernel"}

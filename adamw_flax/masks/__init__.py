@@ -55,7 +55,9 @@ Writing rules (any of these forms; see :func:`parse_rules`)
 The ``"default"`` weight-decay preset decays the ``kernel`` of linear-like
 layers (NNX ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``,
 ``ConvTranspose``; Linen ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``,
-``ConvTranspose``) and nothing else: no biases, no norm scales, no embeddings,
+``ConvTranspose``, and ``DenseParams``, where Linen's ``OptimizedLSTMCell``
+keeps its gate kernels; so the recurrent kernels of Linen's and NNX's LSTM
+cells decay alike) and nothing else: no biases, no norm scales, no embeddings,
 no custom ``nnx.Param`` outside those layers (a model without any such kernel
 is an error: write rules for it). ``"all"`` decays everything and ``"none"``
 nothing.

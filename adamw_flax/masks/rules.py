@@ -18,6 +18,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 #: Layer classes whose ``kernel`` the ``"default"`` preset decays (NNX and Linen names).
+#: Linen's ``OptimizedLSTMCell`` keeps its gate kernels in ``DenseParams``
+#: (flax/linen/recurrent.py: "Dummy module for creating parameters matching
+#: Dense", its ``kernel`` is a Dense kernel the cell multiplies itself), where
+#: NNX's cell holds ``Linear`` layers: both cells' kernels decay alike.
 DEFAULT_DECAY_TYPES: tuple[str, ...] = (
   "Linear",
   "LinearGeneral",
@@ -26,6 +30,7 @@ DEFAULT_DECAY_TYPES: tuple[str, ...] = (
   "ConvTranspose",
   "Dense",
   "DenseGeneral",
+  "DenseParams",
 )
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
