@@ -208,7 +208,7 @@ def _check_best_metric(run, steps, target, dataset, batch_sharding, data_count: 
   spec = aot.eval_batch_spec(dataset, batch_sharding, data_count) if best else None
   if spec is None:
     return
-  with actions.user_code("the eval step (your model and loss, train=False)"):
+  with actions.user_code("the eval step (your model and loss, train=False)", spec):
     names = sorted(p + k for p, fn in steps.evals.items() for k in jax.eval_shape(fn, target, spec))
   if best not in names:
     raise ConfigError(

@@ -374,6 +374,10 @@ class CharTransformer(nnx.Module):
     remat: str = "none",
     rngs: nnx.Rngs,
   ):
+    for key, value in (("num_layers", num_layers), ("num_heads", num_heads),
+                       ("embed_dim", embed_dim), ("max_len", max_len)):  # fmt: skip
+      if value < 1:
+        raise ValueError(f"model.{key}={value} must be >= 1")
     if embed_dim % num_heads:
       raise ValueError(
         f"model.embed_dim={embed_dim} must be divisible by model.num_heads={num_heads}"
