@@ -100,12 +100,14 @@ class Key:
 
   def describe_range(self) -> str:
     """``"in [0, 1)"``, ``">= 0"``, ``"> 0"``, or ``""``."""
+    # An integer bound in full (2147483647, not 2.14748e+09).
+    num = lambda x: str(x) if isinstance(x, int) and not isinstance(x, bool) else f"{x:g}"
     if self.low is not None and self.high is not None:
-      return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+      return f"in {'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
     if self.low is not None:
-      return f"{'>' if self.low_open else '>='} {self.low:g}"
+      return f"{'>' if self.low_open else '>='} {num(self.low)}"
     if self.high is not None:
-      return f"{'<' if self.high_open else '<='} {self.high:g}"
+      return f"{'<' if self.high_open else '<='} {num(self.high)}"
     return ""
 
   def type_problem(self, value: Any) -> str | None:
@@ -316,7 +318,7 @@ DECLARATIONS: tuple[Key, ...] = (
   _k("optimizer.skip_spikes_max_consecutive", 32, "skip_spikes: stop the run after this many skips in a row", low=1),
   _nonneg("optimizer.update_rms_clip", 0.0, "clip each tensor's update RMS to this times lr(t); 0 = off", note=_note_update_rms_clip),
   # ---- trainer
-  _positive("trainer.num_steps", 1000, "steps to train"),
+  _positive("trainer.num_steps", 1000, "steps to train", high=2**31 - 1),  # the int32 step count
   _positive("trainer.log_every", 50, "steps between train-metric log lines"),
   _nonneg("trainer.eval_every", 250, "steps between evaluations; 0 = only at the end"),
   _nonneg("trainer.eval_batches", 20, "validation batches per evaluation; 0 = none during training"),

@@ -52,7 +52,7 @@ def test_default_config_is_valid_and_documented():
     ("optimizer.mu_dtype", "bf16", "optimizer.mu_dtype: must be None or one of"),
     ("optimizer.name", "adamww", "did you mean 'adamw'"),
     ("optimizer.accumulate_steps", 0, "optimizer.accumulate_steps: must be >= 1"),
-    ("trainer.num_steps", 0, "trainer.num_steps: must be > 0"),
+    ("trainer.num_steps", 0, "trainer.num_steps: must be in (0, 2147483647]"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1"),
     ("checkpoint.best_mode", "lowest", "checkpoint.best_mode: must be 'min' or 'max'"),
     ("mesh.shape", (-1, -1), "at most one size may be -1"),

