@@ -204,13 +204,7 @@ def _drop_rows_after(path: Any, step: int) -> None:
       kept.append(line if line.endswith("\n") else line + "\n")
   if len(kept) == len(lines):
     return
-  text = "".join(kept)
-  if fs.is_remote(path):
-    path.write_text(text)
-  else:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+  fs.write_atomic(path, "".join(kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -290,12 +284,7 @@ def plot_losses(workdir: str | Path) -> Path:
   out = workdir / "loss.png"
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png")
-  if fs.is_remote(out):
-    out.write_bytes(buffer.getvalue())  # an object write is atomic
-  else:
-    tmp = out.with_suffix(".tmp.png")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(out)  # atomic: a reader never sees a half-written plot
+  fs.write_atomic(out, buffer.getvalue())  # a reader never sees a half-written plot
   return out
 
 
