@@ -99,6 +99,8 @@ def main(argv: list[str], overrides: list[str]) -> int:
     return _interrupted()
   try:
     code = cli.train(_CONFIG.value, _WORKDIR.value, overrides, verbose=verbose)
+  except KeyboardInterrupt:  # one between the phases the trainer reports itself
+    code = _interrupted()
   except BaseException:
     if not multi:
       raise
