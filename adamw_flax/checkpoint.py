@@ -88,6 +88,7 @@ __all__ = [
   "CheckpointReader",
   "Checkpoints",
   "config_from_json",
+  "newest_config",
   "restore_params",
   "restore_state",
   "save_state",
@@ -272,6 +273,37 @@ def _metric_fn(name: str) -> Callable[[dict[str, Any]], float]:
   return lambda metrics: float(metrics[name])
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, reading an unreadable ``metrics`` item of a step as none, noted.
+
+  Orbax reads every step's metrics file when it opens a directory, and one
+  that is empty or not JSON (a write cut short, a disk fault) raises there:
+  the directory could not be opened at all, so no earlier step could resume
+  either. Orbax has no option for it; here the step is noted in
+  ``unreadable_metrics`` (step -> reason), :meth:`Checkpoints.restore`
+  refuses it like any damaged step, and a reader still reads the rest.
+  """
+
+  def __init__(self, *args: Any, **kwargs: Any):
+    self.unreadable_metrics: dict[int, str] = {}  # filled while Orbax opens the directory
+    super().__init__(*args, **kwargs)
+
+  def _get_metrics(self, step: int) -> Any:
+    try:
+      metrics = super()._get_metrics(step)  # a missing file is Orbax's None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      self.unreadable_metrics[step] = str(e) or type(e).__name__
+      return None
+    if metrics is not None and not isinstance(metrics, dict):
+      self.unreadable_metrics[step] = f"holds a {type(metrics).__name__}, not an object"
+      return None
+    return metrics
+
+  def reload(self) -> None:
+    self.unreadable_metrics.clear()
+    super().reload()
+
+
 class Checkpoints:
   """The training loop's handle on a checkpoint directory (``WORKDIR/checkpoints``).
 
@@ -286,6 +318,9 @@ class Checkpoints:
   * ``async_save``: :meth:`save` returns once the arrays are copied off the
     device and writes in the background; the next save, :meth:`wait` and
     :meth:`close` wait for it and raise its error if it failed.
+
+  ``on_commit`` holds callables told each step this object saved once it is
+  complete on disk (the trainer records the run's ``config.json`` then).
 
   Creating it (on process 0) removes temporary directories that a crash left
   in the middle of a save; they are logged, never restored from. In a
@@ -329,6 +364,7 @@ class Checkpoints:
     self.mesh = mesh
     k = plan.as_checkpoint_plan(config.checkpoint)
     self._every_steps = int(k.every_steps)
+    self._async = bool(k.async_save)
     self._best_by = str(k.keep_best_by or "")
 
     stale = _tmp_dirs(self.directory)
@@ -350,11 +386,11 @@ class Checkpoints:
       preservation_policy=_preservation_policy(k),
       best_fn=_metric_fn(self._best_by) if self._best_by else None,
       best_mode=str(k.best_mode),
-      enable_async_checkpointing=bool(k.async_save),
+      enable_async_checkpointing=self._async,
       cleanup_tmp_directories=True,
       create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = _Manager(self.directory, options=options)
     if not self.directory.is_dir():
       # Process 0 created it; another process not seeing it means each host
       # has its own disk, and its shards would never meet process 0's.
@@ -364,6 +400,10 @@ class Checkpoints:
         "filesystem shared by all processes"
       )
     self._fingerprint_cache: tuple[Any, dict[str, Any]] | None = None
+    # Called with each step this object saved, once it is complete on disk
+    # (known at the next save, wait or close; a save that failed is never told).
+    self.on_commit: list[Callable[[int], None]] = []
+    self._writing: list[int] = []  # saved steps not yet reported to on_commit
     # jax < 0.9 has no such option (its preemption service is always on).
     service = getattr(jax.config, "jax_enable_preemption_service", True)
     if jax.distributed.is_initialized() and not service:
@@ -382,6 +422,10 @@ class Checkpoints:
   def best_step(self) -> int | None:
     """The best step by ``checkpoint.keep_best_by`` (the latest without it), or None."""
     return self._manager.best_step()
+
+  def unreadable_steps(self) -> dict[int, str]:
+    """Steps whose ``metrics`` item is unreadable (step -> reason); :meth:`restore` refuses them."""
+    return dict(self._manager.unreadable_metrics)
 
   def should_save(self, step: int) -> bool:
     """Whether the loop should save after ``step`` steps (multiples of ``every_steps``).
@@ -457,7 +501,24 @@ class Checkpoints:
         META: ocp.args.JsonSave(meta),
       }
     )
-    return self._manager.save(step, args=args, metrics=metrics, force=force)
+    try:
+      started = self._manager.save(step, args=args, metrics=metrics, force=force)
+    except BaseException:
+      self._writing.clear()  # it may be the previous save's error: that step is never reported
+      raise
+    if started:
+      # Orbax's save first waits for the previous one: all but an async save
+      # of this step are complete now.
+      self._writing.append(step)
+      self._report_commits(pending=step if self._async else None)
+    return started
+
+  def _report_commits(self, pending: int | None = None) -> None:
+    done = [s for s in self._writing if s != pending]
+    self._writing = [s for s in self._writing if s == pending]
+    for step in done:
+      for fn in self.on_commit:
+        fn(step)
 
   def _fingerprint(self, arrays: dict[str, Any]) -> dict[str, Any]:
     # Computed once per structure: walking a large tree on every save would
@@ -470,8 +531,13 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Waits for a background save to finish; raises the error it ended with, if any."""
-    self._manager.wait_until_finished()
-    self._manager.check_for_errors()
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except BaseException:
+      self._writing.clear()  # a failed save is never reported as complete
+      raise
+    self._report_commits()
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after a step directory was moved away)."""
@@ -517,11 +583,14 @@ class Checkpoints:
 
     Raises:
       FileNotFoundError: no complete checkpoint (of ``step``) in the directory.
+      ValueError: the step's ``metrics`` item is unreadable (:meth:`unreadable_steps`).
       CheckpointMismatchError: the checkpoint's structure, shapes or dtypes
         differ from ``target``'s (checked before reading any array).
     """
     self.wait()  # a step still being written in the background is not readable yet
     step, meta = _step_and_meta(self._manager, self.directory, step)
+    if (reason := self._manager.unreadable_metrics.get(step)) is not None:
+      raise ValueError(f"{self.directory / str(step) / 'metrics'}: {reason}")
     where = f"{self.directory}/{step}"
     try:
       _check_fits(meta, target, self.config, where)
@@ -649,7 +718,7 @@ def _reader(directory: Path) -> ocp.CheckpointManager:
   # read_only: a restore never creates, cleans or deletes anything (the other
   # two options are what read_only implies; given, Orbax does not warn).
   options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-  return ocp.CheckpointManager(directory, options=options)
+  return _Manager(directory, options=options)
 
 
 def save_state(
@@ -762,6 +831,27 @@ def restore_params(
     cast = lambda e, p: e.astype(p.dtype)
     return state.merge(jax.tree.map(cast, state.extra.ema, state.params))
   return state.merge()
+
+
+def newest_config(directory: str | Path) -> tuple[int, dict[str, Any]] | None:
+  """The newest complete step of ``directory`` whose ``meta`` reads, and the config saved in it.
+
+  Read from the files (Orbax's JSON item ``meta/metadata``), not through a
+  manager: this runs before a trainer holds the workdir, and Orbax's restore
+  synchronizes all processes.
+
+  Returns:
+    ``(step, config as JSON)``, or None without such a step.
+  """
+  path = fs.as_path(directory)
+  if not path.is_dir():
+    return None
+  for step in reversed(_step_dirs(path)):
+    try:
+      return step, json.loads((path / str(step) / META / "metadata").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged step: its restore moves it aside
+      continue
+  return None
 
 
 class CheckpointReader:

@@ -326,9 +326,51 @@ def test_stale_tmp_dir_is_ignored_logged_and_cleaned(tmp_path, caplog, trained):
   assert int(checkpoint.restore_state(tmp_path).step) == 3
 
 
+@pytest.mark.parametrize("content", [b"", b'{"loss": 1.', b"[1.0]"], ids=["empty", "cut", "list"])
+def test_an_unreadable_metrics_file_is_noted_and_its_step_refused(tmp_path, content, trained):
+  cfg = worker.tiny_config(**{"checkpoint.keep_best_by": "loss", "checkpoint.async_save": False})
+  _save_steps(tmp_path, cfg, trained, losses=[3.0, 2.0], n=2)
+  (tmp_path / "2" / "metrics" / "metrics").write_bytes(content)
+  with checkpoint.CheckpointReader(tmp_path) as reader:  # Orbax alone raised while opening
+    assert reader.all_steps() == [1, 2] and reader.metrics(2) is None
+    assert reader.best_step("loss") == 1
+  checkpoint.restore_state(tmp_path, step=2)  # a reader still reads the state
+  target = train_state.state_from_config(cfg, INFO, abstract=True)
+  with checkpoint.Checkpoints(tmp_path, cfg, data_info=INFO) as ckpts:
+    assert list(ckpts.unreadable_steps()) == [2]
+    with pytest.raises(ValueError, match=f"{tmp_path / '2' / 'metrics'}: "):
+      ckpts.restore(target)  # the trainer moves it aside, as any damaged step
+    assert ckpts.restore(target, step=1)[1] == {"step": 1}
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_on_commit_hears_of_each_saved_step_once_it_is_complete(tmp_path, async_save, trained):
+  cfg = worker.tiny_config(**{"checkpoint.async_save": async_save})
+  heard = []
+  with checkpoint.Checkpoints(tmp_path, cfg, data_info=INFO) as ckpts:
+    ckpts.on_commit.append(lambda step: heard.append((step, (tmp_path / str(step)).is_dir())))
+    for step in (1, 2):
+      assert ckpts.save(trained, data_state={}, step=step, force=True)
+    assert not ckpts.save(trained, data_state={}, step=2, force=True)  # already saved: no news
+  assert heard == [(1, True), (2, True)]
+
+
+def test_newest_config_is_the_newest_readable_steps(tmp_path, trained):
+  assert checkpoint.newest_config(tmp_path / "none") is None
+  for step, seed in ((1, 0), (2, 7)):
+    cfg = worker.tiny_config(**{"trainer.seed": seed})
+    checkpoint.save_state(tmp_path, trained, cfg, data_info=INFO, step=step)
+  step, saved = checkpoint.newest_config(tmp_path)
+  assert step == 2 and saved["trainer"]["seed"] == 7
+  (tmp_path / "2" / "meta" / "metadata").write_bytes(b"")
+  assert checkpoint.newest_config(tmp_path)[0] == 1
+
+
 def test_wait_raises_the_error_of_a_background_save(tmp_path, trained):
   cfg = worker.tiny_config(**{"checkpoint.async_save": True})
+  heard = []
   with checkpoint.Checkpoints(tmp_path, cfg, data_info=INFO) as ckpts:
+    ckpts.on_commit.append(heard.append)
     for step in (5, 6, 7):
       assert ckpts.save(trained, data_state={}, step=step, force=True)
       # While the step is written under its temporary name, occupy its final
@@ -338,6 +380,8 @@ def test_wait_raises_the_error_of_a_background_save(tmp_path, trained):
         ckpts.wait()
       except FileExistsError as e:
         assert f"{tmp_path / str(step)} already exists" in str(e)
+        ckpts.wait()
+        assert step not in heard  # a failed save is never told as complete
         break
       # (the commit won the race against mkdir: try the next step)
     else:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,7 +99,7 @@ BAD = [
   (["optimizer.accumulate_steps=3"], "data.batch_size: (8) must be a multiple of"),
   (["optimizer.name=adamv"], "optimizer.name: unknown optimizer 'adamv'; did you mean 'adamw'"),
   (["optimizer.grad_clip_norm=-1.0"], "optimizer.grad_clip_norm: must be >= 0"),
-  (["trainer.num_steps=0"], "trainer.num_steps: must be > 0"),
+  (["trainer.num_steps=0"], "trainer.num_steps: must be in (0, 2147483647]"),
   (["trainer.num_steps=1.5"], "trainer.num_steps: cannot set 1.5"),
   (["trainer.log_every=0"], "trainer.log_every: must be > 0"),
   (["trainer.eval_every=-1"], "trainer.eval_every: must be >= 0"),
@@ -289,7 +291,7 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes
   assert steps == list(range(1, 13))  # the steps after 4 once, from the resumed run
 
 
-def test_no_readable_checkpoint_stops_with_one_line(tmp_path, capsys):
+def test_no_readable_checkpoint_stops_with_one_line_until_they_are_removed(tmp_path, capsys):
   workdir = tmp_path / "run"
   assert cli.train(CNN, str(workdir), [], verbose=False) == 0
   for step in ("4", "8"):
@@ -302,3 +304,104 @@ def test_no_readable_checkpoint_stops_with_one_line(tmp_path, capsys):
     "4",
     "8",
   ]
+  # The same command again refuses the same way: it never starts over beside them.
+  before = snapshot(workdir)
+  assert cli.train(CNN, str(workdir), [], verbose=False) == 2
+  again = capsys.readouterr().err.strip().splitlines()
+  assert len(again) == 1 and "remove checkpoints.corrupt/ and config.json to start over" in again[0]
+  assert snapshot(workdir) == before  # metrics.jsonl of the old run kept
+  shutil.rmtree(workdir / "checkpoints.corrupt")
+  (workdir / "config.json").unlink()
+  assert cli.train(CNN, str(workdir), [], verbose=False) == 0  # as the message said
+  assert "resumed" not in capsys.readouterr().out
+
+
+BEST = ["checkpoint.keep_best_by=loss"]  # Orbax then writes a metrics file with each step
+
+
+def test_an_unreadable_metrics_file_is_a_damaged_step(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert cli.train(CNN, str(workdir), BEST, verbose=False) == 0  # checkpoints 4 and 8
+  (workdir / "checkpoints" / "8" / "metrics" / "metrics").write_bytes(b"")
+  capsys.readouterr()
+  assert cli.train(CNN, str(workdir), BEST, verbose=False) == 0
+  out = capsys.readouterr().out
+  assert "checkpoint 8 is unreadable" in out and "resumed from step 4" in out
+  assert [p.name.split(".")[0] for p in (workdir / "checkpoints.corrupt").iterdir()] == ["8"]
+  with checkpoint.CheckpointReader(workdir) as reader:
+    assert reader.all_steps() == [4, 8] and reader.metrics(8) is not None  # trained again
+  for step, content in (("4", b"{"), ("8", b"")):
+    (workdir / "checkpoints" / step / "metrics" / "metrics").write_bytes(content)
+  assert cli.train(CNN, str(workdir), BEST, verbose=False) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no checkpoint in" in err[0] and "unreadable: 8, 4" in err[0]
+
+
+def _saved_config(workdir: Path) -> dict:
+  return json.loads((workdir / "config.json").read_text())
+
+
+def test_config_json_changes_only_with_a_checkpoint_of_the_new_config(
+  finished_run, tmp_path, capsys
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  original = (workdir / "config.json").read_bytes()
+  changed = ["data.batch_size=16", "trainer.allow_config_change=True"]
+  assert cli.train(CNN, str(workdir), changed, verbose=False) == 0  # finished: saves nothing
+  assert (workdir / "config.json").read_bytes() == original
+  assert cli.train(CNN, str(workdir), [], verbose=False) == 0  # the original command resumes
+  more = ["trainer.num_steps=12", "trainer.allow_config_change=True"]
+  assert cli.train(CNN, str(workdir), more, verbose=False) == 0  # checkpoint 12 of this config
+  assert _saved_config(workdir)["trainer"]["num_steps"] == 12
+  capsys.readouterr()
+  assert cli.train(CNN, str(workdir), [], verbose=False) == 2
+  assert "(trainer.num_steps: 12 -> 8)" in capsys.readouterr().err
+
+
+def test_a_missing_config_json_is_written_from_the_checkpoint_and_the_guard_holds(
+  finished_run, tmp_path, capsys
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  (workdir / "config.json").write_text('{"model": ')
+  before = snapshot(workdir)
+  assert cli.train(CNN, str(workdir), [], verbose=False) == 2
+  err = capsys.readouterr().err
+  assert "config.json is unreadable; remove it to have it written again from checkpoint 8" in err
+  assert snapshot(workdir) == before
+  (workdir / "config.json").unlink()
+  assert cli.train(CNN, str(workdir), ["data.batch_size=16"], verbose=False) == 2
+  assert "holds a run with another config (data.batch_size: 8 -> 16)" in capsys.readouterr().err
+  assert cli.train(CNN, str(workdir), [], verbose=False) == 0
+  assert "wrote config.json from checkpoint 8 (it was missing)" in capsys.readouterr().out
+  assert (workdir / "config.json").read_bytes() == (finished_run / "config.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_resume_killed_before_its_first_checkpoint_leaves_the_recorded_config(
+  finished_run, tmp_path
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  original = (workdir / "config.json").read_bytes()
+  args = [f"--config={CNN}", f"--workdir={workdir}"]
+  env = subprocess_env(JAX_PLATFORMS="cpu", USER_MODELS_SLEEP_AT="10")
+  more = ["--config.trainer.num_steps=12", "--config.trainer.allow_config_change=True"]
+  run = subprocess.Popen(
+    [sys.executable, "-m", "train", *args, *more], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT, text=True,
+  )  # fmt: skip
+  try:
+    lines = []
+    while not any("resumed from step 8" in line for line in lines):
+      line = run.stdout.readline()
+      assert line, "".join(lines)
+      lines.append(line)
+    time.sleep(2)  # at batch 10, asleep (USER_MODELS_SLEEP_AT)
+  finally:
+    run.kill()
+    run.wait()
+  assert (workdir / "config.json").read_bytes() == original
+  again = _cli(*args)
+  assert again.returncode == 0, again.stderr

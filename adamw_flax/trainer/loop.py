@@ -244,7 +244,7 @@ def _state(run, workdir, main, mesh, ckpts, factory, target, shardings, unmapped
     state, data_state = factory.create(shardings), {}
   elif main:
     print(f"resumed from step {int(state.step)} of {workdir / 'checkpoints'}", flush=True)
-  wd_lib.write_workdir_config(run.config, workdir)  # only now is this workdir this config's run
+  wd_lib.write_workdir_config(run.config, workdir)  # a new run's, once its state is built
   if main:
     print(report.startup_report(run, state, mesh, factory, unmapped), flush=True)
   return state, data_state

@@ -1,10 +1,13 @@
 """The workdir: its lock, its config, its checkpoints' faults, its disk.
 
 One trainer (one job) writes a workdir at a time (:class:`WorkdirLock`); it
-holds a run only once it holds a checkpoint (:func:`check_workdir_config`);
-``config.json`` is written once the state is built or restored
-(:func:`write_workdir_config`); an unreadable checkpoint is moved aside and
-the newest readable one restores, on every process alike
+holds a run only once it holds a checkpoint, and the run's config is the one
+saved with its newest checkpoint (:func:`check_workdir_config`);
+``config.json`` is a copy of that for scripts: written once a new run's state
+is built (:func:`write_workdir_config`), and on a resume only once a
+checkpoint of the new config is complete; an unreadable checkpoint is moved
+aside and the newest readable one restores, on every process alike, and
+with only unreadable ones the run stops until they are removed
 (:func:`restore_newest`); a disk without room for a save is said before the
 save writes anything (:func:`check_space`), and any failure to write is one
 line (:func:`storage_failure`).
@@ -189,46 +192,52 @@ def check_space(workdir: epath.Path, state_bytes: int, step: int, last: int | No
     )
 
 
-def holds_checkpoints(workdir: epath.Path) -> bool:
-  """Whether ``workdir`` has a committed checkpoint, or unreadable ones moved aside."""
-  # Orbax names a committed step's directory by the bare step number; a save in
-  # progress (or interrupted) is "<step>.orbax-checkpoint-tmp-<n>".
-  for name in ("checkpoints", "checkpoints.corrupt"):
-    root = workdir / name
-    if root.is_dir() and any(
-      p.name.isdigit() or name.endswith("corrupt") for p in root.iterdir() if p.is_dir()
-    ):
-      return True
-  return False
-
-
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> list[str]:
   """Refuses a workdir holding a run of another config (unless allowed).
 
-  Reads ``config.json`` only: nothing is written until the state is built.
+  The run's config is the one saved with its newest checkpoint (``config.json``
+  is a copy of it, for scripts): a workdir without a checkpoint holds no run
+  yet. Reads only: nothing is written until the state is built.
 
   Returns:
     The changed keys (empty for the same config or a new workdir).
 
   Raises:
     ConfigError: listing the keys that differ, and how to proceed.
+    WorkdirError: ``config.json`` is unreadable.
 
   Args:
     config: this run's config.
     workdir: the run's directory.
   """
-  path = workdir / "config.json"
-  if not path.exists() or not holds_checkpoints(workdir):
+  found = checkpoint.newest_config(workdir / "checkpoints")
+  if found is None:
     # A run that failed before its first checkpoint (a loss that raises at
     # step 1, a batch the mesh cannot split) holds no run: start this config.
+    # Only damaged checkpoints: restore_newest refuses.
     return []
-  try:
-    old = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+  step, saved = found
+  path = workdir / "config.json"
+  if path.exists() and _read_config(path) is None:
     raise WorkdirError(
-      f"{path} is unreadable ({e}); move it away to start over in this workdir"
-    ) from None
-  old = config_json(config_with_defaults(old))  # fields added to the schema since: defaults
+      f"{path} is unreadable; remove it to have it written again from checkpoint {step}, or use "
+      "another --workdir to start over"
+    )
+  changes = config_changes(config, saved, workdir)
+  if changes and jax.process_index() == 0:
+    print(f"resuming {workdir} with a changed config: {'; '.join(changes)}", flush=True)
+  return changes
+
+
+def config_changes(
+  config: ml_collections.ConfigDict, saved: dict, workdir: epath.Path
+) -> list[str]:
+  """The keys ``config`` changes from the ``saved`` one of ``workdir``'s run; refuses unless allowed.
+
+  Raises:
+    ConfigError: listing the keys that differ, and how to proceed.
+  """
+  old = config_json(config_with_defaults(saved))  # fields added to the schema since: defaults
   changes = [
     c for c in config_diff(old, config_json(config)) if c.split(":")[0] not in RUN_ONLY_KEYS
   ]
@@ -249,28 +258,42 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
       f"workdir {str(workdir)!r} holds a run with another config ({'; '.join(shown)}); use "
       f"another --workdir, or --config.trainer.allow_config_change=True to resume it{hint}"
     )
-  if changes and jax.process_index() == 0:
-    print(f"resuming {workdir} with a changed config: {'; '.join(changes)}", flush=True)
   return changes
 
 
+def _read_config(path: epath.Path) -> dict | None:
+  """A saved config as :func:`config_json` gives it, or None if missing or unreadable."""
+  try:
+    return config_json(config_with_defaults(json.loads(path.read_text())))
+  except Exception:  # noqa: BLE001 (missing, not JSON, not a config: all unreadable)
+    return None
+
+
 def write_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Writes ``config.json`` atomically (process 0).
+  """Writes ``config.json`` of a run that starts without a checkpoint (process 0).
+
+  A resumed run's ``config.json`` stays its checkpoints' config until this
+  run completes one (:func:`restore_newest` arranges that), so a resume that
+  trains nothing, or is killed before its first save, changes nothing.
 
   Args:
     config: the run's config.
     workdir: the run's directory.
   """
-  if jax.process_index() != 0:
+  root = workdir / "checkpoints"
+  if root.is_dir() and any(p.name.isdigit() for p in root.iterdir()):
     return
+  _write_config(config_json(config), workdir)
+
+
+def _write_config(saved: dict, workdir: epath.Path) -> bool:
+  """Writes ``config.json`` atomically on process 0, unless it holds the same; True if written."""
   path = workdir / "config.json"
-  text = json.dumps(config_json(config), indent=2, sort_keys=True) + "\n"
-  if fs.is_remote(path):
-    path.write_text(text)  # an object write is atomic
-  else:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+  text = json.dumps(saved, indent=2, sort_keys=True) + "\n"
+  if jax.process_index() != 0 or (path.exists() and path.read_bytes() == text.encode()):
+    return False
+  fs.write_atomic(path, text)
+  return True
 
 
 def move_aside(ckpts: checkpoint.Checkpoints, workdir: epath.Path, step: int) -> epath.Path:
@@ -286,15 +309,20 @@ def move_aside(ckpts: checkpoint.Checkpoints, workdir: epath.Path, step: int) ->
 def restore_newest(ckpts, target, workdir: epath.Path, main: bool, migrate: bool = False):
   """Restores the newest checkpoint that reads; unreadable ones are moved aside.
 
+  ``config.json`` then holds the restored checkpoint's config, and each
+  checkpoint this run completes records the run's config there.
+
   Returns:
     ``(state, data_state)``, or ``(None, None)`` without any checkpoint.
 
   Raises:
     CheckpointMismatchError: the newest readable one does not fit this run.
-    WorkdirError: checkpoints exist and none restores.
+    ConfigError: it holds another config (see :func:`config_changes`).
+    WorkdirError: checkpoints exist, or were moved aside, and none restores.
   """
   moved = []
-  while (step := ckpts.latest_step()) is not None:
+  # Steps whose metrics are unreadable first, so none is left to the keep rules.
+  while (step := max(ckpts.unreadable_steps(), default=ckpts.latest_step())) is not None:
 
     def attempt(step=step):
       try:
@@ -317,14 +345,35 @@ def restore_newest(ckpts, target, workdir: epath.Path, main: bool, migrate: bool
         print(f"checkpoint {step} is unreadable ({reasons[0]}); moved to {dest}", flush=True)
       moved.append(step)
       continue
-    state, data_state = restored
+    # The start compared the config with the newest checkpoint's; this one is restored.
+    saved = ckpts.meta(step)["config"]
+    config_changes(ckpts.config, saved, workdir)
     if moved:
       print(f"resumed from step {step}, the newest readable checkpoint", flush=True)
-    return state, data_state
-  if moved:
+    _record_config(ckpts, workdir, step, saved)
+    return restored
+  corrupt = workdir / "checkpoints.corrupt"
+  names = [p.name for p in corrupt.iterdir()] if corrupt.is_dir() else []
+  kept = sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
+  if moved or kept:
+    # Also on the next start: a rerun never silently starts over beside them.
     raise WorkdirError(
       f"no checkpoint in {str(workdir / 'checkpoints')!r} restores (unreadable: "
-      f"{', '.join(map(str, moved))}, moved to checkpoints.corrupt/); remove "
+      f"{', '.join(map(str, moved or kept))}, moved to checkpoints.corrupt/); remove "
       "checkpoints.corrupt/ and config.json to start over"
     )
+  _record_config(ckpts, workdir, None, None)
   return None, None
+
+
+def _record_config(ckpts, workdir: epath.Path, step: int | None, saved: dict | None) -> None:
+  """``config.json``: the restored checkpoint's config now, the run's once it saved one."""
+  if saved is not None:
+    path, saved = workdir / "config.json", config_json(config_with_defaults(saved))
+    old = _read_config(path)
+    why = "it was missing" if not path.exists() else "it was unreadable" if old is None else ""
+    if old != saved and _write_config(saved, workdir):
+      print(
+        f"wrote config.json from checkpoint {step} ({why or 'it held another config'})", flush=True
+      )
+  ckpts.on_commit.append(lambda _: _write_config(config_json(ckpts.config), workdir))
