@@ -56,6 +56,7 @@ import functools
 import importlib.metadata
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,7 @@ def _preservation_policy(k: plan.CheckpointPlan) -> Any:
   if k.keep_best_by:
     policies.append(
       pp.BestN(
-        get_metric_fn=_metric_fn(k.keep_best_by),
+        get_metric_fn=_metric_fn(k.keep_best_by, k.best_mode),
         reverse=k.best_mode == "min",
         n=keep,
         # Checkpoints saved without metrics are the latest ones' business
@@ -269,8 +270,14 @@ def _preservation_policy(k: plan.CheckpointPlan) -> Any:
   return pp.AnyPreservationPolicy(policies)
 
 
-def _metric_fn(name: str) -> Callable[[dict[str, Any]], float]:
-  return lambda metrics: float(metrics[name])
+def _metric_fn(name: str, mode: str) -> Callable[[dict[str, Any]], float]:
+  """A step's ``keep_best_by`` value; the worst there is for a step whose metrics lack it.
+
+  (Metrics of another name, e.g. saved before ``keep_best_by`` changed, or
+  ``{}``: Orbax's keep rule raised a KeyError at the next save.)
+  """
+  worst = math.inf if mode == "min" else -math.inf
+  return lambda metrics: float(metrics.get(name, worst))
 
 
 class _Manager(ocp.CheckpointManager):
@@ -384,7 +391,7 @@ class Checkpoints:
       # max_to_keep / keep_period are deprecated in Orbax 0.12.8 in favour of a
       # preservation policy; best_fn is still what makes Orbax write metrics.
       preservation_policy=_preservation_policy(k),
-      best_fn=_metric_fn(self._best_by) if self._best_by else None,
+      best_fn=_metric_fn(self._best_by, str(k.best_mode)) if self._best_by else None,
       best_mode=str(k.best_mode),
       enable_async_checkpointing=self._async,
       cleanup_tmp_directories=True,

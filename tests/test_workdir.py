@@ -337,6 +337,18 @@ def test_an_unreadable_metrics_file_is_a_damaged_step(tmp_path, capsys):
   assert len(err) == 1 and "no checkpoint in" in err[0] and "unreadable: 8, 4" in err[0]
 
 
+def test_a_step_whose_metrics_lack_keep_best_by_ranks_worst(tmp_path, capsys):
+  # Metrics of another name ({} here; or saved before keep_best_by changed): Orbax's keep rule
+  # raised a KeyError at the next save, every rerun alike.
+  workdir = tmp_path / "run"
+  assert cli.train(CNN, str(workdir), BEST, verbose=False) == 0  # checkpoints 4 and 8
+  (workdir / "checkpoints" / "8" / "metrics" / "metrics").write_text("{}")
+  more = [*BEST, "trainer.num_steps=16", "trainer.allow_config_change=True"]
+  assert cli.train(CNN, str(workdir), more, verbose=False) == 0, capsys.readouterr().err
+  with checkpoint.CheckpointReader(workdir) as reader:
+    assert 16 in reader.all_steps() and reader.best_step() != 8
+
+
 def _saved_config(workdir: Path) -> dict:
   return json.loads((workdir / "config.json").read_text())
 
