@@ -88,10 +88,14 @@ _CHandler = ctypes.CFUNCTYPE(None, ctypes.c_int)
 def _foreign_handler(signum: int) -> Any:
   """The C-level handler of ``signum`` installed by native code (JAX's), or None.
 
-  ``signal.getsignal`` returns None exactly when the handler was not set from
-  Python; CPython's ``PyOS_getsig`` (public C API) then gives its address.
+  A handler set from Python is a callable to ``signal.getsignal`` (its C-level
+  handler is CPython's own). Otherwise ``getsignal`` says only what CPython
+  last knew: ``SIG_DFL`` still after ``jax.distributed.initialize`` installed
+  the preemption notifier's handler in C, so every multi-process stop signal
+  was lost (caught, never forwarded); CPython's ``PyOS_getsig`` (public C
+  API) gives the handler actually installed.
   """
-  if signal.getsignal(signum) is not None:
+  if callable(signal.getsignal(signum)):
     return None
   getsig = ctypes.pythonapi.PyOS_getsig
   getsig.restype, getsig.argtypes = ctypes.c_void_p, [ctypes.c_int]

@@ -183,6 +183,25 @@ def test_sigkill_of_one_process_ends_the_other_in_one_line_and_both_resume(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("to", [0, 1])
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path, to):
+  # JAX's preemption service tells every process where to stop; the signal reaches it only
+  # if the trainer forwards it (it was caught and lost: both trained to the end).
+  config = write_config(tmp_path / "c.py", data__slow_s=0.05, trainer__num_steps=400,
+                        checkpoint__every_steps=0)  # fmt: skip
+  workdir = tmp_path / "run"
+  with Job(config, workdir, tmp_path / "logs", num_processes=2, devices=2) as job:
+    job.wait_for_step(10, timeout=240)
+    job.signal(signal.SIGTERM, to)
+    codes, _ = job.wait(timeout=120)
+  assert codes == [0, 0], (job.output(0)[-3000:], job.output(1)[-3000:])
+  saved = re.search(r"preempted: saved step (\d+);", job.output(0))
+  assert saved and int(saved.group(1)) < 400, job.output(0)[-3000:]
+  assert "SIGTERM: saving a checkpoint at the next step boundary" in job.output(to)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [saved.group(1)]
+
+
+@pytest.mark.slow
 def test_a_second_two_process_job_on_a_busy_workdir_is_refused_by_both(tmp_path):
   config = write_config(tmp_path / "c.py", data__slow_s=0.05, trainer__num_steps=400)
   workdir = tmp_path / "run"
