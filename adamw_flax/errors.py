@@ -17,6 +17,10 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
+# What was running, as the reports of the user's code name it.
+TRAIN_STEP = "the train step (your model and loss)"
+EVAL_STEP = "the eval step (your model and loss, train=False)"
+
 
 class UserError(Exception):
   """An error in what the user gave (config, command line, workdir, data, checkpoint)."""
@@ -134,6 +138,12 @@ def _missing_key(exc: BaseException, batch: Any) -> str | None:
   return None
 
 
+def _headline(exc: BaseException) -> str:
+  """``Type: the message's first line`` (``Type`` alone for an empty message)."""
+  message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+  return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 def describe_user_exception(
   exc: BaseException, where: str, *, batch: Any = None, batch_fn: Any = None
 ) -> str:
@@ -151,8 +161,7 @@ def describe_user_exception(
     Two to four lines: ``error: Type: message``, the user's innermost frame
     (file:line, function and the line of code), the batch, one line of advice.
   """
-  message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-  what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+  what = _headline(exc)
   frame = user_frame(exc)
   code = (frame.line or "").strip() if frame is not None else ""
   if frame is not None:
@@ -271,7 +280,6 @@ def describe_linen_init_call(
   value = lambda p: _INIT_FLAGS.get(p.name, "False" if p.annotation in (bool, "bool") else "...")
   names = ", ".join(p.name for p in missing + keyword_only)
   shown = ", ".join(p.name for p in given)
-  message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
   context = (
     f"it is initialised as {cls}.init(key, *example_inputs): {len(inputs)} example input(s) "
     f"({shown}), no keywords; in the steps only your loss calls it, with the arguments the "
@@ -298,7 +306,7 @@ def describe_linen_init_call(
       "traceback: --verbosity=1)"
     )
   return describe_user_value(
-    f"{type(exc).__name__}: {message}" if message else type(exc).__name__,
+    _headline(exc),
     f"the init of the Linen model {cls}",
     call,
     context,

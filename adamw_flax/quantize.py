@@ -151,7 +151,7 @@ def in_form_of(new: Any, old: Any) -> Any:
   (``optax.apply_if_finite`` and ``MultiSteps`` select between old and new
   states leaf by leaf).
   """
-  if is_quantized(new) and isinstance(old, Mapping) and set(old) == {"codes", "scale"}:
+  if is_quantized(new) and not is_quantized(old) and is_quantized(moment_of(old)):
     return type(old)({"codes": new.codes, "scale": new.scale})
   return new
 

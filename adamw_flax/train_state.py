@@ -1006,10 +1006,6 @@ def split_micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(one, batch)
 
 
-_STEPS = {True: "the train step (your model and loss)",
-          False: "the eval step (your model and loss, train=False)"}  # fmt: skip
-
-
 def _check_loss_output(
   loss_fn: LossFn, out: Any, batch: Batch, *, train: bool, scalar_metrics: bool = False
 ) -> tuple[Any, Mapping[str, Any]]:
@@ -1039,7 +1035,9 @@ def _check_loss_output(
   rerun = "then rerun the same command"
 
   def fail(problem: str, advice: str):
-    report = errors.describe_user_value(problem, _STEPS[train], fn, advice, batch=batch)
+    report = errors.describe_user_value(
+      problem, errors.TRAIN_STEP if train else errors.EVAL_STEP, fn, advice, batch=batch
+    )
     raise errors.UserCodeError(report)
 
   if not (isinstance(out, (tuple, list)) and len(out) == 2):

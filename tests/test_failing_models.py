@@ -333,32 +333,31 @@ def test_a_linen_call_that_needs_training_at_init_is_short_and_the_advice_trains
   assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
 
 
-def test_a_loss_that_is_not_a_scalar_is_short_and_names_the_loss_function(tmp_path):
-  lines = _short(_train("cnn", "vector_loss", tmp_path))
-  code = "def cnn_per_example_loss(model, batch, *, train):"
-  assert lines[0] == (
-    "error: the loss function cnn_per_example_loss returned a loss of shape (8,) (float32); "
-    "the loss must be a scalar"
-  ), lines
-  assert lines[1] == (
-    f"  in {TRAIN} at {FAILING}:{_line_of(FAILING, code)} (in cnn_per_example_loss): {code}"
-  ), lines
+def _check_value_report(lines: list[str], fn: str, problem: str, advice: str) -> None:
+  """A report of a value the loss function ``fn`` returned: the problem, its def, the batch, advice."""
+  code = f"def {fn}(model, batch, *, train):"
+  assert lines[0] == f"error: the loss function {fn} returned {problem}", lines
+  assert lines[1] == f"  in {TRAIN} at {FAILING}:{_line_of(FAILING, code)} (in {fn}): {code}", lines
   assert lines[2] == f"  batch: {IMAGES}", lines
-  assert lines[3].startswith("  reduce it to one number, the mean over the batch's rows: "
-                             "return loss.mean(), metrics"), lines  # fmt: skip
+  assert lines[3].startswith(f"  {advice}"), lines
+
+
+def test_a_loss_that_is_not_a_scalar_is_short_and_names_the_loss_function(tmp_path):
+  _check_value_report(
+    _short(_train("cnn", "vector_loss", tmp_path)),
+    "cnn_per_example_loss",
+    "a loss of shape (8,) (float32); the loss must be a scalar",
+    "reduce it to one number, the mean over the batch's rows: return loss.mean(), metrics",
+  )
 
 
 def test_a_metric_that_is_not_a_scalar_is_short_before_any_step_ran(tmp_path):
-  lines = _short(_train("cnn", "vector_metric", tmp_path))
-  code = "def cnn_correct_loss(model, batch, *, train):"
-  assert lines[0] == (
-    "error: the loss function cnn_correct_loss returned the metric 'correct' of shape (8,) "
-    "(bool); a metric must be a scalar"
-  ), lines
-  at = f"{FAILING}:{_line_of(FAILING, code)}"
-  assert lines[1] == f"  in {TRAIN} at {at} (in cnn_correct_loss): {code}", lines
-  assert lines[2] == f"  batch: {IMAGES}", lines
-  assert lines[3].startswith("  reduce it to one number per batch"), lines
+  _check_value_report(
+    _short(_train("cnn", "vector_metric", tmp_path)),
+    "cnn_correct_loss",
+    "the metric 'correct' of shape (8,) (bool); a metric must be a scalar",
+    "reduce it to one number per batch",
+  )
   metrics = tmp_path / "run" / "metrics.jsonl"
   assert not metrics.exists() or not metrics.read_text().strip()  # found at trace, not at a log
 

@@ -266,7 +266,7 @@ def run_evaluation(
   first = lambda: sharding.global_batch(
     next(iter(loop.dataset.eval_batches(1))), loop.mesh, loop.run.mesh
   )
-  with user_code("the eval step (your model and loss, train=False)", batch_fn=first):
+  with user_code(errors.EVAL_STEP, batch_fn=first):
     metrics = evaluate_all(
       loop.steps.evals, loop.state, loop.dataset, num_batches, loop.mesh, loop.run.mesh,
       beat=lambda i: wd.beat(f"batch {i} of {what}", what), stop=stop,

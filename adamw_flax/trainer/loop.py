@@ -40,7 +40,7 @@ from adamw_flax import (
   watchdog,
 )
 from adamw_flax.config import ConfigError, check_registered, config_json, user_errors
-from adamw_flax.errors import UserError, WorkdirError
+from adamw_flax.errors import EVAL_STEP, TRAIN_STEP, UserError, WorkdirError
 from adamw_flax.trainer import actions, report
 from adamw_flax.trainer import workdir as wd_lib
 from adamw_flax.trainer.actions import Loop, StepResult
@@ -208,7 +208,7 @@ def _check_best_metric(run, steps, target, dataset, batch_sharding, data_count: 
   spec = aot.eval_batch_spec(dataset, batch_sharding, data_count) if best else None
   if spec is None:
     return
-  with actions.user_code("the eval step (your model and loss, train=False)", spec):
+  with actions.user_code(EVAL_STEP, spec):
     names = sorted(p + k for p, fn in steps.evals.items() for k in jax.eval_shape(fn, target, spec))
   if best not in names:
     raise ConfigError(
@@ -360,7 +360,7 @@ def _dispatch(loop: Loop, behind: bool, *, first: bool) -> tuple[Any, int]:
       global_batch_size=loop.dataset.global_batch_size,
     )
   wd.beat(None, f"train step {n}")
-  with actions.user_code("the train step (your model and loss)", batch) if first else _nothing():
+  with actions.user_code(TRAIN_STEP, batch) if first else _nothing():
     loop.state, metrics = loop.steps.train(loop.state, batch)  # traced at the first call
   loop.position += 1
   return metrics, loop.position - 1

@@ -237,7 +237,7 @@ def config_changes(
   Raises:
     ConfigError: listing the keys that differ, and how to proceed.
   """
-  old = config_json(config_with_defaults(saved))  # fields added to the schema since: defaults
+  old = _normalized(saved)
   changes = [
     c for c in config_diff(old, config_json(config)) if c.split(":")[0] not in RUN_ONLY_KEYS
   ]
@@ -261,10 +261,15 @@ def config_changes(
   return changes
 
 
+def _normalized(saved: dict) -> dict:
+  """A saved config as :func:`config_json` gives it (fields added to the schema since: defaults)."""
+  return config_json(config_with_defaults(saved))
+
+
 def _read_config(path: epath.Path) -> dict | None:
   """A saved config as :func:`config_json` gives it, or None if missing or unreadable."""
   try:
-    return config_json(config_with_defaults(json.loads(path.read_text())))
+    return _normalized(json.loads(path.read_text()))
   except Exception:  # noqa: BLE001 (missing, not JSON, not a config: all unreadable)
     return None
 
@@ -369,7 +374,7 @@ def restore_newest(ckpts, target, workdir: epath.Path, main: bool, migrate: bool
 def _record_config(ckpts, workdir: epath.Path, step: int | None, saved: dict | None) -> None:
   """``config.json``: the restored checkpoint's config now, the run's once it saved one."""
   if saved is not None:
-    path, saved = workdir / "config.json", config_json(config_with_defaults(saved))
+    path, saved = workdir / "config.json", _normalized(saved)
     old = _read_config(path)
     why = "it was missing" if not path.exists() else "it was unreadable" if old is None else ""
     if old != saved and _write_config(saved, workdir):
